@@ -1,0 +1,187 @@
+"""All option checking in one place: raw strings in, a validated Settings out.
+
+The server section of the ini and the command line both arrive here as a
+mapping of option name to string; nothing downstream re-checks a value.
+"""
+import dataclasses
+import importlib.util
+import io
+import logging
+import os
+import re
+
+from paste.deploy.converters import asbool
+
+
+class ConfigError(Exception):
+    """A bad option or file: reported as one line, exit status 2."""
+
+
+def _integer(option, value, low, high=None):
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        raise ConfigError(f'{option}: {value!r} is not an integer') from None
+    if number < low or (high is not None and number > high):
+        bounds = f'from {low} to {high}' if high is not None else f'at least {low}'
+        raise ConfigError(f'{option}: {value!r} is out of range (must be {bounds})')
+    return number
+
+
+def _seconds(option, value):
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        raise ConfigError(f'{option}: {value!r} is not a number of seconds') from None
+    if not number >= 0 or number == float('inf'):
+        raise ConfigError(f'{option}: {value!r} must be zero or more seconds')
+    return number
+
+
+def _boolean(option, value):
+    try:
+        return asbool(value)
+    except ValueError:
+        raise ConfigError(f'{option}: {value!r} is not true or false') from None
+
+
+_HOST_PORT = re.compile(r'^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]*)(?::(?P<port>[^:]*))?$')
+
+
+def _split_host_port(option, value, port_required):
+    match = _HOST_PORT.match(value)
+    if not match or (port_required and match['port'] is None):
+        raise ConfigError(f'{option}: {value!r} is not of the form HOST:PORT')
+    host = match['host'].strip('[]')
+    if match['port'] is None:
+        return host, None
+    return host, _integer(option, match['port'] or 'missing', 0, 65535)
+
+
+def _zookeeper(value):
+    """Check a kazoo connection string: host[:port],...[/chroot]."""
+    value = value.strip()
+    hosts, slash, chroot = value.partition('/')
+    if slash:
+        _znode_path('zookeeper', '/' + chroot)
+    for member in hosts.split(','):
+        host, port = _split_host_port('zookeeper', member.strip(), False)
+        if not host or port == 0:
+            raise ConfigError(
+                f'zookeeper: {value!r} is not a connection string '
+                '(expected HOST:PORT[,HOST:PORT...][/chroot])')
+    return value
+
+
+def _znode_path(option, value):
+    parts = value.split('/')
+    if (not value.startswith('/') or value != '/' and value.endswith('/')
+            or any(part in ('', '.', '..') for part in parts[1:] if value != '/')):
+        raise ConfigError(f'{option}: {value!r} is not an absolute ZooKeeper path')
+    return value
+
+
+def _loggers(value):
+    """A level name (any case) or a ZConfig <logger> definition.
+
+    ``$$(`` stands for ``%(`` because PasteDeploy's ini parser would
+    otherwise try to interpolate format strings.
+    """
+    text = value.strip()
+    if not text.startswith('<'):
+        if not isinstance(logging.getLevelName(text.upper()), int):
+            raise ConfigError(f'loggers: {value!r} is neither a level name nor a ZConfig logger definition')
+        return text.upper()
+    text = text.replace('$$(', '%(')
+    try:
+        _parse_zconfig_loggers(text)
+    except Exception as error:  # ZConfig raises several unrelated types
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f'loggers: not a valid ZConfig logger definition: {first_line}') from None
+    return text
+
+
+def _parse_zconfig_loggers(text):
+    import ZConfig.loader
+    schema = ZConfig.loader.loadSchemaFile(io.StringIO(
+        "<schema><import package='ZConfig.components.logger'/>"
+        "<multisection type='logger' name='*' attribute='loggers'/></schema>"))
+    config, _ = ZConfig.loader.loadConfigFile(schema, io.StringIO(text))
+    return config.loggers
+
+
+def _installed(module):
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _zservertracelog(value):
+    enabled = _boolean('zservertracelog', value)
+    if enabled and not _installed('zc.zservertracelog'):
+        raise ConfigError(
+            'zservertracelog: true, but zc.zservertracelog is not installed '
+            "(pip install 'zkprefork[tracelog]')")
+    return enabled
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the master, its workers and the registrar need to know."""
+
+    config_file: str = None
+    app_name: str = 'main'
+    zookeeper: str = None
+    path: str = None
+    host: str = ''
+    port: int = 0
+    threads: int = 1
+    workers: int = 1
+    session_timeout: int = 10000  # milliseconds, as zc.zkzopeserver documents
+    monitor_server: tuple = None  # (host, port)
+    loggers: str = None
+    zservertracelog: bool = False
+    name: str = None
+    graceful_timeout: float = 30.0
+    pidfile: str = None
+
+    @property
+    def registered(self):
+        return self.zookeeper is not None
+
+
+# option name -> function(value) returning the checked value
+_CHECKS = {
+    'zookeeper': _zookeeper,
+    'path': lambda v: _znode_path('path', v.strip()),
+    'host': lambda v: v.strip(),
+    'port': lambda v: _integer('port', v, 0, 65535),
+    'threads': lambda v: _integer('threads', v, 1, 10000),
+    'workers': lambda v: _integer('workers', v, 1, 1000),
+    'session_timeout': lambda v: _integer('session_timeout', v, 1),
+    'monitor_server': lambda v: _split_host_port('monitor_server', v.strip(), True),
+    'loggers': _loggers,
+    'zservertracelog': _zservertracelog,
+    'name': lambda v: v.strip() or None,
+    'graceful_timeout': lambda v: _seconds('graceful_timeout', v),
+    'pidfile': lambda v: os.path.abspath(v.strip()) if v.strip() else None,
+}
+
+OPTIONS = tuple(_CHECKS)
+
+
+def make_settings(options, **fixed):
+    """Check raw option strings (ini and command line merged) into Settings.
+
+    `fixed` carries values that are not user options in the server section
+    (the config file, the app name).
+    """
+    unknown = sorted(set(options) - set(_CHECKS))
+    if unknown:
+        raise ConfigError(f'{unknown[0]}: unknown option (known options: {", ".join(sorted(OPTIONS))})')
+    checked = {name: _CHECKS[name](value) for name, value in options.items()
+               if value is not None}
+    if checked.get('zookeeper') and not checked.get('path'):
+        raise ConfigError('path: required when zookeeper is set')
+    return Settings(**fixed, **checked)

@@ -1,0 +1,103 @@
+"""zope.server, adapted to serve a socket bound by another process.
+
+Import this module only in a worker, after fork: zope.server creates a
+module-global wake-up pipe at import, and workers sharing one would steal
+each other's wake-ups (requests stall until the poll timeout).
+`fresh_wakeup()` replaces it all the same, for when the application
+imported zope.server before fork (preload).
+"""
+import asyncore
+import itertools
+import resource
+import socket
+
+from zope.server import dualmodechannel, trigger
+from zope.server.adjustments import Adjustments
+from zope.server.http.httpserverchannel import HTTPServerChannel
+from zope.server.http.httptask import HTTPTask
+from zope.server.http.wsgihttpserver import WSGIHTTPServer
+
+
+def fresh_wakeup():
+    """Give this process its own trigger pipe and an empty socket map."""
+    inherited = dualmodechannel.the_trigger
+    asyncore.socket_map.clear()
+    inherited.close()
+    dualmodechannel.the_trigger = trigger.trigger()
+
+
+def adjustments():
+    adj = Adjustments()
+    # The default limit (~97) counts idle keep-alive channels and would leave
+    # clients waiting in the backlog; the real bound is the fd limit (poll()
+    # is used, so fds above 1024 are fine).
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    adj.connection_limit = max(100, soft - 64)
+    return adj
+
+
+class DrainingTask(HTTPTask):
+    """Ends keep-alive once the worker drains, so clients reconnect to a
+    worker that stays instead of losing their next request."""
+
+    def prepareResponseHeaders(self):
+        super().prepareResponseHeaders()
+        if self.channel.server.draining and not self.close_on_finish:
+            self.close_on_finish = 1
+            self.response_headers['Connection'] = 'close'
+
+
+class DrainingChannel(HTTPServerChannel):
+    task_class = DrainingTask
+
+    def del_channel(self, map=None):
+        # zope.server's own del_channel looks the fd up after asyncore has
+        # cleared it, so closed channels would stay in active_channels forever
+        # (a leak per connection, and a drain that never sees them go).
+        fd = self._fileno
+        super().del_channel(map)
+        self.active_channels.pop(fd, None)
+
+    def busy(self):
+        return bool(self.running_tasks or self.outbuf or self.proto_request is not None)
+
+
+class SharedSocketServer(WSGIHTTPServer):
+    """A WSGIHTTPServer on an already bound, listening socket."""
+
+    channel_class = DrainingChannel
+    draining = False
+
+    def __init__(self, sock, application, name, host, task_dispatcher):
+        self._inherited = sock
+        self.served = itertools.count(1)
+        self.requests = 0
+        # SERVER_PORT comes from this port argument: pass the real one.
+        super().__init__(application, name, host, sock.getsockname()[1],
+                         task_dispatcher=task_dispatcher, adj=adjustments())
+
+    def create_socket(self, family=None, type=None):
+        self._inherited.setblocking(False)
+        self.set_socket(self._inherited)
+
+    def set_reuse_addr(self):
+        pass
+
+    def bind(self, address):
+        pass
+
+    def computeServerName(self, ip=''):
+        # The base class does a reverse DNS lookup, which can stall start-up.
+        return ip if ip not in ('', '0.0.0.0', '::') else socket.gethostname()
+
+    def executeRequest(self, task):
+        self.requests = next(self.served)
+        super().executeRequest(task)
+
+    def stop_accepting(self):
+        self.draining = True
+        self.accepting = False
+        self.close()
+
+    def channels(self):
+        return list(DrainingChannel.active_channels.values())
