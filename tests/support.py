@@ -5,6 +5,7 @@ free port and a temporary data dir; zkprefork runs as its own command. Every
 process started here is stopped by pid (and by process group, so that no
 orphan survives a test that kills its master).
 """
+import collections
 import http.client
 import json
 import os
@@ -218,3 +219,61 @@ class Server:
 def node_data(zk, node):
     data, _ = zk.get(node)
     return json.loads(data)
+
+
+class Load:
+    """Concurrent keep-alive HTTP clients hammering a server until stopped.
+
+    Each client keeps one connection open and reconnects only when the
+    server says `Connection: close`; any other failure (refused, reset, a
+    connection closed without a response, a non-200) is counted.
+    """
+
+    def __init__(self, port, clients=50, path='/'):
+        import threading
+        self.port = port
+        self.path = path
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.ok = 0
+        self.failures = []
+        self.bodies = collections.Counter()
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    def stop(self):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def _client(self):
+        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=30)
+        while not self.stopping.is_set():
+            try:
+                connection.request('GET', self.path)
+                response = connection.getresponse()
+                body = response.read()
+                ok = response.status == 200
+                if response.will_close:
+                    connection.close()
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()
+                body, ok = repr(error).encode(), False
+            with self.lock:
+                if ok:
+                    self.ok += 1
+                    self.bodies[body] += 1
+                else:
+                    self.failures.append(body)
+        connection.close()
+
+    def wait_for(self, count, timeout=30):
+        start = self.ok
+        wait_until(lambda: self.ok >= start + count, timeout, message=f'{count} more responses')

@@ -6,7 +6,7 @@ import os
 import resource
 import sys
 
-from zkprefork import listener, logsetup, pidfile
+from zkprefork import inifile, listener, logsetup, pidfile
 from zkprefork.master import Master
 from zkprefork.registrar_link import RegistrarLink
 from zkprefork.settings import ConfigError
@@ -20,27 +20,41 @@ def start(make_settings, app=None):
     with nothing bound, registered or forked."""
     try:
         settings = make_settings()
-        return serve(settings, app)
+        return serve(settings, app, reload_settings=make_settings)
     except ConfigError as error:
         print(f'zkprefork: error: {error}', file=sys.stderr)
         return 2
 
 
-def serve(settings, app=None):
+def serve(settings, app=None, reload_settings=None):
     logsetup.configure(settings.loggers)
     if settings.pidfile:
         pidfile.check(settings.pidfile)
     _raise_fd_limit()
     sock = listener.bind(settings.host, settings.port)
     try:
+        if settings.preload and app is None:
+            app = _preload(settings)
+            if app is None:
+                return 1
         if settings.pidfile:
             pidfile.write(settings.pidfile)
         registrar = RegistrarLink(settings) if settings.registered else None
-        return Master(settings, sock, app, registrar).run()
+        return Master(settings, sock, app, registrar, reload_settings).run()
     finally:
         sock.close()
         if settings.pidfile:
             pidfile.remove(settings.pidfile)
+
+
+def _preload(settings):
+    """Load the application once, in the master, to share it copy-on-write.
+    (The master still never calls it.)"""
+    try:
+        return inifile.load_app(settings.config_file, settings.app_name)
+    except Exception:
+        log.exception('cannot load the application (preload)')
+        return None
 
 
 def _raise_fd_limit():

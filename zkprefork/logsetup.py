@@ -13,3 +13,17 @@ def configure(loggers):
     else:
         import ZConfig
         ZConfig.configureLoggers(loggers)
+
+
+def reopen():
+    """Reopen every log file (SIGUSR1, after logrotate moved them)."""
+    loggers = [logging.getLogger()] + [
+        logger for logger in logging.root.manager.loggerDict.values()
+        if isinstance(logger, logging.Logger)]
+    for handler in {handler for logger in loggers for handler in logger.handlers}:
+        if hasattr(handler, 'reopen'):  # ZConfig's file handler
+            handler.reopen()
+        elif isinstance(handler, logging.FileHandler):
+            old = handler.setStream(handler._open())
+            if old is not None:
+                old.close()

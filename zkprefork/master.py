@@ -3,10 +3,19 @@ socket, tells the registrar when to (un)register, and stops in order.
 
 It sleeps in one place, `selector.select()`, woken by signals (through
 signal.set_wakeup_fd), by worker messages and by registrar events; a timeout
-is only ever the next scheduled deadline (a respawn back-off, a stop step).
-It never imports kazoo or zope.server and never calls the application.
+is only ever the next deadline (a respawn back-off, a boot or heartbeat
+limit, a stop step). It never imports kazoo or zope.server and never calls
+the application.
+
+Workers live in numbered slots. Every wake-up ends in `_converge()`, an
+idempotent step towards "every slot has one up-to-date, ready worker": it
+fills empty slots, replaces stale workers one at a time (a replacement must
+be ready before the worker it replaces is retired), and retires surplus
+slots. Reloads, resizing and recycling are all just ways of making workers
+stale or slots surplus.
 """
 import collections
+import dataclasses
 import logging
 import os
 import selectors
@@ -15,7 +24,8 @@ import socket
 import time
 
 from zkprefork import listener as listening
-from zkprefork import proctitle
+from zkprefork import logsetup, proctitle
+from zkprefork.settings import RESTART_ONLY, ConfigError
 from zkprefork.worker import Worker
 
 log = logging.getLogger('zkprefork.master')
@@ -24,8 +34,9 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD
                    signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 UNREGISTER_WAIT = 5.0  # seconds the node deletion may take before workers stop anyway
 REGISTRAR_EXIT_WAIT = 5.0
-KILL_GRACE = 5.0  # beyond graceful_timeout, before workers are killed
+KILL_GRACE = 5.0  # beyond graceful_timeout, before a draining worker is killed
 MAX_BACKOFF = 30.0
+NEVER = float('inf')
 
 # Phases, in the order a master goes through them.
 BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
@@ -33,15 +44,20 @@ BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
 
 
 class WorkerProcess:
-    """The master's view of one worker: its slot, pid and message link."""
+    """The master's view of one worker."""
 
-    def __init__(self, slot, pid, link):
+    def __init__(self, slot, pid, link, generation):
         self.slot = slot
         self.pid = pid
         self.link = link
-        self.started = time.monotonic()
+        self.generation = generation
+        self.started = self.last_seen = time.monotonic()
         self.ready = False
         self.boot_error = None
+        self.requests = 0
+        self.wants_replacement = None  # the reason it gave
+        self.retiring = False
+        self.kill_at = NEVER  # when the master gives up on it
         self._buffer = b''
 
     def messages(self):
@@ -54,9 +70,18 @@ class WorkerProcess:
             chunk = b''
         if not chunk:
             return None
+        self.last_seen = time.monotonic()
         lines = (self._buffer + chunk).split(b'\n')
         self._buffer = lines.pop()
         return [line.decode(errors='replace') for line in lines]
+
+    def kill(self, reason):
+        log.error('worker %d (pid %d) %s: killing it', self.slot, self.pid, reason)
+        self.kill_at = NEVER
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def describe_exit(status):
@@ -68,21 +93,26 @@ def describe_exit(status):
 
 class Master:
 
-    def __init__(self, settings, listener, app=None, registrar=None):
+    def __init__(self, settings, listener, app=None, registrar=None, reload_settings=None):
         self.settings = settings
         self.listener = listener
         self.port = listening.bound_port(listener)
         self.app = app  # a preloaded application, or None: workers load it
         self.registrar = registrar
+        self.reload_settings = reload_settings  # () -> Settings, re-reading the config
         self.phase = BOOTING
         self.exit_status = 0
         self.workers = {}  # pid -> WorkerProcess
+        self.worker_count = settings.workers  # TTIN/TTOU change it
+        self.generation = 0  # bumped by every reload
+        self.reload_halted = False  # a replacement failed to boot: keep the old workers
         self.failures = collections.Counter()  # slot -> consecutive boot failures
-        self.not_before = {}  # slot -> monotonic time before which it is not respawned
+        self.not_before = {}  # slot -> no spawn there before this monotonic time
         self.deadline = None  # when the current stop phase gives up waiting
         self.signals = collections.deque()
         self.selector = selectors.DefaultSelector()
         self._wakeup_fds = ()
+        self._registered_data = None
 
     # -- the loop --------------------------------------------------------
 
@@ -93,9 +123,9 @@ class Master:
         if self.registrar:
             self._start_registrar()
         log.info('master (pid %d) listening at %s, starting %d worker(s) of %d thread(s)',
-                 os.getpid(), self.url(), self.settings.workers, self.settings.threads)
+                 os.getpid(), self.url(), self.worker_count, self.settings.threads)
         try:
-            while self.phase != DONE:
+            while True:
                 self._step()
                 if self.phase == DONE:
                     break
@@ -107,24 +137,23 @@ class Master:
         return self.exit_status
 
     def _step(self):
-        """Everything the loop does after waking, in an order that is safe to
-        repeat: handle signals, reap children, then converge on the phase."""
+        """All the loop does after waking, in an order that is safe to repeat:
+        handle signals, reap children, enforce deadlines, advance the phase."""
         while self.signals:
             self._on_signal(self.signals.popleft())
         self._reap()
+        self._enforce_deadlines()
         getattr(self, '_step_' + self.phase)()
 
     def _timeout(self):
-        times = [self.deadline] if self.deadline else []
+        times = [self.deadline or NEVER] + [self._deadline_of(w) for w in self.workers.values()]
         if self.phase in (BOOTING, RUNNING):
-            times += [t for slot, t in self.not_before.items() if slot not in self._busy_slots()]
-        if not times:
-            return None
-        return max(0.0, min(times) - time.monotonic())
+            times += self.not_before.values()
+        soonest = min(times)
+        return None if soonest == NEVER else max(0.0, soonest - time.monotonic())
 
     def url(self):
-        host = self.settings.host or '0.0.0.0'
-        return 'http://' + listening.format_address(host, self.port)
+        return 'http://' + listening.format_address(self.settings.host or '0.0.0.0', self.port)
 
     # -- signals ---------------------------------------------------------
 
@@ -140,7 +169,7 @@ class Master:
 
     def _queue_signal(self, signum, frame):
         # Runs between bytecodes in this (the only) thread; the wake-up fd
-        # has already made select() return.
+        # has already made select() return. Handled in order by _step.
         self.signals.append(signum)
 
     def _drain_wakeup(self):
@@ -158,29 +187,88 @@ class Master:
         self._wakeup_fds = ()
 
     def _on_signal(self, signum):
+        name = signal.Signals(signum).name
         if signum in (signal.SIGTERM, signal.SIGINT):
-            log.info('%s: stopping gracefully', signal.Signals(signum).name)
+            log.info('%s: stopping gracefully', name)
             self._begin_stop()
         elif signum == signal.SIGQUIT:
             log.info('SIGQUIT: stopping now')
             self._quit()
-        elif signum == signal.SIGCHLD:
-            pass  # _step reaps after every wake-up
-        else:
-            log.info('%s ignored', signal.Signals(signum).name)
+        elif signum == signal.SIGHUP:
+            self._reload()
+        elif signum in (signal.SIGTTIN, signal.SIGTTOU):
+            self._resize(1 if signum == signal.SIGTTIN else -1)
+        elif signum == signal.SIGUSR1:
+            log.info('SIGUSR1: reopening log files')
+            logsetup.reopen()
+            self._signal_workers(signal.SIGUSR1)
+
+    def _reload(self):
+        if self.phase not in (BOOTING, RUNNING):
+            return
+        try:
+            new = self.reload_settings() if self.reload_settings else self.settings
+        except ConfigError as error:
+            log.error('SIGHUP: the configuration is not valid, keeping the running one: %s', error)
+            return
+        kept = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.settings, name)]
+        if kept:
+            log.warning('SIGHUP: %s changed, which takes a restart: keeping the running value(s)',
+                        ', '.join(kept))
+            new = dataclasses.replace(new, **{name: getattr(self.settings, name) for name in kept})
+        self.settings = new
+        self.worker_count = new.workers
+        self.generation += 1
+        self.reload_halted = False
+        log.info('SIGHUP: reloading: replacing the workers one at a time (generation %d, %d worker(s))',
+                 self.generation, self.worker_count)
+
+    def _resize(self, change):
+        if self.phase not in (BOOTING, RUNNING):
+            return
+        self.worker_count = max(1, self.worker_count + change)
+        log.info('%s: now %d worker(s)', 'SIGTTIN' if change > 0 else 'SIGTTOU', self.worker_count)
 
     # -- workers ---------------------------------------------------------
 
-    def _busy_slots(self):
-        return {worker.slot for worker in self.workers.values()}
+    def _current(self):
+        """Workers that are not retiring, by slot."""
+        slots = collections.defaultdict(list)
+        for worker in self.workers.values():
+            if not worker.retiring:
+                slots[worker.slot].append(worker)
+        return slots
+
+    def _stale(self, worker):
+        outdated = worker.generation < self.generation and not self.reload_halted
+        return outdated or worker.wants_replacement is not None
 
     def _converge(self):
-        """Start a worker in every empty slot whose back-off has passed."""
-        now = time.monotonic()
-        busy = self._busy_slots()
-        for slot in range(self.settings.workers):
-            if slot not in busy and self.not_before.get(slot, 0) <= now:
-                self._spawn(slot)
+        slots = self._current()
+        replacing = any(not w.ready and any(self._stale(o) for o in slots[w.slot])
+                        for here in slots.values() for w in here)
+        for slot in range(self.worker_count):
+            here = slots.get(slot, [])
+            stale = [w for w in here if self._stale(w)]
+            fresh = [w for w in here if not self._stale(w)]
+            if not here:
+                self._spawn_when_due(slot)
+            elif stale and any(w.ready for w in fresh):
+                for worker in stale:
+                    self._retire(worker, worker.wants_replacement or 'reloaded: its replacement is ready')
+            elif stale and not fresh and not replacing:
+                replacing = self._spawn_when_due(slot)
+        for slot, here in slots.items():
+            if slot >= self.worker_count:
+                for worker in here:
+                    self._retire(worker, 'fewer workers wanted')
+
+    def _spawn_when_due(self, slot):
+        if self.not_before.get(slot, 0) > time.monotonic():
+            return False
+        self.not_before.pop(slot, None)
+        self._spawn(slot)
+        return True
 
     def _spawn(self, slot):
         master_end, worker_end = socket.socketpair()
@@ -191,9 +279,8 @@ class Master:
             Worker(slot, self.settings, self.listener, worker_end, self.app).run()
         worker_end.close()
         master_end.setblocking(False)
-        worker = WorkerProcess(slot, pid, master_end)
+        worker = WorkerProcess(slot, pid, master_end, self.generation)
         self.workers[pid] = worker
-        self.not_before.pop(slot, None)
         self.selector.register(master_end, selectors.EVENT_READ, lambda: self._on_worker_message(worker))
         log.info('worker %d started (pid %d)', slot, pid)
 
@@ -213,6 +300,15 @@ class Master:
             except OSError:
                 pass
 
+    def _retire(self, worker, reason):
+        log.info('retiring worker %d (pid %d): %s', worker.slot, worker.pid, reason)
+        worker.retiring = True
+        worker.kill_at = time.monotonic() + self.settings.graceful_timeout + KILL_GRACE
+        try:
+            os.kill(worker.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
     def _forget(self, fileobj):
         try:
             self.selector.unregister(fileobj)
@@ -226,11 +322,39 @@ class Master:
             return
         for message in messages:
             kind, _, rest = message.partition(' ')
-            if kind == 'ready':
+            if kind == 'hb':
+                worker.requests = int(rest)
+            elif kind == 'ready':
                 worker.ready = True
+                self.failures[worker.slot] = 0
                 log.info('worker %d (pid %d) ready', worker.slot, worker.pid)
+            elif kind == 'retire' and worker.wants_replacement is None:
+                worker.wants_replacement = rest
+                log.info('worker %d (pid %d) asks to be replaced: %s', worker.slot, worker.pid, rest)
             elif kind == 'boot-failed':
                 worker.boot_error = rest
+
+    def _deadline_of(self, worker):
+        if worker.retiring:
+            return worker.kill_at
+        if not worker.ready:
+            return min(worker.kill_at, worker.started + self.settings.boot_timeout)
+        if self.settings.timeout:
+            return min(worker.kill_at, worker.last_seen + self.settings.timeout)
+        return worker.kill_at
+
+    def _enforce_deadlines(self):
+        now = time.monotonic()
+        for worker in list(self.workers.values()):
+            if self._deadline_of(worker) > now:
+                continue
+            if worker.retiring:
+                worker.kill('still running after graceful_timeout')
+            elif not worker.ready:
+                worker.boot_error = f'not ready within boot_timeout ({self.settings.boot_timeout:g} s)'
+                worker.kill(worker.boot_error)
+            else:
+                worker.kill(f'sent no heartbeat for {now - worker.last_seen:.1f} s (timeout)')
 
     def _reap(self):
         while True:
@@ -250,25 +374,29 @@ class Master:
         self._forget(worker.link)
         worker.link.close()
         how = describe_exit(status)
-        if self.phase in (BOOTING, RUNNING) and not worker.ready:
-            self._boot_failed(worker, how)
-        elif self.phase in (BOOTING, RUNNING):
-            log.warning('worker %d (pid %d) exited: %s; restarting it', worker.slot, worker.pid, how)
-            self.failures[worker.slot] = 0
-        else:
+        if self.phase not in (BOOTING, RUNNING) or worker.retiring:
             log.info('worker %d (pid %d) exited: %s', worker.slot, worker.pid, how)
+        elif not worker.ready:
+            self._boot_failed(worker, how)
+        else:
+            log.warning('worker %d (pid %d) exited unexpectedly: %s; replacing it',
+                        worker.slot, worker.pid, how)
 
     def _boot_failed(self, worker, how):
         reason = worker.boot_error or how
-        if self.phase == BOOTING:
+        if self.phase == BOOTING and worker.generation == 0:
             log.error('worker %d (pid %d) failed to boot: %s', worker.slot, worker.pid, reason)
             self.exit_status = 1
             self._begin_stop()
             return
+        if any(self._stale(other) for other in self._current()[worker.slot]):
+            self.reload_halted = True
+            log.error('reload halted: the new worker %d (pid %d) failed to boot: %s; '
+                      'the old workers keep serving', worker.slot, worker.pid, reason)
         self.failures[worker.slot] += 1
         delay = min(MAX_BACKOFF, 0.5 * 2 ** (self.failures[worker.slot] - 1))
         self.not_before[worker.slot] = time.monotonic() + delay
-        log.error('worker %d (pid %d) failed to boot: %s; retrying in %.1f s',
+        log.error('worker %d (pid %d) failed to boot: %s; next try in %.1f s',
                   worker.slot, worker.pid, reason, delay)
 
     def _signal_workers(self, signum):
@@ -301,13 +429,15 @@ class Master:
         if self.phase in (BOOTING, RUNNING):
             log.error('the registrar (pid %d) exited: %s; restarting it',
                       self.registrar.pid, describe_exit(status))
-            registered = self.registrar.registered
             self._start_registrar()
-            if registered:
-                self._register()
+            self._registered_data = None  # _step_running registers again
 
-    def _register(self):
-        data = {'pid': os.getpid(), 'workers': self.settings.workers}
+    def _update_registration(self):
+        """(Re-)register when what the node says has changed."""
+        data = {'pid': os.getpid(), 'workers': self.worker_count, 'generation': self.generation}
+        if data == self._registered_data:
+            return
+        self._registered_data = data
         nodes = {listening.format_address(host, self.port): data
                  for host in listening.advertised_hosts(self.settings.host)}
         self.registrar.register(nodes)
@@ -316,17 +446,18 @@ class Master:
 
     def _step_booting(self):
         self._converge()
-        workers = self.workers.values()
-        if len(workers) == self.settings.workers and all(w.ready for w in workers):
+        current = [w for here in self._current().values() for w in here]
+        if len(current) >= self.worker_count and all(w.ready for w in current):
             self.phase = RUNNING
-            log.info('%d worker(s) ready, serving at %s', len(workers), self.url())
-            if self.registrar:
-                self._register()
-            else:
+            log.info('%d worker(s) ready, serving at %s', len(current), self.url())
+            if not self.registrar:
                 log.warning('no zookeeper option: serving unregistered')
+            self._step_running()
 
     def _step_running(self):
         self._converge()
+        if self.registrar:
+            self._update_registration()
 
     def _begin_stop(self):
         if self.phase not in (BOOTING, RUNNING):
@@ -341,14 +472,17 @@ class Master:
     def _quit(self):
         if self.registrar:
             self.registrar.close()  # the session closes, the node goes with it
-        self._stop_workers(signal.SIGQUIT)
-        self.deadline = time.monotonic() + KILL_GRACE
+        self._stop_workers(signal.SIGQUIT, grace=KILL_GRACE)
 
-    def _stop_workers(self, signum):
+    def _stop_workers(self, signum, grace=None):
         """Stop accepting (the master's copy of the socket goes too, so no
         connection waits in a backlog nobody serves) and let workers drain."""
         self.phase = DRAINING
-        self.deadline = time.monotonic() + self.settings.graceful_timeout + KILL_GRACE
+        self.deadline = None
+        kill_at = time.monotonic() + (grace or self.settings.graceful_timeout + KILL_GRACE)
+        for worker in self.workers.values():
+            worker.retiring = True
+            worker.kill_at = min(worker.kill_at, kill_at)
         self._signal_workers(signum)
         self.listener.close()
 
@@ -358,10 +492,6 @@ class Master:
             self._stop_workers(signal.SIGTERM)
 
     def _step_draining(self):
-        if self.workers and time.monotonic() >= self.deadline:
-            log.error('%d worker(s) still running after graceful_timeout: killing them', len(self.workers))
-            self._signal_workers(signal.SIGKILL)
-            self.deadline = None
         if self.workers:
             return
         self.phase = CLOSING

@@ -145,6 +145,12 @@ class Settings:
     name: str = None
     graceful_timeout: float = 30.0
     pidfile: str = None
+    boot_timeout: float = 30.0
+    timeout: float = 30.0  # heartbeat; 0 = off
+    max_requests: int = 0  # 0 = never recycle
+    max_requests_jitter: int = 0
+    max_memory: int = 0  # MB of resident memory; 0 = no limit
+    preload: bool = False
 
     @property
     def registered(self):
@@ -166,7 +172,18 @@ _CHECKS = {
     'name': lambda v: v.strip() or None,
     'graceful_timeout': lambda v: _seconds('graceful_timeout', v),
     'pidfile': lambda v: os.path.abspath(v.strip()) if v.strip() else None,
+    'boot_timeout': lambda v: _seconds('boot_timeout', v),
+    'timeout': lambda v: _seconds('timeout', v),
+    'max_requests': lambda v: _integer('max_requests', v, 0),
+    'max_requests_jitter': lambda v: _integer('max_requests_jitter', v, 0),
+    'max_memory': lambda v: _integer('max_memory', v, 0),
+    'preload': lambda v: _boolean('preload', v),
 }
+
+# Options a reload cannot change: they are the socket, the session or the
+# master's own set-up. A HUP that changes them keeps the old values and says so.
+RESTART_ONLY = ('host', 'port', 'zookeeper', 'path', 'session_timeout', 'monitor_server',
+                'loggers', 'pidfile', 'preload')
 
 OPTIONS = tuple(_CHECKS)
 
@@ -184,4 +201,6 @@ def make_settings(options, **fixed):
                if value is not None}
     if checked.get('zookeeper') and not checked.get('path'):
         raise ConfigError('path: required when zookeeper is set')
+    if checked.get('boot_timeout') == 0:
+        raise ConfigError("boot_timeout: '0' must be more than zero seconds")
     return Settings(**fixed, **checked)

@@ -5,11 +5,14 @@ A worker never returns into the master's code: it leaves with os._exit.
 """
 import logging
 import os
+import random
 import signal
 import time
 import traceback
 
-from zkprefork import inifile, proctitle
+import psutil
+
+from zkprefork import inifile, logsetup, proctitle
 
 log = logging.getLogger('zkprefork.worker')
 
@@ -28,6 +31,11 @@ class Worker:
         self.app = app
         self.stop_reason = None
         self.quit_now = False
+        self.reopen_logs = False
+        self.retire_asked = False
+        # Staggered, so that workers started together are not recycled together.
+        self.max_requests = settings.max_requests and (
+            settings.max_requests + random.randint(0, settings.max_requests_jitter))
 
     def run(self):
         """Called in the child right after fork; never returns."""
@@ -85,8 +93,11 @@ class Worker:
         wakeup.SignalWakeup()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGQUIT, self._on_quit_signal)
-        # The master alone decides on Ctrl-C, so that the node goes first.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, self._on_usr1_signal)
+        # The master alone decides on Ctrl-C (so that the node goes first),
+        # reloads and resizing; `pkill -HUP zkprefork` must not kill workers.
+        for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+            signal.signal(ignored, signal.SIG_IGN)
 
     def _on_stop_signal(self, signum, frame):
         self.stop_reason = self.stop_reason or f'signal {signal.Signals(signum).name}'
@@ -94,6 +105,9 @@ class Worker:
     def _on_quit_signal(self, signum, frame):
         self.quit_now = True
         self.stop_reason = 'SIGQUIT'
+
+    def _on_usr1_signal(self, signum, frame):
+        self.reopen_logs = True
 
     def _master_gone(self):
         self.stop_reason = self.stop_reason or 'the master is gone'
@@ -106,8 +120,35 @@ class Worker:
 
     def _serve(self, server):
         import asyncore
+        next_beat = 0
         while self.stop_reason is None:
             asyncore.poll2(POLL_SECONDS)
+            if self.reopen_logs:
+                self.reopen_logs = False
+                logsetup.reopen()
+            now = time.monotonic()
+            if now >= next_beat:
+                next_beat = now + POLL_SECONDS
+                self._heartbeat(server)
+
+    def _heartbeat(self, server):
+        """Tell the master this loop is alive; ask to be replaced when worn out.
+
+        The master replaces a worker before retiring it, so recycling never
+        leaves a slot without a serving worker."""
+        self._tell_master(f'hb {server.requests}')
+        if self.retire_asked:
+            return
+        reason = None
+        if self.max_requests and server.requests >= self.max_requests:
+            reason = f'served {server.requests} requests (max_requests)'
+        elif self.settings.max_memory:
+            rss = psutil.Process().memory_info().rss
+            if rss > self.settings.max_memory * 1024 * 1024:
+                reason = f'resident memory {rss // 1048576} MB > max_memory'
+        if reason:
+            self.retire_asked = True
+            self._tell_master(f'retire {reason}')
 
     def _drain(self, server):
         """Stop accepting, then let in-flight requests finish (bounded)."""
