@@ -201,3 +201,42 @@ def test_reload_logs_every_worker_exit(start):
     wait_all_replaced(server, old, 2)
     for pid in old:
         server.wait_for_log(rf'worker \d \(pid {pid}\) exited: exit status 0')
+
+
+def pipe_inodes(pid):
+    inodes = set()
+    for fd in os.listdir(f'/proc/{pid}/fd'):
+        try:
+            target = os.readlink(f'/proc/{pid}/fd/{fd}')
+        except FileNotFoundError:
+            continue
+        if target.startswith('pipe:'):
+            inodes.add(target)
+    return inodes
+
+
+@pytest.mark.parametrize('preload', ['false', 'true'])
+def test_workers_never_share_a_wakeup_pipe(start, app_module, preload):
+    # The app imports zope.server at import time: with preload that happens in
+    # the master, before fork, which would give every worker the same trigger.
+    app_module(boot='import zope.server.dualmodechannel')
+    server = start(f'workers = 2\npreload = {preload}\n', registered=False)
+    first, second = server.worker_pids()
+    assert pipe_inodes(first) and pipe_inodes(second)
+    assert not pipe_inodes(first) & pipe_inodes(second)
+    with Load(server.port, clients=8) as load:
+        load.wait_for(400)
+    assert load.failures == []
+
+
+def test_preload_loads_once_and_hup_keeps_the_loaded_code(start, app_module, tmp_path):
+    marker = tmp_path / 'imported-by'
+    app_module(boot=f'open({str(marker)!r}, "a").write("%d\\n" % os.getpid())')
+    server = start('workers = 2\npreload = true\n', registered=False)
+    assert marker.read_text().split() == [str(server.pid)]
+    old = server.worker_pids()
+    app_module('v2')
+    server.signal(signal.SIGHUP)
+    wait_all_replaced(server, old, 2)
+    assert server.request('/')[1].startswith(b'v1')
+    assert marker.read_text().split() == [str(server.pid)]
