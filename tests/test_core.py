@@ -18,7 +18,8 @@ def test_registers_one_node_and_spreads_requests_over_workers(servers, ini, zook
     assert zk.get_children(zk_path) == [node]
     data, stat = zk.get(f'{zk_path}/{node}')
     assert stat.ephemeralOwner != 0
-    assert json.loads(data) == {'pid': server.pid, 'workers': 3, 'generation': 0}
+    assert json.loads(data) == {'pid': server.pid, 'workers': 3, 'generation': 0,
+                                'instance': json.loads(data)['instance']}
     assert data == json.dumps(json.loads(data), separators=(',', ':')).encode()
 
     workers = server.worker_pids()

@@ -22,6 +22,7 @@ import selectors
 import signal
 import socket
 import time
+import uuid
 
 from zkprefork import listener as listening
 from zkprefork import logsetup, proctitle
@@ -113,6 +114,7 @@ class Master:
         self.selector = selectors.DefaultSelector()
         self._wakeup_fds = ()
         self._registered_data = None
+        self.instance = uuid.uuid4().hex  # tells this master's nodes from any other's
 
     # -- the loop --------------------------------------------------------
 
@@ -434,13 +436,13 @@ class Master:
 
     def _update_registration(self):
         """(Re-)register when what the node says has changed."""
-        data = {'pid': os.getpid(), 'workers': self.worker_count, 'generation': self.generation}
+        data = {'pid': os.getpid(), 'instance': self.instance,
+                'workers': self.worker_count, 'generation': self.generation}
         if data == self._registered_data:
             return
         self._registered_data = data
-        nodes = {listening.format_address(host, self.port): data
-                 for host in listening.advertised_hosts(self.settings.host)}
-        self.registrar.register(nodes)
+        endpoints = [(host, self.port) for host in listening.advertised_hosts(self.settings.host)]
+        self.registrar.register(endpoints, data)
 
     # -- phases ----------------------------------------------------------
 

@@ -7,7 +7,8 @@ on stdout. End of file on stdin means the master is gone or done: the
 registrar then closes the session, which deletes its ephemeral nodes at once
 (not after the session timeout), and exits.
 
-Commands: {"op": "register", "nodes": {name: data}} and {"op": "unregister"}.
+Commands: {"op": "register", "endpoints": [[host, port], ...], "data": {...}}
+and {"op": "unregister"}.
 Events: {"event": "registered", "nodes": [...]}, {"event": "unregistered"},
 {"event": "state", "state": ...}.
 """
@@ -24,7 +25,7 @@ from kazoo.exceptions import KazooException, NodeExistsError, NoNodeError
 from kazoo.retry import KazooRetry
 from kazoo.security import READ_ACL_UNSAFE
 
-from zkprefork import logsetup, proctitle
+from zkprefork import logsetup, nodeformat, proctitle
 
 log = logging.getLogger('zkprefork.registrar')
 
@@ -74,7 +75,7 @@ class Registrar:
             self._ensure()
         elif value['op'] == 'register':
             self.wanted = {self._node(name): json.dumps(data, separators=(',', ':')).encode()
-                           for name, data in value['nodes'].items()}
+                           for name, data in nodeformat.zk_nodes(value['endpoints'], value['data'])}
             self._ensure()
         elif value['op'] == 'unregister':
             self._unregister()

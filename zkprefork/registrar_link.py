@@ -53,9 +53,10 @@ class RegistrarLink:
         except (BrokenPipeError, ValueError):
             log.error('the registrar (pid %d) is gone; it will be restarted', self.process.pid)
 
-    def register(self, nodes):
+    def register(self, endpoints, data):
+        """Register every (host, port) endpoint, in the configured node format."""
         self.registered = True
-        self._send({'op': 'register', 'nodes': nodes})
+        self._send({'op': 'register', 'endpoints': endpoints, 'data': data})
 
     def unregister(self):
         self.registered = False

@@ -151,10 +151,72 @@ class Settings:
     max_requests_jitter: int = 0
     max_memory: int = 0  # MB of resident memory; 0 = no limit
     preload: bool = False
+    zookeeper_credentials_file: str = None  # a file holding user:password
+    zookeeper_credentials_env: str = None  # an environment variable holding user:password
+    zookeeper_auth: str = 'digest'  # how credentials are used: digest or sasl
+    zookeeper_ca_file: str = None  # TLS is on when this is set
+    zookeeper_cert_file: str = None
+    zookeeper_key_file: str = None
+    zookeeper_check_hostname: bool = True
+    node_format: str = 'zk'
+    properties: tuple = ()  # ((key, value), ...) added to the node data
 
     @property
     def registered(self):
         return self.zookeeper is not None
+
+
+def _readable_file(option, value):
+    path = os.path.abspath(value.strip())
+    if not os.access(path, os.R_OK) or not os.path.isfile(path):
+        raise ConfigError(f'{option}: {value!r} is not a readable file')
+    return path
+
+
+def _credentials_file(value):
+    path = _readable_file('zookeeper_credentials_file', value)
+    with open(path) as file:
+        _check_credentials('zookeeper_credentials_file', value, file.read().strip())
+    return path
+
+
+def _credentials_env(value):
+    name = value.strip()
+    _check_credentials('zookeeper_credentials_env', value, os.environ.get(name, ''))
+    return name
+
+
+def _check_credentials(option, value, secret):
+    # The secret itself never goes into a message.
+    user, colon, password = secret.partition(':')
+    if not (user and colon and password):
+        raise ConfigError(f'{option}: {value!r} does not hold credentials of the form user:password')
+
+
+def _choice(option, value, choices):
+    value = value.strip().lower()
+    if value not in choices:
+        raise ConfigError(f'{option}: {value!r} is not one of {", ".join(choices)}')
+    return value
+
+
+RESERVED_DATA = ('pid', 'workers', 'generation', 'instance', 'monitor')
+
+
+def _properties(value):
+    """`key = value` pairs, one per line."""
+    pairs = []
+    for item in value.strip().splitlines():
+        if not item.strip():
+            continue
+        key, equals, val = item.partition('=')
+        key = key.strip()
+        if not equals or not key:
+            raise ConfigError(f'properties: {item.strip()!r} is not of the form key = value')
+        if key in RESERVED_DATA:
+            raise ConfigError(f'properties: {key!r} is reserved for zkprefork\'s own node data')
+        pairs.append((key, val.strip()))
+    return tuple(pairs)
 
 
 # option name -> function(value) returning the checked value
@@ -178,12 +240,24 @@ _CHECKS = {
     'max_requests_jitter': lambda v: _integer('max_requests_jitter', v, 0),
     'max_memory': lambda v: _integer('max_memory', v, 0),
     'preload': lambda v: _boolean('preload', v),
+    'zookeeper_credentials_file': _credentials_file,
+    'zookeeper_credentials_env': _credentials_env,
+    'zookeeper_auth': lambda v: _choice('zookeeper_auth', v, ('digest', 'sasl')),
+    'zookeeper_ca_file': lambda v: _readable_file('zookeeper_ca_file', v),
+    'zookeeper_cert_file': lambda v: _readable_file('zookeeper_cert_file', v),
+    'zookeeper_key_file': lambda v: _readable_file('zookeeper_key_file', v),
+    'zookeeper_check_hostname': lambda v: _boolean('zookeeper_check_hostname', v),
+    'node_format': lambda v: _choice('node_format', v, ('zk', 'serverset', 'curator')),
+    'properties': _properties,
 }
 
 # Options a reload cannot change: they are the socket, the session or the
 # master's own set-up. A HUP that changes them keeps the old values and says so.
 RESTART_ONLY = ('host', 'port', 'zookeeper', 'path', 'session_timeout', 'monitor_server',
-                'loggers', 'pidfile', 'preload')
+                'loggers', 'pidfile', 'preload', 'zookeeper_credentials_file',
+                'zookeeper_credentials_env', 'zookeeper_auth', 'zookeeper_ca_file',
+                'zookeeper_cert_file', 'zookeeper_key_file', 'zookeeper_check_hostname',
+                'node_format', 'properties')
 
 OPTIONS = tuple(_CHECKS)
 
@@ -201,6 +275,11 @@ def make_settings(options, **fixed):
                if value is not None}
     if checked.get('zookeeper') and not checked.get('path'):
         raise ConfigError('path: required when zookeeper is set')
+    if checked.get('zookeeper_credentials_file') and checked.get('zookeeper_credentials_env'):
+        raise ConfigError('zookeeper_credentials_env: give credentials in a file or in the '
+                          'environment, not both')
+    if bool(checked.get('zookeeper_cert_file')) != bool(checked.get('zookeeper_key_file')):
+        raise ConfigError('zookeeper_cert_file: a client certificate needs zookeeper_key_file too')
     if checked.get('boot_timeout') == 0:
         raise ConfigError("boot_timeout: '0' must be more than zero seconds")
     return Settings(**fixed, **checked)
