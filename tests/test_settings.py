@@ -1,0 +1,284 @@
+"""Unit tests of zkprefork.settings: raw option strings in, checked Settings out."""
+import dataclasses
+import importlib.util
+import logging
+import os
+
+import pytest
+from kazoo.hosts import collect_hosts
+
+from zkprefork.settings import OPTIONS, ConfigError, Settings, make_settings
+
+
+def rejected(option, value, **others):
+    with pytest.raises(ConfigError) as caught:
+        make_settings({option: value, **others})
+    message = str(caught.value)
+    assert message.startswith(f'{option}: '), message
+    assert '\n' not in message, message
+    return message
+
+
+# -- defaults ----------------------------------------------------------------------------
+
+def test_defaults_are_zc_zkzopeservers():
+    settings = make_settings({})
+    assert settings.host == ''
+    assert settings.port == 0
+    assert settings.threads == 1
+    assert settings.workers == 1
+    assert settings.graceful_timeout == 30
+    # kazoo's (and so zc.zk's) default session timeout is 10 s; the option is in ms.
+    assert settings.session_timeout == 10000
+    assert settings.zookeeper is None and not settings.registered
+    assert settings.path is None
+    assert settings.monitor_server is None
+    assert settings.loggers is None
+    assert settings.zservertracelog is False
+    assert settings.name is None
+    assert settings.pidfile is None
+    assert settings.app_name == 'main'
+    assert settings == Settings()
+
+
+def test_settings_are_immutable():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        make_settings({}).workers = 2
+
+
+def test_fixed_values_are_passed_through():
+    settings = make_settings({}, config_file='/etc/app.ini', app_name='other')
+    assert settings.config_file == '/etc/app.ini'
+    assert settings.app_name == 'other'
+
+
+def test_none_means_not_given():
+    assert make_settings({'workers': None, 'port': None}) == Settings()
+
+
+def test_every_zc_zkzopeserver_option_is_known():
+    zc_zkzopeserver = {'zookeeper', 'path', 'host', 'port', 'threads', 'session_timeout',
+                       'monitor_server', 'loggers', 'zservertracelog', 'name'}
+    assert zc_zkzopeserver | {'workers', 'graceful_timeout', 'pidfile'} <= set(OPTIONS)
+
+
+# -- integers ---------------------------------------------------------------------------
+
+def test_session_timeout_is_milliseconds():
+    assert make_settings({'session_timeout': '4000'}).session_timeout == 4000
+
+
+@pytest.mark.parametrize('option, value, expected', [
+    ('workers', '1', 1), ('workers', ' 8 ', 8), ('workers', '1000', 1000),
+    ('threads', '1', 1), ('threads', '10000', 10000),
+    ('port', '0', 0), ('port', '8080', 8080), ('port', '65535', 65535),
+    ('session_timeout', '1', 1), ('session_timeout', '600000', 600000),
+    ('graceful_timeout', '0', 0.0), ('graceful_timeout', '2.5', 2.5),
+])
+def test_good_numbers(option, value, expected):
+    assert getattr(make_settings({option: value}), option) == expected
+
+
+@pytest.mark.parametrize('option, value', [
+    ('workers', '0'), ('workers', '-1'), ('workers', '1001'), ('workers', 'two'), ('workers', '1.5'),
+    ('workers', ''),
+    ('threads', '0'), ('threads', '-1'), ('threads', '10001'), ('threads', 'x'),
+    ('port', '-1'), ('port', '65536'), ('port', '70000'), ('port', 'http'),
+    ('session_timeout', '0'), ('session_timeout', 'abc'), ('session_timeout', '10s'),
+    ('graceful_timeout', '-1'), ('graceful_timeout', 'nan'), ('graceful_timeout', 'inf'),
+    ('graceful_timeout', 'soon'),
+])
+def test_bad_numbers(option, value):
+    message = rejected(option, value)
+    assert repr(value) in message
+
+
+# -- loggers --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('value, expected', [
+    ('info', 'INFO'), ('INFO', 'INFO'), ('Debug', 'DEBUG'), ('warning', 'WARNING'),
+    (' error ', 'ERROR'), ('critical', 'CRITICAL'),
+])
+def test_level_names_in_any_case(value, expected):
+    assert make_settings({'loggers': value}).loggers == expected
+    assert isinstance(logging.getLevelName(expected), int)
+
+
+@pytest.mark.parametrize('value', ['verbose', 'infoo', 'loud'])
+def test_bad_level_name(value):
+    assert repr(value) in rejected('loggers', value)
+
+
+ZCONFIG_LOGGERS = '''
+<logger>
+  level INFO
+  <logfile>
+    path STDERR
+    format $$(asctime)s $$(levelname)s $$(name)s $$(message)s
+  </logfile>
+</logger>
+'''
+
+
+def test_zconfig_logger_block_with_double_dollar_becomes_percent():
+    loggers = make_settings({'loggers': ZCONFIG_LOGGERS}).loggers
+    assert '$$(' not in loggers
+    assert 'format %(asctime)s %(levelname)s %(name)s %(message)s' in loggers
+    assert loggers.lstrip().startswith('<logger>')
+
+
+def test_zconfig_logger_block_is_usable_by_zconfig():
+    from zkprefork.settings import _parse_zconfig_loggers
+    loggers = _parse_zconfig_loggers(make_settings({'loggers': ZCONFIG_LOGGERS}).loggers)
+    assert len(loggers) == 1
+
+
+@pytest.mark.parametrize('value', [
+    '<logger>\n  level verbose\n</logger>',
+    '<logger>\n  level INFO\n',
+    '<nonsense>\n</nonsense>',
+    '<logger>\n  level INFO\n  colour blue\n</logger>',
+])
+def test_bad_zconfig_logger_block(value):
+    rejected('loggers', value)
+
+
+# -- zookeeper connection strings ------------------------------------------------------------
+
+GOOD_ZOOKEEPER = [
+    '127.0.0.1:2181',
+    'localhost',
+    'zk.example.com:2181',
+    'zk1:2181,zk2:2182,zk3:2183',
+    'zk1:2181,zk2:2181/my/chroot',
+    '127.0.0.1:2181/chroot',
+    '[::1]:2181',
+    '[::1]',
+    '[::1]:2181,127.0.0.1:2182/chroot',
+    'zk1:2181, zk2:2181',
+]
+
+
+@pytest.mark.parametrize('value', GOOD_ZOOKEEPER)
+def test_good_zookeeper_strings(value):
+    settings = make_settings({'zookeeper': value, 'path': '/services/app'})
+    assert settings.zookeeper == value.strip()
+    assert settings.registered
+    hosts, chroot = collect_hosts(settings.zookeeper)  # what kazoo makes of it
+    assert len(hosts) == value.count(',') + 1
+    assert all(host and 0 < port < 65536 for host, port in hosts)
+
+
+def test_zookeeper_string_with_ipv6_and_chroot_as_kazoo_reads_it():
+    value = make_settings({'zookeeper': '[::1]:2181,127.0.0.1:2182/a/b', 'path': '/p'}).zookeeper
+    assert collect_hosts(value) == ([('::1', 2181), ('127.0.0.1', 2182)], '/a/b')
+
+
+@pytest.mark.parametrize('value', [
+    '',
+    ' ',
+    ',',
+    '127.0.0.1:2181,',
+    ',127.0.0.1:2181',
+    ':2181',
+    '127.0.0.1:abc',
+    '127.0.0.1:70000',
+    '127.0.0.1:0',
+    '127.0.0.1:',
+    '127.0.0.1:2181:2181',
+    '127.0.0.1:2181/chroot/',
+    '127.0.0.1:2181//chroot',
+    '127.0.0.1:2181/a/../b',
+    '::1:2181',
+    '[::1',
+    '[::1]:',
+    'zk one:2181',
+    'http://zk:2181',
+])
+def test_bad_zookeeper_strings(value):
+    rejected('zookeeper', value, path='/services/app')
+
+
+def test_zookeeper_needs_a_path():
+    with pytest.raises(ConfigError) as caught:
+        make_settings({'zookeeper': '127.0.0.1:2181'})
+    assert str(caught.value).startswith('path: ')
+
+
+def test_path_without_zookeeper_is_unregistered():
+    settings = make_settings({'path': '/services/app'})
+    assert not settings.registered
+
+
+# -- paths ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('value', ['/', '/a', '/services/my-app/providers', ' /a/b '])
+def test_good_paths(value):
+    assert make_settings({'path': value}).path == value.strip()
+
+
+@pytest.mark.parametrize('value', ['', 'a', 'a/b', '/a/', '/a//b', '/a/./b', '/a/../b', '//'])
+def test_bad_paths(value):
+    assert repr(value.strip()) in rejected('path', value)
+
+
+# -- the other options ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize('value, expected', [
+    ('127.0.0.1:8081', ('127.0.0.1', 8081)),
+    (':8081', ('', 8081)),
+    ('[::1]:8081', ('::1', 8081)),
+    ('localhost:0', ('localhost', 0)),
+])
+def test_good_monitor_server(value, expected):
+    assert make_settings({'monitor_server': value}).monitor_server == expected
+
+
+@pytest.mark.parametrize('value', ['127.0.0.1', '8081', 'localhost:99999', 'a:b:c', ''])
+def test_monitor_server_needs_host_and_port(value):
+    rejected('monitor_server', value)
+
+
+def test_unknown_option_is_named():
+    message = rejected('colour', 'blue')
+    assert 'workers' in message  # the known options are listed
+
+
+def test_unknown_option_is_reported_before_bad_values():
+    with pytest.raises(ConfigError) as caught:
+        make_settings({'workers': '0', 'Workers': '2'})
+    assert str(caught.value).startswith('Workers: ')
+
+
+def _tracelog_installed():
+    try:
+        return importlib.util.find_spec('zc.zservertracelog') is not None
+    except ModuleNotFoundError:
+        return False
+
+
+@pytest.mark.parametrize('value', ['false', 'off', '0', 'no'])
+def test_zservertracelog_off(value):
+    assert make_settings({'zservertracelog': value}).zservertracelog is False
+
+
+def test_zservertracelog_on():
+    if _tracelog_installed():
+        assert make_settings({'zservertracelog': 'true'}).zservertracelog is True
+    else:
+        assert 'zc.zservertracelog' in rejected('zservertracelog', 'true')
+
+
+def test_zservertracelog_not_a_boolean():
+    assert "'maybe'" in rejected('zservertracelog', 'maybe')
+
+
+def test_name_and_pidfile():
+    settings = make_settings({'name': ' my-app ', 'pidfile': 'run/zk.pid'})
+    assert settings.name == 'my-app'
+    assert settings.pidfile == os.path.abspath('run/zk.pid')
+    assert make_settings({'name': '', 'pidfile': ''}) == Settings()
+
+
+def test_host_is_stripped():
+    assert make_settings({'host': ' 127.0.0.1 '}).host == '127.0.0.1'
