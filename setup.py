@@ -30,7 +30,7 @@ setup(
         'psutil',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-timeout'],
+        'test': ['pytest', 'pytest-timeout', 'pyramid'],
         'tracelog': ['zc.zservertracelog'],
     },
     entry_points={

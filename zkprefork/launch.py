@@ -27,7 +27,7 @@ def start(make_settings, app=None):
 
 
 def serve(settings, app=None, reload_settings=None):
-    logsetup.configure(settings.loggers)
+    logsetup.configure(settings.loggers, settings.access_log)
     if settings.pidfile:
         pidfile.check(settings.pidfile)
     _raise_fd_limit()

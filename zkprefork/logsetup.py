@@ -5,14 +5,35 @@ import sys
 FORMAT = '%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s'
 
 
-def configure(loggers):
+def configure(loggers, access_log=None):
     """`loggers` as checked by settings: None, an upper-case level name, or
-    ZConfig text (with ``$$(`` already turned into ``%(``)."""
+    ZConfig text (with ``$$(`` already turned into ``%(``). `access_log`: a
+    file for the `zkprefork.access` logger, or '-' for standard output.
+
+    Done in the master, before fork: workers inherit the handlers."""
     if loggers is None or not loggers.startswith('<'):
         logging.basicConfig(level=loggers or 'INFO', format=FORMAT, stream=sys.stderr, force=True)
     else:
         import ZConfig
-        ZConfig.configureLoggers(loggers)
+        try:
+            ZConfig.configureLoggers(loggers)
+        except OSError as error:
+            from zkprefork.settings import ConfigError
+            raise ConfigError(f'loggers: cannot open log file {error.filename!r}: {error.strerror}') from None
+    if access_log:
+        _configure_access_log(access_log)
+
+
+def _configure_access_log(target):
+    access = logging.getLogger('zkprefork.access')
+    access.propagate = False  # its lines are the log format, not log records
+    access.setLevel(logging.INFO)
+    for handler in list(access.handlers):
+        access.removeHandler(handler)
+        handler.close()
+    handler = logging.StreamHandler(sys.stdout) if target == '-' else logging.FileHandler(target)
+    handler.setFormatter(logging.Formatter('%(message)s'))
+    access.addHandler(handler)
 
 
 def reopen():

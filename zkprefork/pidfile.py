@@ -38,7 +38,11 @@ def write(path):
     with os.fdopen(fd, 'w') as file:
         file.write(f'{os.getpid()}\n')
     os.chmod(temporary, 0o644)
-    os.replace(temporary, path)
+    try:
+        os.replace(temporary, path)
+    except OSError as error:
+        os.unlink(temporary)
+        raise ConfigError(f'pidfile: cannot write {path!r}: {error.strerror}') from None
 
 
 def remove(path):

@@ -48,24 +48,35 @@ def _boolean(option, value):
 _HOST_PORT = re.compile(r'^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]*)(?::(?P<port>[^:]*))?$')
 
 
-def _split_host_port(option, value, port_required):
+def _split_host_port(option, value, port_required, whole=None):
+    """(host, port or None); errors quote `whole`, the value as the user wrote it."""
+    whole = value if whole is None else whole
     match = _HOST_PORT.match(value)
-    if not match or (port_required and match['port'] is None):
-        raise ConfigError(f'{option}: {value!r} is not of the form HOST:PORT')
+    if not match or (port_required and not match['port']):
+        raise ConfigError(f'{option}: {whole!r} is not of the form HOST:PORT')
     host = match['host'].strip('[]')
     if match['port'] is None:
         return host, None
-    return host, _integer(option, match['port'] or 'missing', 0, 65535)
+    try:
+        port = int(match['port'])
+    except ValueError:
+        raise ConfigError(f'{option}: {whole!r}: port {match["port"]!r} is not an integer') from None
+    if not 0 <= port <= 65535:
+        raise ConfigError(f'{option}: {whole!r}: port {port} is out of range (must be from 0 to 65535)')
+    return host, port
 
 
 def _zookeeper(value):
     """Check a kazoo connection string: host[:port],...[/chroot]."""
     value = value.strip()
     hosts, slash, chroot = value.partition('/')
+    if slash and ('//' in '/' + chroot or chroot.endswith('/') or not chroot):
+        raise ConfigError(f'zookeeper: {value!r}: the chroot {"/" + chroot!r} is not a valid '
+                          'ZooKeeper path (no empty parts, no trailing slash)')
     if slash:
         _znode_path('zookeeper', '/' + chroot)
     for member in hosts.split(','):
-        host, port = _split_host_port('zookeeper', member.strip(), False)
+        host, port = _split_host_port('zookeeper', member.strip(), False, whole=value)
         if not host or port == 0:
             raise ConfigError(
                 f'zookeeper: {value!r} is not a connection string '
@@ -151,6 +162,7 @@ class Settings:
     max_requests_jitter: int = 0
     max_memory: int = 0  # MB of resident memory; 0 = no limit
     preload: bool = False
+    access_log: str = None  # a file, or '-' for standard output
     zookeeper_credentials_file: str = None  # a file holding user:password
     zookeeper_credentials_env: str = None  # an environment variable holding user:password
     zookeeper_auth: str = 'digest'  # how credentials are used: digest or sasl
@@ -191,6 +203,17 @@ def _check_credentials(option, value, secret):
     user, colon, password = secret.partition(':')
     if not (user and colon and password):
         raise ConfigError(f'{option}: {value!r} does not hold credentials of the form user:password')
+
+
+def _access_log(value):
+    value = value.strip()
+    if value in ('', '-'):
+        return value or None
+    path = os.path.abspath(value)
+    if not os.access(os.path.dirname(path), os.W_OK) or (
+            os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise ConfigError(f'access_log: {value!r} is not writable')
+    return path
 
 
 def _choice(option, value, choices):
@@ -240,6 +263,7 @@ _CHECKS = {
     'max_requests_jitter': lambda v: _integer('max_requests_jitter', v, 0),
     'max_memory': lambda v: _integer('max_memory', v, 0),
     'preload': lambda v: _boolean('preload', v),
+    'access_log': _access_log,
     'zookeeper_credentials_file': _credentials_file,
     'zookeeper_credentials_env': _credentials_env,
     'zookeeper_auth': lambda v: _choice('zookeeper_auth', v, ('digest', 'sasl')),
@@ -254,7 +278,7 @@ _CHECKS = {
 # Options a reload cannot change: they are the socket, the session or the
 # master's own set-up. A HUP that changes them keeps the old values and says so.
 RESTART_ONLY = ('host', 'port', 'zookeeper', 'path', 'session_timeout', 'monitor_server',
-                'loggers', 'pidfile', 'preload', 'zookeeper_credentials_file',
+                'loggers', 'access_log', 'pidfile', 'preload', 'zookeeper_credentials_file',
                 'zookeeper_credentials_env', 'zookeeper_auth', 'zookeeper_ca_file',
                 'zookeeper_cert_file', 'zookeeper_key_file', 'zookeeper_check_hostname',
                 'node_format', 'properties')

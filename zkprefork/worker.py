@@ -85,8 +85,9 @@ class Worker:
         wakeup.LinkWatcher(self.link, self._master_gone)
         dispatcher = ThreadedTaskDispatcher()
         dispatcher.setThreadCount(self.settings.threads)
-        server = zopeserver.SharedSocketServer(
-            self.listener, app, self.settings.name, self.settings.host, dispatcher)
+        hit_log = zopeserver.access_logger() if self.settings.access_log else None
+        server = zopeserver.server_class(self.settings.zservertracelog)(
+            self.listener, app, self.settings.name, self.settings.host, dispatcher, hit_log)
         return server, dispatcher
 
     def _install_signals(self, wakeup):

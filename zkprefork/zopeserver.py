@@ -8,6 +8,7 @@ imported zope.server before fork (preload).
 """
 import asyncore
 import itertools
+import logging
 import resource
 import socket
 
@@ -68,13 +69,13 @@ class SharedSocketServer(WSGIHTTPServer):
     channel_class = DrainingChannel
     draining = False
 
-    def __init__(self, sock, application, name, host, task_dispatcher):
+    def __init__(self, sock, application, name, host, task_dispatcher, hit_log=None):
         self._inherited = sock
         self.served = itertools.count(1)
         self.requests = 0
         # SERVER_PORT comes from this port argument: pass the real one.
         super().__init__(application, name, host, sock.getsockname()[1],
-                         task_dispatcher=task_dispatcher, adj=adjustments())
+                         task_dispatcher=task_dispatcher, adj=adjustments(), hit_log=hit_log)
 
     def create_socket(self, family=None, type=None):
         self._inherited.setblocking(False)
@@ -101,3 +102,26 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def channels(self):
         return list(DrainingChannel.active_channels.values())
+
+
+def server_class(tracelog):
+    """SharedSocketServer, or with zservertracelog its combination with
+    zc.zservertracelog's server and channel, so that its B/I/C/A/E trace
+    lines are written (logger zc.tracelog)."""
+    if not tracelog:
+        return SharedSocketServer
+    from zc.zservertracelog import tracelog as zc_tracelog
+
+    class TracingChannel(DrainingChannel, zc_tracelog.Channel):
+        pass
+
+    class TracingServer(SharedSocketServer, zc_tracelog.Server):
+        channel_class = TracingChannel
+
+    return TracingServer
+
+
+def access_logger():
+    """Combined log format lines on the `zkprefork.access` logger."""
+    from zope.server.http.commonaccesslogger import CommonAccessLogger
+    return CommonAccessLogger(logging.getLogger('zkprefork.access'))
