@@ -30,7 +30,7 @@ setup(
         'psutil',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-timeout', 'pyramid'],
+        'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog'],
         'tracelog': ['zc.zservertracelog'],
     },
     entry_points={

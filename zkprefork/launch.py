@@ -1,12 +1,13 @@
 """From checked Settings to a running master: logging, pidfile, the socket,
 the registrar, then the master's loop. Shared by the command line and the
 PasteDeploy server runner."""
+import dataclasses
 import logging
 import os
 import resource
 import sys
 
-from zkprefork import inifile, listener, logsetup, pidfile
+from zkprefork import inifile, listener, logsetup, monitor, pidfile, systemd
 from zkprefork.master import Master
 from zkprefork.registrar_link import RegistrarLink
 from zkprefork.settings import ConfigError
@@ -28,11 +29,15 @@ def start(make_settings, app=None):
 
 def serve(settings, app=None, reload_settings=None):
     logsetup.configure(settings.loggers, settings.access_log)
+    log.debug('settings: %s', settings)  # paths and names only: no secret is ever in Settings
     if settings.pidfile:
         pidfile.check(settings.pidfile)
     _raise_fd_limit()
-    sock = listener.bind(settings.host, settings.port)
+    sock, settings, reload_settings = _listen(settings, reload_settings)
+    monitor_sock = None
     try:
+        if settings.monitor_server:
+            monitor_sock = monitor.bind(*settings.monitor_server)
         if settings.preload and app is None:
             app = _preload(settings)
             if app is None:
@@ -40,11 +45,28 @@ def serve(settings, app=None, reload_settings=None):
         if settings.pidfile:
             pidfile.write(settings.pidfile)
         registrar = RegistrarLink(settings) if settings.registered else None
-        return Master(settings, sock, app, registrar, reload_settings).run()
+        return Master(settings, sock, app, registrar, reload_settings, monitor_sock).run()
     finally:
         sock.close()
+        if monitor_sock:
+            monitor_sock.close()
         if settings.pidfile:
             pidfile.remove(settings.pidfile)
+
+
+def _listen(settings, reload_settings):
+    """The listening socket: systemd's (socket activation) or our own.
+
+    With systemd's, host and port are what that socket is bound to, on every
+    reload too."""
+    sock = systemd.activated_socket()
+    if sock is None:
+        return listener.bind(settings.host, settings.port), settings, reload_settings
+    host, port = sock.getsockname()[:2]
+    actual = {'host': '' if host in ('0.0.0.0', '::') else host, 'port': port}
+    log.info('serving the socket passed by systemd (%s)', listener.format_address(host, port))
+    reload_actual = reload_settings and (lambda: dataclasses.replace(reload_settings(), **actual))
+    return sock, dataclasses.replace(settings, **actual), reload_actual
 
 
 def _preload(settings):

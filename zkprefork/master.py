@@ -16,6 +16,7 @@ stale or slots surplus.
 """
 import collections
 import dataclasses
+import json
 import logging
 import os
 import selectors
@@ -24,8 +25,12 @@ import socket
 import time
 import uuid
 
+import psutil
+
+import zkprefork
 from zkprefork import listener as listening
-from zkprefork import logsetup, proctitle
+from zkprefork import logsetup, proctitle, systemd
+from zkprefork.monitor import Monitor
 from zkprefork.settings import RESTART_ONLY, ConfigError
 from zkprefork.worker import Worker
 
@@ -94,7 +99,8 @@ def describe_exit(status):
 
 class Master:
 
-    def __init__(self, settings, listener, app=None, registrar=None, reload_settings=None):
+    def __init__(self, settings, listener, app=None, registrar=None, reload_settings=None,
+                 monitor_sock=None):
         self.settings = settings
         self.listener = listener
         self.port = listening.bound_port(listener)
@@ -115,6 +121,12 @@ class Master:
         self._wakeup_fds = ()
         self._registered_data = None
         self.instance = uuid.uuid4().hex  # tells this master's nodes from any other's
+        self.started_at = time.monotonic()
+        self.running_since = None
+        self.registration = {'state': 'connecting' if registrar else 'off', 'nodes': []}
+        self.monitor_sock = monitor_sock
+        self.monitor = None
+        self.notifier = systemd.Notifier()
 
     # -- the loop --------------------------------------------------------
 
@@ -122,6 +134,9 @@ class Master:
         proctitle.set(f'master {self.settings.config_file or ""} '
                       f'{listening.format_address(self.settings.host or "0.0.0.0", self.port)}')
         self._install_signals()
+        if self.monitor_sock:
+            self.monitor = Monitor(self.monitor_sock, self.selector, self._monitor_commands(), self.status)
+            log.info('monitor listening at %s', self.monitor_address())
         if self.registrar:
             self._start_registrar()
         log.info('master (pid %d) listening at %s, starting %d worker(s) of %d thread(s)',
@@ -135,6 +150,8 @@ class Master:
                     key.data()
         finally:
             self._uninstall_signals()
+            if self.monitor:
+                self.monitor.close()
         log.info('master (pid %d) exiting with status %d', os.getpid(), self.exit_status)
         return self.exit_status
 
@@ -145,12 +162,19 @@ class Master:
             self._on_signal(self.signals.popleft())
         self._reap()
         self._enforce_deadlines()
+        if self.monitor:
+            self.monitor.expire(time.monotonic())
         getattr(self, '_step_' + self.phase)()
+        self.notifier.update(self._systemd_state(), self._status_line())
 
     def _timeout(self):
         times = [self.deadline or NEVER] + [self._deadline_of(w) for w in self.workers.values()]
         if self.phase in (BOOTING, RUNNING):
             times += self.not_before.values()
+        if self.monitor:
+            times.append(self.monitor.next_deadline())
+        if self.phase == RUNNING and self.notifier.state == 'starting':
+            times.append(self.running_since + self.settings.boot_timeout)
         soonest = min(times)
         return None if soonest == NEVER else max(0.0, soonest - time.monotonic())
 
@@ -218,8 +242,9 @@ class Master:
             log.warning('SIGHUP: %s changed, which takes a restart: keeping the running value(s)',
                         ', '.join(kept))
             new = dataclasses.replace(new, **{name: getattr(self.settings, name) for name in kept})
+        if new.workers != self.settings.workers:
+            self.worker_count = new.workers  # else TTIN/TTOU's count stands
         self.settings = new
-        self.worker_count = new.workers
         self.generation += 1
         self.reload_halted = False
         log.info('SIGHUP: reloading: replacing the workers one at a time (generation %d, %d worker(s))',
@@ -295,6 +320,9 @@ class Master:
         fds = list(self._wakeup_fds) + [w.link.fileno() for w in self.workers.values()]
         if self.registrar:
             fds += self.registrar.child_fds()
+        if self.monitor:
+            fds += self.monitor.fds()
+        systemd.forget_notify_socket()
         self.selector.close()
         for fd in fds:
             try:
@@ -420,8 +448,13 @@ class Master:
             self._forget(self.registrar.fileno())
             return
         for event in events:
-            if event['event'] == 'unregistered' and self.phase == UNREGISTERING:
-                self._stop_workers(signal.SIGTERM)
+            kind = event.pop('event')
+            if kind == 'unregistered':
+                self.registration['nodes'] = []
+                if self.phase == UNREGISTERING:
+                    self._stop_workers(signal.SIGTERM)
+            else:
+                self.registration.update(event)
 
     def _registrar_exited(self, status):
         if not self.registrar.process.stdout.closed:
@@ -438,6 +471,8 @@ class Master:
         """(Re-)register when what the node says has changed."""
         data = {'pid': os.getpid(), 'instance': self.instance,
                 'workers': self.worker_count, 'generation': self.generation}
+        if self.monitor:
+            data['monitor'] = self.monitor_address()
         if data == self._registered_data:
             return
         self._registered_data = data
@@ -451,6 +486,7 @@ class Master:
         current = [w for here in self._current().values() for w in here]
         if len(current) >= self.worker_count and all(w.ready for w in current):
             self.phase = RUNNING
+            self.running_since = time.monotonic()
             log.info('%d worker(s) ready, serving at %s', len(current), self.url())
             if not self.registrar:
                 log.warning('no zookeeper option: serving unregistered')
@@ -510,3 +546,78 @@ class Master:
             log.error('the registrar did not exit in time: killing it')
             os.kill(self.registrar.pid, signal.SIGKILL)
             self.deadline = None
+
+    # -- what the master tells: monitor and systemd ----------------------------
+
+    def monitor_address(self):
+        host, port = self.monitor.address()
+        if host in ('0.0.0.0', '::'):
+            host = listening.advertised_hosts(host)[0]
+        return listening.format_address(host, port)
+
+    def status(self):
+        now = time.monotonic()
+        return {
+            'version': zkprefork.__version__,
+            'pid': os.getpid(),
+            'config_file': self.settings.config_file,
+            'uptime': round(now - self.started_at, 3),
+            'phase': self.phase,
+            'listening': self.url(),
+            'generation': self.generation,
+            'workers_wanted': self.worker_count,
+            'registration': self.registration,
+            'workers': [self._worker_status(w, now) for w in
+                        sorted(self.workers.values(), key=lambda w: (w.slot, w.started))],
+        }
+
+    def _worker_status(self, worker, now):
+        try:
+            rss = psutil.Process(worker.pid).memory_info().rss
+        except psutil.Error:
+            rss = None
+        state = 'retiring' if worker.retiring else 'ready' if worker.ready else 'booting'
+        return {'slot': worker.slot, 'pid': worker.pid, 'age': round(now - worker.started, 3),
+                'requests': worker.requests, 'rss': rss, 'state': state,
+                'generation': worker.generation}
+
+    def _monitor_commands(self):
+        def queue(signum):
+            return lambda connection: (self.signals.append(signum),
+                                       connection.write(f'{signal.Signals(signum).name} queued\n'))
+        return {
+            'help': (lambda c: self.monitor.help(c), 'the commands, one line each'),
+            'status': (lambda c: c.write(json.dumps(self.status(), indent=1) + '\n'),
+                       'the master and every worker, as JSON'),
+            'workers': (self._workers_table, 'the workers, as a table'),
+            'reload': (queue(signal.SIGHUP), 'rolling reload, as SIGHUP'),
+            'ttin': (queue(signal.SIGTTIN), 'one worker more, as SIGTTIN'),
+            'ttou': (queue(signal.SIGTTOU), 'one worker less, as SIGTTOU'),
+        }
+
+    def _workers_table(self, connection):
+        connection.write(f'{"slot":>4} {"pid":>7} {"state":<8} {"gen":>3} {"age s":>9} '
+                         f'{"requests":>9} {"rss MB":>7}\n')
+        for w in self.status()['workers']:
+            rss = f'{w["rss"] / 1048576:.1f}' if w['rss'] is not None else '-'
+            connection.write(f'{w["slot"]:>4} {w["pid"]:>7} {w["state"]:<8} {w["generation"]:>3} '
+                             f'{w["age"]:>9.1f} {w["requests"]:>9} {rss:>7}\n')
+
+    def _systemd_state(self):
+        if self.phase == BOOTING:
+            return 'starting'
+        if self.phase != RUNNING:
+            return 'stopping'
+        if any(self._stale(w) and w.generation < self.generation
+               for here in self._current().values() for w in here):
+            return 'reloading'
+        settled = (not self.registrar or self.registration['nodes']
+                   or time.monotonic() >= self.running_since + self.settings.boot_timeout)
+        return 'ready' if settled or self.notifier.state != 'starting' else 'starting'
+
+    def _status_line(self):
+        ready = sum(w.ready and not w.retiring for w in self.workers.values())
+        nodes = self.registration['nodes']
+        registered = ('registered as ' + ', '.join(nodes) if nodes
+                      else 'not registered' if self.registrar else 'no ZooKeeper')
+        return f'{self.phase}: {ready} worker(s) serving {self.url()}; {registered}'

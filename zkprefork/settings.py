@@ -92,6 +92,13 @@ def _znode_path(option, value):
     return value
 
 
+def _host(value):
+    host = value.strip()
+    if any(character.isspace() for character in host):
+        raise ConfigError(f'host: {value!r} is not a host name or address')
+    return host
+
+
 def _loggers(value):
     """A level name (any case) or a ZConfig <logger> definition.
 
@@ -246,7 +253,7 @@ def _properties(value):
 _CHECKS = {
     'zookeeper': _zookeeper,
     'path': lambda v: _znode_path('path', v.strip()),
-    'host': lambda v: v.strip(),
+    'host': _host,
     'port': lambda v: _integer('port', v, 0, 65535),
     'threads': lambda v: _integer('threads', v, 1, 10000),
     'workers': lambda v: _integer('workers', v, 1, 1000),

@@ -1,0 +1,175 @@
+"""The monitor: a line-oriented command server inside the master's loop.
+
+Protocol in the style of zc.monitor: connect, send ``command args\\n``, read
+the answer until the server closes the connection. It runs on the master's
+selector with no threads, so every client is bounded (line length, clients
+at once, time) and none can stall the loop: sockets are non-blocking and
+answers are written as the peer reads them.
+
+Plugins: other packages add commands through the entry point group
+``zkprefork.monitor``; each entry point names a callable
+``command(connection, *args)`` that writes its answer with
+``connection.write(text)`` and may read ``connection.status()`` (the same
+dict as the `status` command).
+"""
+import logging
+import selectors
+import socket
+import time
+from importlib.metadata import entry_points
+
+log = logging.getLogger('zkprefork.monitor')
+
+MAX_LINE = 1024  # bytes, newline included
+MAX_CLIENTS = 16
+CLIENT_SECONDS = 5.0  # to send a line and read the answer
+PLUGIN_GROUP = 'zkprefork.monitor'
+
+
+def bind(host, port):
+    """Listen; a busy port is a ConfigError (exit 2), not a traceback."""
+    from zkprefork import listener
+    from zkprefork.settings import ConfigError
+    try:
+        return listener.bind(host, port)
+    except ConfigError as error:
+        raise ConfigError(f'monitor_server: {error}') from None
+
+
+def plugins():
+    return {entry.name: entry for entry in entry_points(group=PLUGIN_GROUP)}
+
+
+class Connection:
+    """One client: reads a line, answers, closes."""
+
+    def __init__(self, sock, monitor):
+        self.sock = sock
+        self.monitor = monitor
+        self.inbox = b''
+        self.outbox = b''
+        self.answered = False
+        self.deadline = time.monotonic() + CLIENT_SECONDS
+
+    def write(self, text):
+        self.outbox += text.encode()
+
+    def status(self):
+        return self.monitor.status()
+
+    def on_event(self):
+        """The selector says readable (before the answer) or writable (after)."""
+        try:
+            if self.answered:
+                self._send()
+            else:
+                self._receive()
+        except OSError:
+            self.monitor.drop(self)
+
+    def _receive(self):
+        chunk = self.sock.recv(MAX_LINE)
+        self.inbox += chunk
+        line, newline, _ = self.inbox.partition(b'\n')
+        if newline or not chunk:
+            self._answer(line.decode(errors='replace').strip())
+        elif len(self.inbox) >= MAX_LINE:
+            self.inbox = b''
+            self.write(f'error: a command line is at most {MAX_LINE} bytes\n')
+            self._answered()
+
+    def _answer(self, line):
+        words = line.split()
+        if words:
+            self.monitor.run_command(self, words[0], words[1:])
+        else:
+            self.write("error: no command; try 'help'\n")
+        self._answered()
+
+    def _answered(self):
+        self.answered = True
+        self.monitor.selector.modify(self.sock, selectors.EVENT_WRITE, self.on_event)
+        self._send()
+
+    def _send(self):
+        sent = self.sock.send(self.outbox)
+        self.outbox = self.outbox[sent:]
+        if not self.outbox:
+            self.monitor.drop(self)
+
+
+class Monitor:
+    """Accepts monitor clients on `sock` and answers with `commands`
+    (name -> (function(connection, *args), one-line help))."""
+
+    def __init__(self, sock, selector, commands, status):
+        self.sock = sock
+        self.selector = selector
+        self.commands = dict(commands)
+        self.status = status
+        self.clients = {}
+        for name, entry in plugins().items():
+            self.commands.setdefault(name, (entry, f'(plugin {entry.value})'))
+        selector.register(sock, selectors.EVENT_READ, self._accept)
+
+    def address(self):
+        return self.sock.getsockname()[:2]
+
+    def _accept(self):
+        try:
+            client, _ = self.sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        client.setblocking(False)
+        if len(self.clients) >= MAX_CLIENTS:
+            client.close()  # busy: the operator retries; the loop stays free
+            return
+        connection = Connection(client, self)
+        self.clients[client] = connection
+        self.selector.register(client, selectors.EVENT_READ, connection.on_event)
+
+    def drop(self, connection):
+        self.clients.pop(connection.sock, None)
+        self.selector.unregister(connection.sock)
+        try:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        connection.sock.close()
+
+    def next_deadline(self):
+        return min((c.deadline for c in self.clients.values()), default=float('inf'))
+
+    def expire(self, now):
+        for connection in [c for c in self.clients.values() if c.deadline <= now]:
+            self.drop(connection)
+
+    def run_command(self, connection, name, args):
+        if name not in self.commands:
+            connection.write(f"error: unknown command {name!r}; 'help' lists the commands\n")
+            return
+        function = self.commands[name][0]
+        if hasattr(function, 'load'):  # a plugin's entry point, loaded when first used
+            function = function.load()
+            self.commands[name] = (function, self.commands[name][1])
+        try:
+            function(connection, *args)
+        except TypeError as error:
+            connection.write(f'error: {name}: {error}\n')
+        except Exception as error:  # a plugin's bug must not stop the master
+            log.exception('monitor command %r failed', name)
+            connection.write(f'error: {name} failed: {error!r}\n')
+
+    def fds(self):
+        return [self.sock.fileno()] + [client.fileno() for client in self.clients]
+
+    def close(self):
+        for connection in list(self.clients.values()):
+            self.drop(connection)
+        self.selector.unregister(self.sock)
+        self.sock.close()
+
+    def help(self, connection):
+        width = max(len(name) for name in self.commands)
+        for name, (_, text) in sorted(self.commands.items()):
+            connection.write(f'{name:<{width}}  {text}\n')
