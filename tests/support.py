@@ -179,10 +179,11 @@ class Server:
         pids = set()
         for child in self.children():
             try:
-                if child.cmdline() and child.cmdline()[0].startswith('zkprefork: worker'):
-                    pids.add(child.pid)
+                cmdline = child.cmdline()
             except psutil.NoSuchProcess:
-                pass
+                continue
+            if cmdline and cmdline[0].startswith('zkprefork: worker'):
+                pids.add(child.pid)
         self.seen_pids |= pids
         return pids
 
@@ -277,3 +278,295 @@ class Load:
     def wait_for(self, count, timeout=30):
         start = self.ok
         wait_until(lambda: self.ok >= start + count, timeout, message=f'{count} more responses')
+
+
+# -- for the registration tests: ZooKeepers of a test's own, TLS material,
+# -- and readers of each node format written from its public description --
+
+ZOOKEEPER_TLS_CLASSPATH = ':'.join(
+    [ZOOKEEPER_CLASSPATH] + [f'/usr/share/java/{jar}' for jar in (
+        'netty-codec.jar', 'netty-resolver.jar', 'netty-transport-native-unix-common.jar')])
+
+
+def four_letter_word(port, word, timeout=1.0):
+    """ZooKeeper's answer to a four-letter command, or '' if none."""
+    try:
+        with socket.create_connection(('127.0.0.1', port), timeout=timeout) as sock:
+            sock.sendall(word.encode())
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+            return b''.join(chunks).decode(errors='replace')
+    except OSError:
+        return ''
+
+
+class OwnZooKeeper(ZooKeeperServer):
+    """A standalone ZooKeeper of one test's own: extra zoo.cfg lines, JVM
+    options, and `restart()` on the same port with the same data."""
+
+    main_class = 'org.apache.zookeeper.server.ZooKeeperServerMain'
+
+    def __init__(self, extra='', jvm_options=(), classpath=ZOOKEEPER_CLASSPATH, tick_time=200):
+        super().__init__(tick_time)
+        self.extra = textwrap.dedent(extra)
+        self.jvm_options = list(jvm_options)
+        self.classpath = classpath
+
+    def config_text(self):
+        return textwrap.dedent(f'''\
+            tickTime={self.tick_time}
+            dataDir={self.directory}/data
+            clientPort={self.port}
+            clientPortAddress=127.0.0.1
+            maxClientCnxns=0
+            admin.enableServer=false
+            4lw.commands.whitelist=ruok,srvr,stat,mntr,cons
+            ''') + self.extra
+
+    def start(self):
+        os.makedirs(os.path.join(self.directory, 'data'), exist_ok=True)
+        config = os.path.join(self.directory, 'zoo.cfg')
+        with open(config, 'w') as file:
+            file.write(self.config_text())
+        self.log = open(os.path.join(self.directory, 'zookeeper.log'), 'ab')
+        self.process = subprocess.Popen(
+            ['java', *self.jvm_options, '-cp', self.classpath, self.main_class, config],
+            stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(self.serving, timeout=30, message=f'ZooKeeper on port {self.port} to serve')
+        return self
+
+    def serving(self):
+        if self.process.poll() is not None:
+            raise AssertionError(f'ZooKeeper exited ({self.process.returncode}); see {self.directory}')
+        return 'Mode: ' in four_letter_word(self.port, 'srvr')
+
+    def restart(self, down_for=0.0):
+        self.stop()
+        time.sleep(down_for)
+        return self.start()
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+        self.log.close()
+
+    def session_ids(self):
+        """The session ids of the clients connected to this server."""
+        return {int(sid, 16) for sid in re.findall(r'sid=0x([0-9a-f]+)', four_letter_word(self.port, 'cons'))}
+
+
+class QuorumMember(OwnZooKeeper):
+    """One server of a ZooKeeper ensemble (QuorumPeerMain, with myid)."""
+
+    main_class = 'org.apache.zookeeper.server.quorum.QuorumPeerMain'
+
+    def __init__(self, myid, **kwargs):
+        super().__init__(**kwargs)
+        self.myid = myid
+        self.quorum_ports = (free_port(), free_port())
+
+    def start(self):
+        os.makedirs(os.path.join(self.directory, 'data'), exist_ok=True)
+        with open(os.path.join(self.directory, 'data', 'myid'), 'w') as file:
+            file.write(f'{self.myid}\n')
+        return super().start()
+
+
+def start_ensemble(size=3, extra=''):
+    """`size` QuorumPeerMain servers on 127.0.0.1, started together; a
+    one-server 'ensemble' runs as a quorum (standaloneEnabled=false)."""
+    members = [QuorumMember(myid) for myid in range(1, size + 1)]
+    servers = ''.join(f'server.{m.myid}=127.0.0.1:{m.quorum_ports[0]}:{m.quorum_ports[1]}\n'
+                      for m in members)
+    for member in members:
+        member.extra = 'initLimit=10\nsyncLimit=5\nstandaloneEnabled=false\n' + servers + textwrap.dedent(extra)
+        os.makedirs(os.path.join(member.directory, 'data'), exist_ok=True)
+    # Each member waits for a quorum before it serves: start them all first.
+    started = []
+    try:
+        for member in members:
+            member.wait_until_serving, member.serving = member.serving, lambda: True
+            started.append(member.start())
+            member.serving = member.wait_until_serving
+        for member in members:
+            wait_until(member.serving, timeout=30, message=f'member {member.myid} to serve')
+    except BaseException:
+        for member in started:
+            member.stop()
+        raise
+    return members
+
+
+def ensemble_hosts(members, chroot=''):
+    return ','.join(m.hosts for m in members) + chroot
+
+
+def make_tls_files(directory):
+    """A throwaway CA, a server certificate for 127.0.0.1, one for another
+    name, a client certificate, and a rogue CA with a client certificate of
+    its own. PEM files (ZooKeeper reads PEM key stores); returns their paths."""
+    import datetime
+    import ipaddress
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def name(text):
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, text)])
+
+    def certificate(subject, key, issuer, issuer_key, ca=False, dns=(), ips=()):
+        builder = (x509.CertificateBuilder().subject_name(name(subject)).issuer_name(name(issuer))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        sans = [x509.DNSName(d) for d in dns] + [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(issuer_key, hashes.SHA256())
+
+    def write(filename, *items):
+        path = os.path.join(directory, filename)
+        with open(path, 'wb') as file:
+            for item in items:
+                if isinstance(item, x509.Certificate):
+                    file.write(item.public_bytes(serialization.Encoding.PEM))
+                else:
+                    file.write(item.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+        return path
+
+    files = {}
+    for ca_name in ('ca', 'rogue_ca'):
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_cert = certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
+        files[ca_name] = write(f'{ca_name}.pem', ca_cert)
+        files[ca_name + '_key'] = (ca_name, ca_key)
+    ca_name, ca_key = files.pop('ca_key')
+    rogue_name, rogue_key = files.pop('rogue_ca_key')
+    for label, issuer, issuer_key, dns, ips in (
+            ('server', ca_name, ca_key, [], ['127.0.0.1']),
+            ('wrong_name_server', ca_name, ca_key, ['zookeeper.invalid'], []),
+            ('client', ca_name, ca_key, [], ['127.0.0.1']),
+            ('rogue_client', rogue_name, rogue_key, [], ['127.0.0.1'])):
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = certificate(label, key, issuer, issuer_key, dns=dns, ips=ips)
+        if label.endswith('server'):
+            files[label] = write(f'{label}.pem', key, cert)  # a key store: key and certificate
+        else:
+            files[label + '_cert'] = write(f'{label}.crt', cert)
+            files[label + '_key'] = write(f'{label}.key', key)
+    return files
+
+
+def tls_zookeeper_config(files, key_store='server'):
+    """zoo.cfg lines for a TLS client port next to the plain one."""
+    return textwrap.dedent(f'''\
+        secureClientPort={free_port()}
+        secureClientPortAddress=127.0.0.1
+        serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory
+        ssl.keyStore.location={files[key_store]}
+        ssl.keyStore.type=PEM
+        ssl.trustStore.location={files['ca']}
+        ssl.trustStore.type=PEM
+        ''')
+
+
+def secure_port(zookeeper):
+    return int(re.search(r'secureClientPort=(\d+)', zookeeper.extra).group(1))
+
+
+def registrar_of(server):
+    """The registrar process of a zkprefork master (by its title)."""
+    def find():
+        for child in server.children():
+            try:
+                if 'registrar' in ' '.join(child.cmdline()):
+                    server.seen_pids.add(child.pid)
+                    return child
+            except psutil.NoSuchProcess:
+                pass
+        return None
+    return wait_until(find, timeout=10, message='the registrar process')
+
+
+def dead_pid():
+    """The pid of a process that has exited and been reaped."""
+    process = subprocess.Popen(['true'])
+    process.wait()
+    return process.pid
+
+
+# Readers of the node formats, each written from that format's public
+# description only (not from zkprefork's code), as a client would read nodes.
+
+def read_zk_node(name, data):
+    """zc.zk / zc.zkzopeserver: the name is host:port ([v6]:port); the data
+    is a JSON object whose pid is an int."""
+    host, _, port = name.rpartition(':')
+    value = json.loads(data)
+    assert isinstance(value, dict) and isinstance(value['pid'], int)
+    return host.strip('[]'), int(port), value
+
+
+SERVERSET_STATUSES = ('DEAD', 'STARTING', 'ALIVE', 'STOPPING', 'STOPPED', 'WARNING', 'UNKNOWN')
+
+
+def read_serverset_member(name, data):
+    """Finagle's ServerSet entry (serverset2 Entry/Endpoint.parseJson):
+    only children named member_*; serviceEndpoint and each of
+    additionalEndpoints is {"host": str, "port": int}; status is a known
+    name; shard an int if present; metadata a map of strings if present."""
+    if not name.startswith('member_'):
+        return None
+    value = json.loads(data)
+
+    def endpoint(item):
+        assert isinstance(item['host'], str) and type(item['port']) is int
+        return item['host'], item['port']
+    entry = {'service': endpoint(value['serviceEndpoint']),
+             'additional': {key: endpoint(item) for key, item in value.get('additionalEndpoints', {}).items()},
+             'status': value['status'], 'shard': value.get('shard'),
+             'metadata': value.get('metadata', {})}
+    assert entry['status'] in SERVERSET_STATUSES
+    assert entry['shard'] is None or type(entry['shard']) is int
+    assert all(isinstance(k, str) and isinstance(v, str) for k, v in entry['metadata'].items())
+    return entry
+
+
+def read_synapse_backend(name, data, endpoint_name=None):
+    """Synapse's zookeeper watcher with `decode: {method: serverset}`: the
+    backend is serviceEndpoint (or the named additional endpoint), named by
+    the shard; its id is the numeric suffix of the child's name."""
+    decoded = json.loads(data)
+    backend = dict(decoded['additionalEndpoints'][endpoint_name] if endpoint_name
+                   else decoded['serviceEndpoint'])
+    backend['name'] = str(decoded['shard']) if decoded.get('shard') is not None else None
+    assert 'host' in backend and 'port' in backend
+    suffix = name.split('_')[-1]
+    backend['id'] = int(suffix) if suffix.isdigit() else None
+    return backend
+
+
+CURATOR_FIELDS = {'name', 'id', 'address', 'port', 'sslPort', 'payload', 'registrationTimeUTC',
+                  'serviceType', 'uriSpec'}
+
+
+def read_curator_instance(service_name, child_name, data):
+    """Curator x-discovery's ServiceInstance as JsonInstanceSerializer
+    reads it in compatible mode: no field beyond the classic ones (old
+    clients fail on unknown properties); name, id, address required; port
+    and/or sslPort; serviceType one of Curator's; the node named by the id
+    under the service's path."""
+    value = json.loads(data)
+    assert set(value) <= CURATOR_FIELDS, set(value) - CURATOR_FIELDS
+    assert value['name'] == service_name and value['id'] == child_name
+    assert isinstance(value['address'], str)
+    assert isinstance(value.get('port'), int) or isinstance(value.get('sslPort'), int)
+    assert value['serviceType'] in ('DYNAMIC', 'STATIC', 'PERMANENT', 'DYNAMIC_SEQUENTIAL')
+    assert isinstance(value['registrationTimeUTC'], int)
+    return value
