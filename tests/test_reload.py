@@ -240,3 +240,15 @@ def test_preload_loads_once_and_hup_keeps_the_loaded_code(start, app_module, tmp
     wait_all_replaced(server, old, 2)
     assert server.request('/')[1].startswith(b'v1')
     assert marker.read_text().split() == [str(server.pid)]
+
+
+def test_signals_to_the_whole_process_group_kill_no_worker(start):
+    # `pkill -HUP zkprefork` or systemd's KillMode reach every process.
+    server = start('workers = 2\n', registered=False)
+    old = server.worker_pids()
+    for signum in (signal.SIGUSR1, signal.SIGTTIN, signal.SIGHUP):
+        os.killpg(server.pid, signum)
+        time.sleep(0.2)
+    wait_all_replaced(server, old, 3)
+    assert 'killed by' not in server.log()
+    assert 'exited unexpectedly' not in server.log()

@@ -32,7 +32,7 @@ from zkprefork import listener as listening
 from zkprefork import logsetup, proctitle, systemd
 from zkprefork.monitor import Monitor
 from zkprefork.settings import RESTART_ONLY, ConfigError
-from zkprefork.worker import Worker
+from zkprefork.worker import Worker, reset_signals
 
 log = logging.getLogger('zkprefork.master')
 
@@ -314,9 +314,7 @@ class Master:
     def _forget_in_child(self):
         """In a new worker: drop everything that is the master's alone, so that
         end of file on those pipes keeps meaning 'the master died'."""
-        signal.set_wakeup_fd(-1)
-        for signum in HANDLED_SIGNALS:
-            signal.signal(signum, signal.SIG_DFL)
+        reset_signals(HANDLED_SIGNALS)
         fds = list(self._wakeup_fds) + [w.link.fileno() for w in self.workers.values()]
         if self.registrar:
             fds += self.registrar.child_fds()

@@ -21,6 +21,20 @@ POLL_SECONDS = 1.0      # longest sleep of the serving loop (heartbeat period)
 DRAIN_IDLE_SECONDS = 0.5  # an idle keep-alive channel this old is closed on drain
 
 
+# The master alone decides on Ctrl-C (so that the node goes first), reloads
+# and resizing; `pkill -HUP zkprefork` must not kill a worker, not even while
+# it loads the application.
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+
+
+def reset_signals(inherited):
+    """Right after fork, before anything else: the master's handlers are not
+    a worker's. Until it serves, a worker dies of SIGTERM and SIGQUIT."""
+    signal.set_wakeup_fd(-1)
+    for signum in inherited:
+        signal.signal(signum, signal.SIG_IGN if signum in IGNORED_SIGNALS else signal.SIG_DFL)
+
+
 class Worker:
 
     def __init__(self, slot, settings, listener, link, app=None):
@@ -95,10 +109,6 @@ class Worker:
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGQUIT, self._on_quit_signal)
         signal.signal(signal.SIGUSR1, self._on_usr1_signal)
-        # The master alone decides on Ctrl-C (so that the node goes first),
-        # reloads and resizing; `pkill -HUP zkprefork` must not kill workers.
-        for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-            signal.signal(ignored, signal.SIG_IGN)
 
     def _on_stop_signal(self, signum, frame):
         self.stop_reason = self.stop_reason or f'signal {signal.Signals(signum).name}'
