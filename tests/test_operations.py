@@ -192,9 +192,11 @@ def test_process_titles(servers, ini, zookeeper, zk_path):
     server = servers(config).wait_serving()
     master = psutil.Process(server.pid).cmdline()[0]
     assert master == f'zkprefork: master {config} 127.0.0.1:{server.port}'
-    titles = sorted(child.cmdline()[0] for child in server.children())
-    assert titles == [f'zkprefork: registrar {zk_path}',
-                      f'zkprefork: worker 0 {config}', f'zkprefork: worker 1 {config}']
+    expected = [f'zkprefork: registrar {zk_path}',
+                f'zkprefork: worker 0 {config}', f'zkprefork: worker 1 {config}']
+    # The registrar names itself once its interpreter has started.
+    wait_until(lambda: sorted(child.cmdline()[0] for child in server.children()) == expected,
+               message=f'titles {expected}')
 
 
 def test_pidfile_life_cycle(servers, ini, tmp_path):
