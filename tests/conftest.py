@@ -49,3 +49,59 @@ def servers(tmp_path):
 def ini(tmp_path):
     """Write an ini file: ini('workers = 2\\n...') -> its path."""
     return lambda options='', **kw: write_ini(str(tmp_path), options, **kw)
+
+
+@pytest.fixture
+def own_zookeeper():
+    """own_zookeeper(start=True, **OwnZooKeeper options): a ZooKeeper of the
+    test's own (to restart, stop or configure); all are stopped at the end."""
+    from support import OwnZooKeeper
+    made = []
+
+    def make(start=True, **options):
+        server = OwnZooKeeper(**options)
+        made.append(server)
+        return server.start() if start else server
+    yield make
+    for server in made:
+        server.stop()
+
+
+@pytest.fixture
+def ensemble():
+    """ensemble(size=3, extra=''): QuorumPeerMain servers on 127.0.0.1,
+    stopped at the end."""
+    from support import start_ensemble
+    members = []
+
+    def make(size=3, extra=''):
+        started = start_ensemble(size, extra)
+        members.extend(started)
+        return started
+    yield make
+    for member in members:
+        member.stop()
+
+
+@pytest.fixture(scope='session')
+def tls_files(tmp_path_factory):
+    pytest.importorskip('cryptography', reason='the throwaway CA is made with cryptography')
+    from support import make_tls_files
+    return make_tls_files(str(tmp_path_factory.mktemp('tls')))
+
+
+@pytest.fixture
+def kazoo_client():
+    """kazoo_client(hosts, **KazooClient options): started clients of the
+    test's own (another server's session, an anonymous reader), stopped at the end."""
+    clients = []
+
+    def make(hosts, **options):
+        client = KazooClient(hosts=hosts, **options)
+        client.start(15)
+        clients.append(client)
+        return client
+    yield make
+    for client in clients:
+        client.stop()
+        client.close()

@@ -324,7 +324,7 @@ class OwnZooKeeper(ZooKeeperServer):
             4lw.commands.whitelist=ruok,srvr,stat,mntr,cons
             ''') + self.extra
 
-    def start(self):
+    def start(self, wait=True):
         os.makedirs(os.path.join(self.directory, 'data'), exist_ok=True)
         config = os.path.join(self.directory, 'zoo.cfg')
         with open(config, 'w') as file:
@@ -333,7 +333,8 @@ class OwnZooKeeper(ZooKeeperServer):
         self.process = subprocess.Popen(
             ['java', *self.jvm_options, '-cp', self.classpath, self.main_class, config],
             stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self.serving, timeout=30, message=f'ZooKeeper on port {self.port} to serve')
+        if wait:
+            wait_until(self.serving, timeout=30, message=f'ZooKeeper on port {self.port} to serve')
         return self
 
     def serving(self):
@@ -366,11 +367,11 @@ class QuorumMember(OwnZooKeeper):
         self.myid = myid
         self.quorum_ports = (free_port(), free_port())
 
-    def start(self):
+    def start(self, wait=True):
         os.makedirs(os.path.join(self.directory, 'data'), exist_ok=True)
         with open(os.path.join(self.directory, 'data', 'myid'), 'w') as file:
             file.write(f'{self.myid}\n')
-        return super().start()
+        return super().start(wait)
 
 
 def start_ensemble(size=3, extra=''):
@@ -381,18 +382,14 @@ def start_ensemble(size=3, extra=''):
                       for m in members)
     for member in members:
         member.extra = 'initLimit=10\nsyncLimit=5\nstandaloneEnabled=false\n' + servers + textwrap.dedent(extra)
-        os.makedirs(os.path.join(member.directory, 'data'), exist_ok=True)
     # Each member waits for a quorum before it serves: start them all first.
-    started = []
     try:
         for member in members:
-            member.wait_until_serving, member.serving = member.serving, lambda: True
-            started.append(member.start())
-            member.serving = member.wait_until_serving
+            member.start(wait=False)
         for member in members:
             wait_until(member.serving, timeout=30, message=f'member {member.myid} to serve')
     except BaseException:
-        for member in started:
+        for member in members:
             member.stop()
         raise
     return members
@@ -440,19 +437,14 @@ def make_tls_files(directory):
                                                   serialization.NoEncryption()))
         return path
 
-    files = {}
-    for ca_name in ('ca', 'rogue_ca'):
-        ca_key = ec.generate_private_key(ec.SECP256R1())
-        ca_cert = certificate(ca_name, ca_key, ca_name, ca_key, ca=True)
-        files[ca_name] = write(f'{ca_name}.pem', ca_cert)
-        files[ca_name + '_key'] = (ca_name, ca_key)
-    ca_name, ca_key = files.pop('ca_key')
-    rogue_name, rogue_key = files.pop('rogue_ca_key')
+    ca_key, rogue_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    files = {'ca': write('ca.pem', certificate('test CA', ca_key, 'test CA', ca_key, ca=True)),
+             'rogue_ca': write('rogue_ca.pem', certificate('rogue CA', rogue_key, 'rogue CA', rogue_key, ca=True))}
     for label, issuer, issuer_key, dns, ips in (
-            ('server', ca_name, ca_key, [], ['127.0.0.1']),
-            ('wrong_name_server', ca_name, ca_key, ['zookeeper.invalid'], []),
-            ('client', ca_name, ca_key, [], ['127.0.0.1']),
-            ('rogue_client', rogue_name, rogue_key, [], ['127.0.0.1'])):
+            ('server', 'test CA', ca_key, [], ['127.0.0.1']),
+            ('wrong_name_server', 'test CA', ca_key, ['zookeeper.invalid'], []),
+            ('client', 'test CA', ca_key, [], ['127.0.0.1']),
+            ('rogue_client', 'rogue CA', rogue_key, [], ['127.0.0.1'])):
         key = ec.generate_private_key(ec.SECP256R1())
         cert = certificate(label, key, issuer, issuer_key, dns=dns, ips=ips)
         if label.endswith('server'):
