@@ -1,9 +1,169 @@
-"""What a registration looks like in ZooKeeper: node names and data for each
-supported format, from the endpoints (host, port) and zkprefork's data."""
+"""What a registration looks like in ZooKeeper, in each node format.
+
+Pure functions. Forwards: the endpoints (host, port), zkprefork's own data
+(pid, instance, workers, generation, monitor) and the user's properties give
+the nodes to create. Backwards: an existing node tells what it claims (the
+endpoint it advertises, the master pid behind it, whether this very master
+wrote it), which is what the registrar needs to decide who owns a name.
+
+``zk`` (zc.zk / zc.zkzopeserver), one node per endpoint::
+
+    <path>/127.0.0.1:8080
+    {"pid":4525,"monitor":"127.0.0.1:8081","instance":"5f0c...","workers":2,"generation":0,"dc":"east"}
+
+``serverset`` (Finagle / twitter commons ServerSet, read by Synapse too)::
+
+    <path>/member_0000000007   (ephemeral, sequential)
+    {"serviceEndpoint":{"host":"127.0.0.1","port":8080},
+     "additionalEndpoints":{"http":{"host":"127.0.0.1","port":8080},"monitor":{"host":"127.0.0.1","port":8081}},
+     "status":"ALIVE","shard":3,"metadata":{"dc":"east"},
+     "zkprefork":{"pid":4525,"instance":"5f0c...","workers":2,"generation":0}}
+
+``curator`` (Curator x-discovery ServiceInstance, as its JsonInstanceSerializer
+writes it in compatible mode)::
+
+    <path>/0b9f6d3c-...   (the id)
+    {"name":"providers","id":"0b9f6d3c-...","address":"127.0.0.1","port":8080,"sslPort":null,
+     "payload":{"dc":"east"},"registrationTimeUTC":1700000000000,"serviceType":"DYNAMIC","uriSpec":null}
+"""
+import json
+import typing
+import uuid
+
 from zkprefork.listener import format_address
 
+FORMATS = ('zk', 'serverset', 'curator')
+MEMBER_PREFIX = 'member_'
+_OWN_KEYS = ('pid', 'instance', 'workers', 'generation')
+# Anything random would do; fixed so that the same master always derives the
+# same Curator ids.
+_CURATOR_NAMESPACE = uuid.UUID('6f0c1f52-8a7e-4d4e-9a43-3c1f4c2b8e11')
 
-def zk_nodes(endpoints, data):
-    """zc.zk / zc.zkzopeserver: one node per endpoint, named host:port, whose
-    data is zkprefork's own (pid, instance, workers, ...)."""
-    return [(format_address(host, port), data) for host, port in endpoints]
+
+class Node(typing.NamedTuple):
+    endpoint: tuple  # (host, port)
+    name: str  # the child's name; for a sequential node, its prefix
+    data: bytes
+    sequential: bool = False
+
+
+class Claim(typing.NamedTuple):
+    """What an existing node says about itself."""
+    endpoint: tuple = None  # (host, port) it advertises
+    pid: int = None  # the master behind it, where the format carries one
+    same_instance: bool = False  # written by this very master (an earlier session)
+
+
+def nodes(node_format, path, endpoints, data, properties=(), registered_at=0):
+    """The nodes that register every (host, port) of `endpoints`.
+
+    `registered_at` (ms since the epoch) is only used by the curator format.
+    """
+    build = {'zk': _zk_node, 'serverset': _serverset_node, 'curator': _curator_node}[node_format]
+    return [build(path, (host, port), data, dict(properties), registered_at)
+            for host, port in endpoints]
+
+
+def read_claim(node_format, name, raw, instance):
+    """What the existing child `name` with data `raw` claims, and whether the
+    master whose instance id is `instance` wrote it."""
+    try:
+        value = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        return Claim(endpoint=parse_address(name) if node_format == 'zk' else None)
+    return {'zk': _zk_claim, 'serverset': _serverset_claim,
+            'curator': _curator_claim}[node_format](name, value, instance)
+
+
+def parse_address(text):
+    """'host:port' or '[v6]:port' -> (host, port); None if it is neither."""
+    host, colon, port = text.rpartition(':')
+    if not colon or not port.isdigit():
+        return None
+    return host.strip('[]'), int(port)
+
+
+def _encode(value):
+    return json.dumps(value, separators=(',', ':')).encode()
+
+
+def _zk_node(path, endpoint, data, properties, registered_at):
+    # pid and monitor first, as zc.zkzopeserver wrote them.
+    value = {'pid': data['pid']}
+    if data.get('monitor'):
+        value['monitor'] = data['monitor']
+    value.update((key, data[key]) for key in data if key not in value)
+    value.update(properties)
+    return Node(endpoint, format_address(*endpoint), _encode(value))
+
+
+def _zk_claim(name, value, instance):
+    return Claim(parse_address(name), _pid(value.get('pid')),
+                 value.get('instance') == instance)
+
+
+def _serverset_node(path, endpoint, data, properties, registered_at):
+    here = _host_port(endpoint)
+    extra = {'http': here}
+    if data.get('monitor'):
+        monitor = parse_address(data['monitor'])
+        if monitor:
+            extra['monitor'] = _host_port((monitor[0] or endpoint[0], monitor[1]))
+    value = {'serviceEndpoint': here, 'additionalEndpoints': extra, 'status': 'ALIVE'}
+    shard = properties.pop('shard', None)
+    if shard is not None and shard.isdigit():
+        value['shard'] = int(shard)
+    elif shard is not None:
+        properties['shard'] = shard
+    if properties:
+        # Finagle reads metadata as a map of strings, which properties are.
+        value['metadata'] = properties
+    value['zkprefork'] = {key: data[key] for key in _OWN_KEYS if key in data}
+    return Node(endpoint, MEMBER_PREFIX, _encode(value), sequential=True)
+
+
+def _serverset_claim(name, value, instance):
+    service = value.get('serviceEndpoint')
+    own = value.get('zkprefork') if isinstance(value.get('zkprefork'), dict) else {}
+    endpoint = (service.get('host'), service.get('port')) if isinstance(service, dict) else None
+    return Claim(endpoint, _pid(own.get('pid')), own.get('instance') == instance)
+
+
+def curator_id(instance, endpoint):
+    """A stable id per master and endpoint: a restarted registrar finds the
+    name its predecessor used, while another master never collides with it."""
+    return str(uuid.uuid5(_CURATOR_NAMESPACE, f'{instance}/{format_address(*endpoint)}'))
+
+
+def _curator_node(path, endpoint, data, properties, registered_at):
+    ident = curator_id(data['instance'], endpoint)
+    value = {
+        'name': path.rstrip('/').rpartition('/')[2],
+        'id': ident,
+        'address': endpoint[0],
+        'port': endpoint[1],
+        'sslPort': None,
+        'payload': properties or None,
+        'registrationTimeUTC': registered_at,
+        'serviceType': 'DYNAMIC',
+        'uriSpec': None,
+    }
+    return Node(endpoint, ident, _encode(value))
+
+
+def _curator_claim(name, value, instance):
+    # The format has no room for a pid; the id tells whether we wrote it.
+    endpoint = (value.get('address'), value.get('port'))
+    if not isinstance(endpoint[0], str) or not isinstance(endpoint[1], int):
+        return Claim()
+    return Claim(endpoint, None, name == curator_id(instance, endpoint))
+
+
+def _host_port(endpoint):
+    return {'host': endpoint[0], 'port': endpoint[1]}
+
+
+def _pid(value):
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
