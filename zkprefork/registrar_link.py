@@ -34,14 +34,28 @@ class RegistrarLink:
             [sys.executable, '-m', 'zkprefork.registrar'],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         os.set_blocking(self.process.stdout.fileno(), False)
-        self._send({
-            'zookeeper': self.settings.zookeeper,
-            'path': self.settings.path,
-            'session_timeout': self.settings.session_timeout,
-            'loggers': self.settings.loggers,
-            'master_pid': os.getpid(),
-        })
+        self._send(self._config())
         self._buffer = b''
+
+    def _config(self):
+        """The registrar's first line. Secrets travel as a file path or an
+        environment variable's name: the registrar reads them itself."""
+        settings = self.settings
+        return {
+            'zookeeper': settings.zookeeper,
+            'path': settings.path,
+            'session_timeout': settings.session_timeout,
+            'loggers': settings.loggers,
+            'node_format': settings.node_format,
+            'properties': [list(pair) for pair in settings.properties],
+            'zookeeper_credentials_file': settings.zookeeper_credentials_file,
+            'zookeeper_credentials_env': settings.zookeeper_credentials_env,
+            'zookeeper_auth': settings.zookeeper_auth,
+            'zookeeper_ca_file': settings.zookeeper_ca_file,
+            'zookeeper_cert_file': settings.zookeeper_cert_file,
+            'zookeeper_key_file': settings.zookeeper_key_file,
+            'zookeeper_check_hostname': settings.zookeeper_check_hostname,
+        }
 
     def fileno(self):
         return self.process.stdout.fileno()

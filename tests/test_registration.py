@@ -1,0 +1,245 @@
+"""Registration that never lies, against a real ZooKeeper: session expiry,
+restarts, absence at start, stale, foreign and persistent nodes, external
+deletes, an ensemble losing the member we talk to, and each node format."""
+import json
+import os
+import re
+import signal
+import threading
+import time
+
+
+from support import (dead_pid, ensemble_hosts, free_port, read_curator_instance,
+                     read_serverset_member, read_synapse_backend, registrar_of, wait_until)
+from zkprefork.registrar import split_connection_string
+
+
+def start_registered(servers, ini, hosts, path, options='', port=0):
+    config = ini(f'zookeeper = {hosts}\npath = {path}\nhost = 127.0.0.1\nport = {port}\n{options}')
+    server = servers(config).wait_serving()
+    return server, f'{path}/127.0.0.1:{server.port}'
+
+
+def owner(zk, node):
+    stat = zk.exists(node)
+    return stat.ephemeralOwner if stat else None
+
+
+def wait_owned(zk, node, other_than=None, timeout=10.0):
+    def owned():
+        found = owner(zk, node)
+        return found if found and found != other_than else None
+    return wait_until(owned, timeout, interval=0.01, message=f'{node} to be registered')
+
+
+def test_split_connection_string():
+    assert split_connection_string('h1:2181,h2:2182/app/zk') == (
+        'h1:2181,h2:2182', [('h1', 2181), ('h2', 2182)], '/app/zk')
+    assert split_connection_string('h1') == ('h1', [('h1', 2181)], '')
+    assert split_connection_string('[::1]:2181/') == ('[::1]:2181', [('::1', 2181)], '')
+
+
+def test_expired_session_is_replaced_and_the_node_recreated_at_once(servers, ini, zookeeper, zk, zk_path):
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 1000\n')
+    first = wait_owned(zk, node)
+    data = zk.get(node)[0]
+    registrar = registrar_of(server)
+    registrar.suspend()  # frozen past the session timeout: ZooKeeper expires the session
+    try:
+        wait_until(lambda: not zk.exists(node), timeout=10, message='the session to expire')
+        assert server.request('/')[0] == 200  # serving all along
+    finally:
+        registrar.resume()
+    resumed = time.monotonic()
+    second = wait_owned(zk, node, other_than=first)
+    assert time.monotonic() - resumed < 2.0
+    assert zk.get(node)[0] == data
+    assert zk.get_children(zk_path) == [node.rpartition('/')[2]]
+    server.wait_for_log(r'ZooKeeper connected, session 0x%x, registered: %s' % (second, node))
+    assert 'ZooKeeper lost, session none' in server.log()
+
+
+def test_zookeeper_restarted_within_the_session_timeout_changes_nothing(servers, ini, own_zookeeper,
+                                                                       kazoo_client, zk_path):
+    zookeeper = own_zookeeper()
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    zk = kazoo_client(zookeeper.hosts)
+    wait_owned(zk, node)
+    before = zk.exists(node)
+    connections = server.log().count('ZooKeeper connected')
+    zookeeper.restart()
+    server.wait_for_log('ZooKeeper suspended')
+    wait_until(lambda: server.log().count('ZooKeeper connected') > connections, timeout=10,
+               message='the registrar to reconnect')
+    after = zk.exists(node)
+    # The same node of the same session: not deleted, not re-created, not rewritten.
+    assert (after.czxid, after.mzxid, after.ephemeralOwner) == (before.czxid, before.mzxid,
+                                                                before.ephemeralOwner)
+    assert server.log().count('registered /') == 1
+
+
+def test_zookeeper_down_longer_than_the_session_timeout(servers, ini, own_zookeeper, kazoo_client, zk_path):
+    zookeeper = own_zookeeper()
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 1000\n')
+    wait_owned(kazoo_client(zookeeper.hosts), node)
+    zookeeper.restart(down_for=2.0)
+    assert server.request('/')[0] == 200
+    zk = kazoo_client(zookeeper.hosts)
+    # Whether the old session expired before the registrar came back or
+    # not, things settle on one node owned by a session that is connected.
+    wait_until(lambda: owner(zk, node) in zookeeper.session_ids(), timeout=10,
+               message='the node to be owned by a connected session')
+    assert zk.get_children(zk_path) == [node.rpartition('/')[2]]
+    assert json.loads(zk.get(node)[0])['pid'] == server.pid
+
+
+def test_zookeeper_absent_at_start(servers, ini, own_zookeeper, kazoo_client, zk_path):
+    zookeeper = own_zookeeper(start=False)
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path)
+    server.wait_for_log('serving unregistered; registering as soon as ZooKeeper answers')
+    assert server.request('/')[0] == 200
+    zookeeper.start()
+    started = time.monotonic()
+    wait_owned(kazoo_client(zookeeper.hosts), node)
+    assert time.monotonic() - started < 4.0  # reconnection back-off is capped
+
+
+def test_stale_node_of_an_earlier_incarnation_is_taken_over(servers, ini, zookeeper, zk, kazoo_client,
+                                                            zk_path):
+    port = free_port()
+    node = f'{zk_path}/127.0.0.1:{port}'
+    earlier = kazoo_client(zookeeper.hosts)
+    earlier.create(node, json.dumps({'pid': dead_pid(), 'instance': 'earlier'}).encode(),
+                   ephemeral=True, makepath=True)
+    server, _ = start_registered(servers, ini, zookeeper.hosts, zk_path, port=port)
+    ours = wait_owned(zk, node, other_than=earlier.client_id[0])
+    assert json.loads(zk.get(node)[0])['pid'] == server.pid
+    server.wait_for_log(r'took over %s from an earlier session \(0x%x\)' % (node, earlier.client_id[0]))
+    earlier.stop()  # the old session ends: our node stays
+    time.sleep(0.3)
+    assert owner(zk, node) == ours
+
+
+def test_restarted_registrar_takes_over_without_a_gap(servers, ini, zookeeper, zk, zk_path):
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    first = wait_owned(zk, node)
+    gaps = []
+    watching = threading.Event()
+
+    def watch():
+        while not watching.is_set():
+            if not zk.exists(node):
+                gaps.append(time.monotonic())
+            time.sleep(0.005)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        os.kill(registrar_of(server).pid, signal.SIGKILL)  # its session lives on for 4 s
+        killed = time.monotonic()
+        wait_owned(zk, node, other_than=first)
+        assert time.monotonic() - killed < 3.0
+    finally:
+        watching.set()
+        watcher.join()
+    assert gaps == []
+    assert zk.get_children(zk_path) == [node.rpartition('/')[2]]
+
+
+def test_a_live_owner_is_not_robbed(servers, ini, zookeeper, zk, kazoo_client, zk_path):
+    port = free_port()
+    node = f'{zk_path}/127.0.0.1:{port}'
+    other = kazoo_client(zookeeper.hosts)
+    other.create(node, json.dumps({'pid': os.getpid(), 'instance': 'other'}).encode(),
+                 ephemeral=True, makepath=True)
+    server, _ = start_registered(servers, ini, zookeeper.hosts, zk_path, port=port)
+    server.wait_for_log(f'cannot register {node}: it belongs to another live server')
+    others = other.client_id[0]
+    assert owner(zk, node) == others
+    other.stop()
+    gone = time.monotonic()
+    wait_owned(zk, node, other_than=others)
+    assert time.monotonic() - gone < 1.0
+    assert len(re.findall(r'ERROR .*belongs to another live server', server.log())) == 1
+
+
+def test_a_persistent_node_is_refused(servers, ini, zookeeper, zk, zk_path):
+    port = free_port()
+    node = f'{zk_path}/127.0.0.1:{port}'
+    zk.create(node, b'{"pid":1}', makepath=True)
+    server, _ = start_registered(servers, ini, zookeeper.hosts, zk_path, port=port)
+    server.wait_for_log(f'cannot register {node}: a persistent node of that name is in the way')
+    assert owner(zk, node) == 0
+    zk.delete(node)
+    wait_owned(zk, node)
+
+
+def test_external_delete_is_repaired_and_data_follows_the_master(servers, ini, zookeeper, zk, zk_path):
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path)
+    session = wait_owned(zk, node)
+    zk.delete(node)
+    deleted = time.monotonic()
+    assert wait_owned(zk, node) == session
+    assert time.monotonic() - deleted < 1.0
+    server.signal(signal.SIGTTIN)
+    wait_until(lambda: json.loads(zk.get(node)[0])['workers'] == 2, message='the data to follow')
+    assert owner(zk, node) == session
+    assert zk.get_children(zk_path) == [node.rpartition('/')[2]]
+
+
+def test_ensemble_with_chroot_survives_the_death_of_our_member(servers, ini, ensemble, kazoo_client):
+    # A session that outlives a leader election, should ours be the leader.
+    members = ensemble(3, extra='maxSessionTimeout=20000\n')
+    server, node = start_registered(servers, ini, ensemble_hosts(members, '/apps/zkprefork'),
+                                    '/providers', 'session_timeout = 10000\n')
+    zk = kazoo_client(ensemble_hosts(members))
+    full_node = '/apps/zkprefork' + node
+    session = wait_owned(zk, full_node)
+    ours = wait_until(lambda: [m for m in members if session in m.session_ids()],
+                      message='the member our session is connected to')[0]
+    ours.kill()
+    survivors = [m for m in members if m is not ours]
+    wait_until(lambda: any(session in m.session_ids() for m in survivors), timeout=15,
+               message='the session to move to another member')
+    zk = kazoo_client(ensemble_hosts(survivors))
+    assert owner(zk, full_node) == session
+    assert server.log().count('registered /') == 1
+    assert zk.get_children('/apps/zkprefork/providers') == [node.rpartition('/')[2]]
+
+
+def test_serverset_members(servers, ini, zookeeper, zk, zk_path):
+    server, _ = start_registered(servers, ini, zookeeper.hosts, zk_path,
+                                 'node_format = serverset\nproperties =\n  shard = 2\n  dc = east\n'
+                                 'session_timeout = 4000\n')
+    [member] = wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), message='a member')
+    data, stat = zk.get(f'{zk_path}/{member}')
+    entry = read_serverset_member(member, data)
+    assert entry['service'] == ('127.0.0.1', server.port)
+    assert entry['additional']['http'] == ('127.0.0.1', server.port)
+    assert entry['status'] == 'ALIVE' and entry['shard'] == 2 and entry['metadata'] == {'dc': 'east'}
+    assert read_synapse_backend(member, data)['port'] == server.port
+
+    # A new registrar finds its predecessor's member by the instance id in
+    # the data and replaces it in one transaction.
+    os.kill(registrar_of(server).pid, signal.SIGKILL)
+    [replacement] = wait_until(lambda: (c := zk.get_children(zk_path)) != [member] and c,
+                               message='the member to be replaced')
+    assert zk.exists(f'{zk_path}/{replacement}').ephemeralOwner != stat.ephemeralOwner
+    assert read_serverset_member(replacement, zk.get(f'{zk_path}/{replacement}')[0]) == entry
+
+    zk.delete(f'{zk_path}/{replacement}')
+    [again] = wait_until(lambda: (c := zk.get_children(zk_path)) != [replacement] and c,
+                         timeout=2, message='a new member')
+    assert again > replacement
+
+
+def test_curator_instance(servers, ini, zookeeper, zk):
+    path = f'/tests/curator-{time.monotonic_ns()}/services/shop'
+    server, _ = start_registered(servers, ini, zookeeper.hosts, path,
+                                 'node_format = curator\nproperties = dc = east\n')
+    [instance_id] = wait_until(lambda: zk.exists(path) and zk.get_children(path), message='an instance')
+    value = read_curator_instance('shop', instance_id, zk.get(f'{path}/{instance_id}')[0])
+    assert (value['address'], value['port']) == ('127.0.0.1', server.port)
+    assert value['payload'] == {'dc': 'east'}
+    assert abs(value['registrationTimeUTC'] / 1000 - time.time()) < 60
+    zk.delete(f'{path}/{instance_id}')
+    wait_until(lambda: zk.get_children(path) == [instance_id], timeout=2, message='the same id back')

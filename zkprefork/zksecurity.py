@@ -1,0 +1,192 @@
+"""Who the registrar is to ZooKeeper and how it reaches it safely.
+
+Credentials (digest or SASL DIGEST-MD5) come from a file or an environment
+variable, never from the command line or stdin; the ACLs that follow from
+them; TLS options and a TLS check that names a failed handshake; and a log
+record factory that keeps every secret out of every log line (kazoo prints
+digest credentials at DEBUG and the session password at level 5).
+"""
+import logging
+import os
+import re
+import socket
+import ssl
+import typing
+
+from kazoo.security import READ_ACL_UNSAFE, make_acl, make_digest_acl
+
+# How long to wait after a TLS handshake for the server to refuse our
+# certificate: with TLS 1.3 that refusal only arrives after the client
+# considers the handshake done.
+REFUSAL_WAIT = 0.5
+
+
+class Credentials(typing.NamedTuple):
+    user: str
+    password: str
+    scheme: str  # 'digest' or 'sasl'
+
+    def __repr__(self):
+        return f'Credentials(user={self.user!r}, scheme={self.scheme!r})'
+
+    @property
+    def identity(self):
+        return f'{"SASL" if self.scheme == "sasl" else "digest"} user {self.user!r}'
+
+
+def read_credentials(config):
+    """The credentials named by the config (a file or an environment
+    variable holding user:password), or None. Raises OSError or ValueError
+    if they cannot be had."""
+    if config.get('zookeeper_credentials_file'):
+        with open(config['zookeeper_credentials_file']) as file:
+            secret = file.read().strip()
+    elif config.get('zookeeper_credentials_env'):
+        secret = os.environ.get(config['zookeeper_credentials_env'], '').strip()
+    else:
+        return None
+    user, colon, password = secret.partition(':')
+    if not (user and colon and password):
+        # The secret itself never goes into a message.
+        source = config.get('zookeeper_credentials_file') or config['zookeeper_credentials_env']
+        raise ValueError(f'{source} does not hold credentials of the form user:password')
+    return Credentials(user, password, config.get('zookeeper_auth') or 'digest')
+
+
+def client_options(config, credentials):
+    """KazooClient keyword arguments for authentication and TLS."""
+    options = {}
+    if credentials and credentials.scheme == 'sasl':
+        options['sasl_options'] = {'mechanism': 'DIGEST-MD5', 'username': credentials.user,
+                                   'password': credentials.password}
+    elif credentials:
+        options['auth_data'] = [('digest', f'{credentials.user}:{credentials.password}')]
+    if config.get('zookeeper_ca_file'):
+        options.update(use_ssl=True, verify_certs=True, ca=config['zookeeper_ca_file'],
+                       certfile=config.get('zookeeper_cert_file'),
+                       keyfile=config.get('zookeeper_key_file'),
+                       check_hostname=config.get('zookeeper_check_hostname', True))
+    return options
+
+
+def acls(credentials):
+    """(service path ACL, node ACL). ZooKeeper checks create and delete on
+    the parent, so with credentials the service path is what keeps others
+    from deleting our node or registering fake siblings; everyone may read.
+    Without credentials: an open path (kazoo's default) and a read-only
+    node, as zc.zkzopeserver registered."""
+    if not credentials:
+        return None, READ_ACL_UNSAFE
+    if credentials.scheme == 'sasl':
+        ours = make_acl('sasl', credentials.user, all=True)
+    else:
+        ours = make_digest_acl(credentials.user, credentials.password, all=True)
+    acl = [make_acl('world', 'anyone', read=True), ours]
+    return acl, acl
+
+
+def open_to_anyone(acl_list):
+    """Whether `acl_list` lets anyone at all create or delete nodes."""
+    return any(acl.id.scheme == 'world' and acl.id.id == 'anyone' and acl.perms & (4 | 8)
+               for acl in acl_list)  # CREATE | DELETE
+
+
+# -- secrets out of the logs ----------------------------------------------
+
+# kazoo's Connect requests and responses (passwd=b'...') and its level-5
+# lines (session_passwd: 0a1b...) carry the session password.
+_SESSION_PASSWORD = re.compile(
+    r"""(passwd(?:=|: ))(b'(?:[^'\\]|\\.)*'|b"(?:[^"\\]|\\.)*"|[0-9a-fA-F]+)""")
+REDACTED = '<redacted>'
+
+
+def redact(text, secrets):
+    for secret in secrets:
+        text = text.replace(secret, REDACTED)
+    return _SESSION_PASSWORD.sub(r'\1' + REDACTED, text)
+
+
+def redact_logs(credentials):
+    """Clean every log record of this process as it is made, whatever
+    handler, filter or ZConfig set-up later sees it."""
+    secrets = []
+    if credentials:
+        # The longer first, so that user:password does not become user:<redacted>.
+        secrets = [f'{credentials.user}:{credentials.password}', credentials.password]
+    secrets = [secret for secret in secrets if secret]
+    make_record = logging.getLogRecordFactory()
+
+    def clean_record(*args, **kwargs):
+        record = make_record(*args, **kwargs)
+        try:
+            message = record.getMessage()
+        except Exception:  # a bad format string: logging reports it later
+            return record
+        cleaned = redact(message, secrets)
+        if cleaned != message:
+            record.msg, record.args = cleaned, ()
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info), secrets)
+        return record
+    logging.setLogRecordFactory(clean_record)
+
+
+# -- TLS --------------------------------------------------------------------
+
+def tls_context(config):
+    """The context kazoo builds from the same options (kazoo.handlers.utils)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.load_default_certs(ssl.Purpose.SERVER_AUTH)
+    context.check_hostname = config.get('zookeeper_check_hostname', True)
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(config['zookeeper_ca_file'])
+    if config.get('zookeeper_cert_file'):
+        context.load_cert_chain(config['zookeeper_cert_file'], config.get('zookeeper_key_file'))
+    return context
+
+
+def tls_problem(addresses, config, timeout=2.0):
+    """Why no TLS session with ZooKeeper can be had, in one line; None when
+    a server completes the handshake or none answers at all (that is not a
+    TLS problem: ZooKeeper is down)."""
+    context = tls_context(config)
+    problems = []
+    for host, port in addresses:
+        try:
+            sock = socket.create_connection((host, port), timeout)
+        except OSError:
+            continue
+        problem = _handshake_problem(context, sock, host)
+        if problem is None:
+            return None
+        problems.append(f'{host}:{port}: {problem}')
+    return '; '.join(problems) or None
+
+
+def _handshake_problem(context, sock, host):
+    try:
+        with context.wrap_socket(sock, server_hostname=host) as tls:
+            tls.settimeout(REFUSAL_WAIT)
+            try:
+                if tls.recv(1) == b'':
+                    return 'the server closed the connection right after the handshake'
+            except socket.timeout:
+                pass  # the server waits for our request: all is well
+        return None
+    except ssl.SSLCertVerificationError as error:
+        return f'the server certificate is not accepted: {error.verify_message}'
+    except ssl.SSLError as error:
+        return _describe_ssl_error(error)
+    except OSError as error:
+        return f'the connection failed during the handshake: {error}'
+    finally:
+        sock.close()
+
+
+def _describe_ssl_error(error):
+    reason = error.reason or str(error)
+    if 'ALERT' in reason and 'CERTIFICATE' in reason:
+        return f'the server refused our client certificate ({reason})'
+    if reason in ('UNEXPECTED_EOF_WHILE_READING', 'WRONG_VERSION_NUMBER', 'RECORD_LAYER_FAILURE'):
+        return f'no TLS on that port ({reason})'
+    return reason
