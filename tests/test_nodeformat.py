@@ -19,7 +19,8 @@ def test_zk_format_is_zc_zkzopeserver_s():
 
 
 def test_zk_format_ipv6_names_and_properties_at_top_level():
-    nodes = nodeformat.nodes('zk', '/svc', [('::1', 80), ('10.0.0.1', 80)], DATA, [('dc', 'east')])
+    nodes = nodeformat.nodes('zk', '/svc', [('::1', 80), ('10.0.0.1', 80)], dict(DATA, monitor=None),
+                             [('dc', 'east')])
     assert [n.name for n in nodes] == ['[::1]:80', '10.0.0.1:80']
     host, port, value = read_zk_node(nodes[0].name, nodes[0].data)
     assert (host, port) == ('::1', 80)

@@ -4,10 +4,12 @@ deletes, an ensemble losing the member we talk to, and each node format."""
 import json
 import os
 import re
+import selectors
 import signal
+import subprocess
+import sys
 import threading
 import time
-
 
 from support import (dead_pid, ensemble_hosts, free_port, read_curator_instance,
                      read_serverset_member, read_synapse_backend, registrar_of, wait_until)
@@ -243,3 +245,47 @@ def test_curator_instance(servers, ini, zookeeper, zk):
     assert abs(value['registrationTimeUTC'] / 1000 - time.time()) < 60
     zk.delete(f'{path}/{instance_id}')
     wait_until(lambda: zk.get_children(path) == [instance_id], timeout=2, message='the same id back')
+
+
+def test_the_registrar_speaks_json_lines(zookeeper, zk, zk_path, tmp_path):
+    """The master's view: state events on every change, 'unregistered' when
+    asked, and end of file closing the session (nodes go at once)."""
+    with open(tmp_path / 'registrar.log', 'wb') as log:
+        registrar = subprocess.Popen([sys.executable, '-m', 'zkprefork.registrar'],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+    events = selectors.DefaultSelector()
+    events.register(registrar.stdout, selectors.EVENT_READ)
+
+    def send(message):
+        registrar.stdin.write(json.dumps(message).encode() + b'\n')
+        registrar.stdin.flush()
+
+    def next_event(timeout=10):
+        assert events.select(timeout), 'no event in time'
+        return json.loads(registrar.stdout.readline())
+    try:
+        send({'zookeeper': zookeeper.hosts, 'path': zk_path, 'session_timeout': 4000})
+        data = {'pid': os.getpid(), 'instance': 'i1', 'workers': 1, 'generation': 0}
+        send({'op': 'register', 'endpoints': [['127.0.0.1', 8080], ['::1', 8080]], 'data': data})
+        seen = [next_event()]
+        while not seen[-1]['nodes']:
+            seen.append(next_event())
+        assert seen[0] == {'event': 'state', 'state': 'connecting', 'session': None, 'nodes': [],
+                           'since': seen[0]['since'], 'problems': []}
+        last = seen[-1]
+        nodes = [f'{zk_path}/127.0.0.1:8080', f'{zk_path}/[::1]:8080']
+        assert last['state'] == 'connected' and sorted(last['nodes']) == sorted(nodes)
+        assert int(last['session'], 16) == zk.exists(nodes[0]).ephemeralOwner
+        assert abs(last['since'] - time.time()) < 10
+        send({'op': 'unregister'})
+        while next_event()['event'] != 'unregistered':
+            pass
+        assert zk.get_children(zk_path) == []
+        send({'op': 'register', 'endpoints': [['127.0.0.1', 8080]], 'data': data})
+        wait_until(lambda: zk.exists(nodes[0]), message='the node again')
+        registrar.stdin.close()  # the master is gone
+        assert registrar.wait(10) == 0
+        assert not zk.exists(nodes[0])
+    finally:
+        registrar.kill()
+        registrar.wait()

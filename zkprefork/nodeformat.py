@@ -11,7 +11,9 @@ wrote it), which is what the registrar needs to decide who owns a name.
     <path>/127.0.0.1:8080
     {"pid":4525,"monitor":"127.0.0.1:8081","instance":"5f0c...","workers":2,"generation":0,"dc":"east"}
 
-``serverset`` (Finagle / twitter commons ServerSet, read by Synapse too)::
+``serverset`` (Finagle / twitter commons ServerSet, read by Synapse too; a
+``shard`` property that is an integer becomes the member's shard, the other
+properties go in ``metadata``, zkprefork's own data in ``zkprefork``)::
 
     <path>/member_0000000007   (ephemeral, sequential)
     {"serviceEndpoint":{"host":"127.0.0.1","port":8080},
@@ -20,7 +22,9 @@ wrote it), which is what the registrar needs to decide who owns a name.
      "zkprefork":{"pid":4525,"instance":"5f0c...","workers":2,"generation":0}}
 
 ``curator`` (Curator x-discovery ServiceInstance, as its JsonInstanceSerializer
-writes it in compatible mode)::
+writes it in compatible mode; the name is the path's last component, the id
+is derived from the master's instance id and the endpoint, the properties
+are the payload)::
 
     <path>/0b9f6d3c-...   (the id)
     {"name":"providers","id":"0b9f6d3c-...","address":"127.0.0.1","port":8080,"sslPort":null,
@@ -94,7 +98,7 @@ def _zk_node(path, endpoint, data, properties, registered_at):
     value = {'pid': data['pid']}
     if data.get('monitor'):
         value['monitor'] = data['monitor']
-    value.update((key, data[key]) for key in data if key not in value)
+    value.update((key, item) for key, item in data.items() if key not in ('pid', 'monitor'))
     value.update(properties)
     return Node(endpoint, format_address(*endpoint), _encode(value))
 

@@ -197,6 +197,8 @@ class Registrar:
             self._unregister()
         elif kind == 'watch':
             self._ensure()
+        elif kind == 'tls':
+            self._on_tls_checked(value)
         elif kind == 'tick':
             self._tick()
 
@@ -254,9 +256,15 @@ class Registrar:
             self._at(TLS_CHECK_AFTER, self._check_tls)
 
     def _check_tls(self):
+        # On a thread of its own: a host that drops packets would otherwise
+        # keep the loop (and the master's commands) waiting.
+        if self.state != 'connected' and self.client_running:
+            threading.Thread(target=lambda: self.inbox.put(
+                ('tls', zksecurity.tls_problem(self.addresses, self.tls_config))), daemon=True).start()
+
+    def _on_tls_checked(self, problem):
         if self.state == 'connected' or not self.client_running:
             return
-        problem = zksecurity.tls_problem(self.addresses, self.tls_config)
         if problem:
             self._fail(f'TLS handshake with ZooKeeper failed: {problem}')
         else:
