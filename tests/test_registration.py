@@ -61,10 +61,15 @@ def test_expired_session_is_replaced_and_the_node_recreated_at_once(servers, ini
     assert 'ZooKeeper lost, session none' in server.log()
 
 
+# ZooKeeper 3.8.0 accepts connections a moment before it serves, and leaves
+# those unanswered (it fails to close them): a client that comes then waits
+# for its connect timeout, the session timeout divided by the number of hosts.
+# Naming the one server three times keeps that wait well inside the session.
 def test_zookeeper_restarted_within_the_session_timeout_changes_nothing(servers, ini, own_zookeeper,
                                                                        kazoo_client, zk_path):
-    zookeeper = own_zookeeper()
-    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
+    server, node = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
+                                    'session_timeout = 10000\n')
     zk = kazoo_client(zookeeper.hosts)
     wait_owned(zk, node)
     before = zk.exists(node)
@@ -97,13 +102,15 @@ def test_zookeeper_down_longer_than_the_session_timeout(servers, ini, own_zookee
 
 def test_zookeeper_absent_at_start(servers, ini, own_zookeeper, kazoo_client, zk_path):
     zookeeper = own_zookeeper(start=False)
-    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path)
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 2000\n')
     server.wait_for_log('serving unregistered; registering as soon as ZooKeeper answers')
     assert server.request('/')[0] == 200
     zookeeper.start()
     started = time.monotonic()
     wait_owned(kazoo_client(zookeeper.hosts), node)
-    assert time.monotonic() - started < 4.0  # reconnection back-off is capped
+    # The reconnection back-off is capped (2 s, jittered), plus at worst one
+    # connect timeout lost to ZooKeeper's start (see above).
+    assert time.monotonic() - started < 6.0
 
 
 def test_stale_node_of_an_earlier_incarnation_is_taken_over(servers, ini, zookeeper, zk, kazoo_client,
