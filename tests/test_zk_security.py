@@ -78,6 +78,13 @@ def test_acls_and_client_options():
     assert zksecurity.open_to_anyone(OPEN_ACL_UNSAFE) and not zksecurity.open_to_anyone(path_acl)
 
 
+def test_sasl_without_its_package_is_named(monkeypatch):
+    monkeypatch.setattr(zksecurity.importlib.util, 'find_spec', lambda name: None)
+    sasl = zksecurity.Credentials('app', PASSWORD, 'sasl')
+    assert 'pip install pure-sasl' in zksecurity.missing_support(sasl)
+    assert zksecurity.missing_support(sasl._replace(scheme='digest')) is None
+
+
 def test_the_registrar_is_told_where_secrets_are_not_what_they_are(tmp_path):
     link = RegistrarLink(Settings(zookeeper='127.0.0.1:2181', path='/svc',
                                   zookeeper_credentials_env='ZKPF_TEST_CREDENTIALS',
@@ -288,3 +295,4 @@ def test_a_server_that_refuses_ephemeral_nodes(servers, tmp_path, ensemble):
     server = start(servers, tmp_path, member.hosts, '/local/providers').wait_serving()
     assert_reported_once(server, 'ZooKeeper refuses ephemeral nodes to this session: cannot register '
                                  f'{node_of(server, "/local/providers")} (EphemeralOnLocalSession')
+

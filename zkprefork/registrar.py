@@ -80,7 +80,7 @@ def split_connection_string(value):
     addresses = []
     for member in hosts.split(','):
         host, colon, port = member.strip().rpartition(':')
-        if not colon or not port.isdigit():  # no port, or a bare IPv6 address
+        if not colon or not port.isdigit():  # no port
             host, port = member.strip(), '2181'
         addresses.append((host.strip('[]'), int(port)))
     return hosts, addresses, ('/' + chroot).rstrip('/') if slash else ''
@@ -217,6 +217,10 @@ class Registrar:
     # -- the session ----------------------------------------------------
 
     def _start_client(self):
+        missing = zksecurity.missing_support(self.credentials)
+        if missing:
+            self._fail(missing)
+            return
         self.client.start_async()
         self.client_running = True
         if self.tls_config:
@@ -278,7 +282,7 @@ class Registrar:
         self.failure = message
         self.failed_with = self.data
         self.timers.pop(self._ensure, None)
-        if self.state != 'connected':
+        if self.state != 'connected' and self.client_running:
             self._stop_client()
 
     def _rejected_credentials(self):

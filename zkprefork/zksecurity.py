@@ -6,6 +6,7 @@ them; TLS options and a TLS check that names a failed handshake; and a log
 record factory that keeps every secret out of every log line (kazoo prints
 digest credentials at DEBUG and the session password at level 5).
 """
+import importlib.util
 import logging
 import os
 import re
@@ -51,6 +52,14 @@ def read_credentials(config):
         source = config.get('zookeeper_credentials_file') or config['zookeeper_credentials_env']
         raise ValueError(f'{source} does not hold credentials of the form user:password')
     return Credentials(user, password, config.get('zookeeper_auth') or 'digest')
+
+
+def missing_support(credentials):
+    """What these credentials need that is not installed, in one line."""
+    # kazoo's SASL client; without it kazoo's connection thread dies.
+    if credentials and credentials.scheme == 'sasl' and importlib.util.find_spec('puresasl') is None:
+        return 'zookeeper_auth = sasl needs the pure-sasl package (pip install pure-sasl)'
+    return None
 
 
 def client_options(config, credentials):
