@@ -63,6 +63,10 @@ def test_credentials_from_a_file_or_the_environment(tmp_path, monkeypatch):
                                             'zookeeper_auth': 'sasl'})
     assert from_env == ('svc', PASSWORD, 'sasl')
     assert zksecurity.read_credentials({}) is None
+    monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', PASSWORD)
+    with pytest.raises(ValueError, match='ZKPF_TEST_CREDENTIALS does not hold credentials') as raised:
+        zksecurity.read_credentials({'zookeeper_credentials_env': 'ZKPF_TEST_CREDENTIALS'})
+    assert PASSWORD not in str(raised.value)
 
 
 def test_acls_and_client_options():
@@ -85,7 +89,7 @@ def test_sasl_without_its_package_is_named(monkeypatch):
     assert zksecurity.missing_support(sasl._replace(scheme='digest')) is None
 
 
-def test_the_registrar_is_told_where_secrets_are_not_what_they_are(tmp_path):
+def test_the_registrar_is_told_where_secrets_are_not_what_they_are():
     link = RegistrarLink(Settings(zookeeper='127.0.0.1:2181', path='/svc',
                                   zookeeper_credentials_env='ZKPF_TEST_CREDENTIALS',
                                   zookeeper_ca_file='/ca.pem', properties=(('dc', 'east'),)))
