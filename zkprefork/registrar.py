@@ -16,7 +16,8 @@ timeout), and exits.
 It writes events on stdout, one JSON line each:
 
     {"event": "state", "state": "connected", "session": "0x10000a2b3c0001",
-     "nodes": ["/svc/127.0.0.1:8080"], "since": 1700000000.123, "problems": []}
+     "nodes": ["/svc/127.0.0.1:8080"], "since": 1700000000.123, "problems": [],
+     "error": null}
     {"event": "unregistered"}
 
 ``state`` is ``connecting`` (no session yet), ``connected``, ``suspended``
@@ -24,11 +25,11 @@ It writes events on stdout, one JSON line each:
 gone; a new one is being sought) or ``failed`` (a problem that retrying
 cannot fix, named in ``error``: wrong credentials, a refused TLS handshake, a
 server that refuses ephemeral nodes...; a register command with other data,
-such as a reload's new generation, tries again). ``nodes`` are the full paths (chroot included) owned by the current
-session; ``since`` is when ``state`` last changed; ``problems`` are the
-registrations held back, each one line (a live server owns the name, a
-persistent node is in the way). A state event is written, and logged, on
-every change of any of these.
+such as a reload's new generation, tries again). ``nodes`` are the full
+paths (chroot included) owned by the current session; ``since`` is when
+``state`` last changed; ``problems`` are the registrations held back, each
+one line (a live server owns the name, a persistent node is in the way). A
+state event is written, and logged, on every change of any of these.
 """
 import json
 import logging
@@ -592,11 +593,9 @@ class Registrar:
         if not self.reported or self.reported[0] != state:
             self.since = time.time()
         self.reported = current
-        event = {'event': 'state', 'state': state, 'session': session, 'nodes': nodes,
-                 'since': round(self.since, 3), 'problems': problems}
-        if self.failure:
-            event['error'] = self.failure
-        self._emit(**event)
+        # Every field every time: the master keeps the last value of each.
+        self._emit(event='state', state=state, session=session, nodes=nodes,
+                   since=round(self.since, 3), problems=problems, error=self.failure)
         log.info('ZooKeeper %s, session %s, registered: %s%s', state, session or 'none',
                  ', '.join(nodes) or 'nothing', ''.join(f'; {p}' for p in problems))
 
