@@ -30,7 +30,8 @@ setup(
         'psutil',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog'],
+        'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography'],
+        'sasl': ['pure-sasl'],
         'tracelog': ['zc.zservertracelog'],
     },
     entry_points={

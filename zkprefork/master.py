@@ -42,6 +42,7 @@ UNREGISTER_WAIT = 5.0  # seconds the node deletion may take before workers stop 
 REGISTRAR_EXIT_WAIT = 5.0
 KILL_GRACE = 5.0  # beyond graceful_timeout, before a draining worker is killed
 MAX_BACKOFF = 30.0
+REGISTRAR_STEADY = 60.0  # seconds a registrar runs before its exit is not "at start"
 NEVER = float('inf')
 
 # Phases, in the order a master goes through them.
@@ -113,8 +114,8 @@ class Master:
         self.worker_count = settings.workers  # TTIN/TTOU change it
         self.generation = 0  # bumped by every reload
         self.reload_halted = False  # a replacement failed to boot: keep the old workers
-        self.failures = collections.Counter()  # slot -> consecutive boot failures
-        self.not_before = {}  # slot -> no spawn there before this monotonic time
+        self.failures = collections.Counter()  # slot or 'registrar' -> failures in a row
+        self.not_before = {}  # slot or 'registrar' -> no start before this monotonic time
         self.deadline = None  # when the current stop phase gives up waiting
         self.signals = collections.deque()
         self.selector = selectors.DefaultSelector()
@@ -228,6 +229,8 @@ class Master:
             log.info('SIGUSR1: reopening log files')
             logsetup.reopen()
             self._signal_workers(signal.SIGUSR1)
+            if self.registrar and self.registrar.process.returncode is None:
+                os.kill(self.registrar.pid, signal.SIGUSR1)
 
     def _reload(self):
         if self.phase not in (BOOTING, RUNNING):
@@ -421,11 +424,18 @@ class Master:
             self.reload_halted = True
             log.error('reload halted: the new worker %d (pid %d) failed to boot: %s; '
                       'the old workers keep serving', worker.slot, worker.pid, reason)
-        self.failures[worker.slot] += 1
-        delay = min(MAX_BACKOFF, 0.5 * 2 ** (self.failures[worker.slot] - 1))
-        self.not_before[worker.slot] = time.monotonic() + delay
+        delay = self._back_off(worker.slot)
         log.error('worker %d (pid %d) failed to boot: %s; next try in %.1f s',
                   worker.slot, worker.pid, reason, delay)
+
+    def _back_off(self, key):
+        """Schedule the next start in a slot (or of the registrar) after one
+        more failure in a row: 0.5 s doubling up to MAX_BACKOFF, so that
+        something that dies at start never becomes a fork loop."""
+        self.failures[key] += 1
+        delay = min(MAX_BACKOFF, 0.5 * 2 ** (self.failures[key] - 1))
+        self.not_before[key] = time.monotonic() + delay
+        return delay
 
     def _signal_workers(self, signum):
         for pid in self.workers:
@@ -437,6 +447,7 @@ class Master:
     # -- registrar -------------------------------------------------------
 
     def _start_registrar(self):
+        self.registrar_started = time.monotonic()
         self.registrar.start()
         self.selector.register(self.registrar.fileno(), selectors.EVENT_READ, self._on_registrar_events)
 
@@ -459,11 +470,21 @@ class Master:
             self._on_registrar_events()
             self._forget(self.registrar.fileno())
         self.registrar.exited(status)
-        if self.phase in (BOOTING, RUNNING):
-            log.error('the registrar (pid %d) exited: %s; restarting it',
-                      self.registrar.pid, describe_exit(status))
+        if self.phase not in (BOOTING, RUNNING):
+            return
+        if time.monotonic() - self.registrar_started > REGISTRAR_STEADY:
+            self.failures['registrar'] = 0
+        delay = self._back_off('registrar')
+        self.registration.update(state='restarting', nodes=[])  # its session is gone
+        log.error('the registrar (pid %d) exited: %s; restarting it in %.1f s',
+                  self.registrar.pid, describe_exit(status), delay)
+
+    def _restart_registrar_when_due(self):
+        due = self.not_before.get('registrar')
+        if due is not None and due <= time.monotonic():
+            del self.not_before['registrar']
             self._start_registrar()
-            self._registered_data = None  # _step_running registers again
+            self._registered_data = None  # _update_registration registers again
 
     def _update_registration(self):
         """(Re-)register when what the node says has changed."""
@@ -480,6 +501,7 @@ class Master:
     # -- phases ----------------------------------------------------------
 
     def _step_booting(self):
+        self._restart_registrar_when_due()
         self._converge()
         current = [w for here in self._current().values() for w in here]
         if len(current) >= self.worker_count and all(w.ready for w in current):
@@ -491,14 +513,15 @@ class Master:
             self._step_running()
 
     def _step_running(self):
+        self._restart_registrar_when_due()
         self._converge()
-        if self.registrar:
+        if self.registrar and self.registrar.process.returncode is None:
             self._update_registration()
 
     def _begin_stop(self):
         if self.phase not in (BOOTING, RUNNING):
             return
-        if self.registrar and self.registrar.registered:
+        if self.registrar and self.registrar.registered and self.registrar.process.returncode is None:
             self.phase = UNREGISTERING
             self.deadline = time.monotonic() + UNREGISTER_WAIT
             self.registrar.unregister()

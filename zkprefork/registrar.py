@@ -602,8 +602,11 @@ class Registrar:
 
 def main():
     # The master orders the shutdown; Ctrl-C reaching the whole process
-    # group must not kill the session before the node is deleted.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # group must not kill the session before the node is deleted, and
+    # `pkill -HUP zkprefork` must neither kill nor freeze (TTIN) the registrar.
+    for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
+        signal.signal(ignored, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: logsetup.reopen())
     config = json.loads(sys.stdin.readline())
     try:
         credentials = zksecurity.read_credentials(config)
