@@ -1,5 +1,6 @@
 """The core: N workers on one port, one registration, clean stops."""
 import json
+import os
 import signal
 import threading
 import time
@@ -118,3 +119,13 @@ def test_a_registrar_that_dies_at_start_is_backed_off(servers, ini, zookeeper, z
     assert server.request('/')[0] == 200
     server.signal(signal.SIGTERM)
     assert server.wait(15) == 0
+
+
+def test_sigterm_to_the_whole_process_group(servers, ini, zookeeper, zk, zk_path):
+    # `pkill zkprefork`: master, workers and registrar all get SIGTERM at once.
+    config = ini(f'zookeeper = {zookeeper.hosts}\npath = {zk_path}\nhost = 127.0.0.1\nworkers = 2\n')
+    server = servers(config).wait_serving()
+    wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), message='the node')
+    os.killpg(server.pid, signal.SIGTERM)
+    assert server.wait(15) == 0
+    assert zk.get_children(zk_path) == []

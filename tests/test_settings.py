@@ -282,3 +282,25 @@ def test_name_and_pidfile():
 
 def test_host_is_stripped():
     assert make_settings({'host': ' 127.0.0.1 '}).host == '127.0.0.1'
+
+
+@pytest.mark.parametrize('option', ['zookeeper_cert_file', 'zookeeper_key_file'])
+def test_tls_options_without_a_ca_file_are_refused(option, tmp_path):
+    pem = tmp_path / 'x.pem'
+    pem.write_text('not checked here')
+    both = {'zookeeper_cert_file': str(pem), 'zookeeper_key_file': str(pem)}
+    with pytest.raises(ConfigError, match=r'^zookeeper_cert_file: TLS needs zookeeper_ca_file'):
+        make_settings(both)
+    with pytest.raises(ConfigError, match=r'^zookeeper_(cert|key)_file: '):
+        make_settings({option: str(pem)})
+    assert make_settings({**both, 'zookeeper_ca_file': str(pem)}).zookeeper_ca_file == str(pem)
+
+
+def test_hostname_checking_alone_is_refused_without_tls():
+    with pytest.raises(ConfigError, match=r'^zookeeper_check_hostname: TLS needs zookeeper_ca_file'):
+        make_settings({'zookeeper_check_hostname': 'false'})
+
+
+def test_whitespace_in_host_is_refused():
+    with pytest.raises(ConfigError, match=r"^host: '127.0.0.1\\nloggers = x'"):
+        make_settings({'host': '127.0.0.1\nloggers = x'})

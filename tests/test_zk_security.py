@@ -85,7 +85,7 @@ def test_acls_and_client_options():
 def test_sasl_without_its_package_is_named(monkeypatch):
     monkeypatch.setattr(zksecurity.importlib.util, 'find_spec', lambda name: None)
     sasl = zksecurity.Credentials('app', PASSWORD, 'sasl')
-    assert 'pip install pure-sasl' in zksecurity.missing_support(sasl)
+    assert "pip install 'zkprefork[sasl]'" in zksecurity.missing_support(sasl)
     assert zksecurity.missing_support(sasl._replace(scheme='digest')) is None
 
 

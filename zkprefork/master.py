@@ -165,7 +165,12 @@ class Master:
         self._enforce_deadlines()
         if self.monitor:
             self.monitor.expire(time.monotonic())
-        getattr(self, '_step_' + self.phase)()
+        # A step may move to the next phase, whose step is then due at once:
+        # nothing else would wake the loop for it.
+        phase = None
+        while phase != self.phase and self.phase != DONE:
+            phase = self.phase
+            getattr(self, '_step_' + phase)()
         self.notifier.update(self._systemd_state(), self._status_line())
 
     def _timeout(self):
@@ -470,12 +475,16 @@ class Master:
             self._on_registrar_events()
             self._forget(self.registrar.fileno())
         self.registrar.exited(status)
+        if self.phase == UNREGISTERING:
+            log.warning('the registrar (pid %d) exited while unregistering: %s; its session, '
+                        'and the node with it, is closed', self.registrar.pid, describe_exit(status))
+            self._stop_workers(signal.SIGTERM)
         if self.phase not in (BOOTING, RUNNING):
             return
         if time.monotonic() - self.registrar_started > REGISTRAR_STEADY:
             self.failures['registrar'] = 0
         delay = self._back_off('registrar')
-        self.registration.update(state='restarting', nodes=[])  # its session is gone
+        self.registration = {'state': 'restarting', 'nodes': []}  # its session is gone
         log.error('the registrar (pid %d) exited: %s; restarting it in %.1f s',
                   self.registrar.pid, describe_exit(status), delay)
 
@@ -546,7 +555,7 @@ class Master:
         self.listener.close()
 
     def _step_unregistering(self):
-        if time.monotonic() >= self.deadline:
+        if self.deadline is not None and time.monotonic() >= self.deadline:
             log.warning('ZooKeeper did not confirm the deregistration in time; stopping anyway')
             self._stop_workers(signal.SIGTERM)
 

@@ -53,7 +53,9 @@ from zkprefork import logsetup, nodeformat, proctitle, zksecurity
 
 log = logging.getLogger('zkprefork.registrar')
 
-RECONNECT_MAX_DELAY = 2.0  # seconds; kazoo's own cap would be an hour (and it jitters ±40%)
+# Seconds between reconnection attempts at most, before kazoo's ±40% jitter
+# (so 2.8 s at worst); KazooClient's default back-off would grow to an hour.
+RECONNECT_MAX_DELAY = 2.0
 RETRY_SOON = 0.2  # seconds before another look, after losing a race for a node
 RETRY_LATER = 1.0  # after an error that a live connection may not repeat
 TLS_CHECK_AFTER = 1.5  # seconds without a connection before checking the TLS handshake
@@ -601,11 +603,8 @@ class Registrar:
 
 
 def main():
-    # The master orders the shutdown; Ctrl-C reaching the whole process
-    # group must not kill the session before the node is deleted, and
-    # `pkill -HUP zkprefork` must neither kill nor freeze (TTIN) the registrar.
-    for ignored in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU):
-        signal.signal(ignored, signal.SIG_IGN)
+    # INT, HUP, TTIN, TTOU and USR1 arrive ignored (registrar_link): the
+    # master orders the shutdown and reloads.
     signal.signal(signal.SIGUSR1, lambda signum, frame: logsetup.reopen())
     config = json.loads(sys.stdin.readline())
     try:

@@ -6,12 +6,23 @@ interpreter and talks JSON lines to it over two pipes.
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 
 import zkprefork
 
 log = logging.getLogger('zkprefork.master')
+
+
+def _ignore_group_signals():
+    """In the child, before exec (ignored signals stay ignored through exec):
+    from its first instruction on, the registrar survives a signal sent to
+    the whole process group. Ctrl-C must not close the session before the
+    master has deleted the node, `pkill -HUP zkprefork` must not kill it, nor
+    TTIN freeze it; USR1 stays ignored until it can reopen its logs."""
+    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class RegistrarLink:
@@ -32,7 +43,8 @@ class RegistrarLink:
         env['PYTHONPATH'] = os.pathsep.join(filter(None, [package_parent, env.get('PYTHONPATH')]))
         self.process = subprocess.Popen(
             [sys.executable, '-m', 'zkprefork.registrar'],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
+            preexec_fn=_ignore_group_signals)
         os.set_blocking(self.process.stdout.fileno(), False)
         self._send(self._config())
         self._buffer = b''

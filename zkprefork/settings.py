@@ -223,6 +223,20 @@ def _access_log(value):
     return path
 
 
+def _check_zookeeper_security(checked):
+    if bool(checked.get('zookeeper_cert_file')) != bool(checked.get('zookeeper_key_file')):
+        raise ConfigError('zookeeper_cert_file: a client certificate needs zookeeper_key_file too')
+    # TLS is on only with a CA file: without one these would silently do nothing.
+    tls_only = [name for name in ('zookeeper_cert_file', 'zookeeper_key_file', 'zookeeper_check_hostname')
+                if name in checked]
+    if tls_only and not checked.get('zookeeper_ca_file'):
+        raise ConfigError(f'{tls_only[0]}: TLS needs zookeeper_ca_file (without it the '
+                          'connection to ZooKeeper is not encrypted)')
+    if checked.get('zookeeper_auth') == 'sasl' and not _installed('puresasl'):
+        raise ConfigError("zookeeper_auth: sasl needs the pure-sasl package "
+                          "(pip install 'zkprefork[sasl]')")
+
+
 def _choice(option, value, choices):
     value = value.strip().lower()
     if value not in choices:
@@ -309,8 +323,7 @@ def make_settings(options, **fixed):
     if checked.get('zookeeper_credentials_file') and checked.get('zookeeper_credentials_env'):
         raise ConfigError('zookeeper_credentials_env: give credentials in a file or in the '
                           'environment, not both')
-    if bool(checked.get('zookeeper_cert_file')) != bool(checked.get('zookeeper_key_file')):
-        raise ConfigError('zookeeper_cert_file: a client certificate needs zookeeper_key_file too')
+    _check_zookeeper_security(checked)
     if checked.get('boot_timeout') == 0:
         raise ConfigError("boot_timeout: '0' must be more than zero seconds")
     return Settings(**fixed, **checked)

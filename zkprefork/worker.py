@@ -24,7 +24,8 @@ DRAIN_IDLE_SECONDS = 0.5  # an idle keep-alive channel this old is closed on dra
 # The master alone decides on Ctrl-C (so that the node goes first), reloads
 # and resizing; `pkill -HUP zkprefork` must not kill a worker, not even while
 # it loads the application.
-IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+_reopen_logs = []  # SIGUSR1 seen, not yet acted on (it may come while the app loads)
 
 
 def reset_signals(inherited):
@@ -33,6 +34,7 @@ def reset_signals(inherited):
     signal.set_wakeup_fd(-1)
     for signum in inherited:
         signal.signal(signum, signal.SIG_IGN if signum in IGNORED_SIGNALS else signal.SIG_DFL)
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _reopen_logs.append(signum))
 
 
 class Worker:
@@ -45,7 +47,6 @@ class Worker:
         self.app = app
         self.stop_reason = None
         self.quit_now = False
-        self.reopen_logs = False
         self.retire_asked = False
         # Staggered, so that workers started together are not recycled together.
         self.max_requests = settings.max_requests and (
@@ -108,7 +109,6 @@ class Worker:
         wakeup.SignalWakeup()
         signal.signal(signal.SIGTERM, self._on_stop_signal)
         signal.signal(signal.SIGQUIT, self._on_quit_signal)
-        signal.signal(signal.SIGUSR1, self._on_usr1_signal)
 
     def _on_stop_signal(self, signum, frame):
         self.stop_reason = self.stop_reason or f'signal {signal.Signals(signum).name}'
@@ -116,9 +116,6 @@ class Worker:
     def _on_quit_signal(self, signum, frame):
         self.quit_now = True
         self.stop_reason = 'SIGQUIT'
-
-    def _on_usr1_signal(self, signum, frame):
-        self.reopen_logs = True
 
     def _master_gone(self):
         self.stop_reason = self.stop_reason or 'the master is gone'
@@ -134,8 +131,8 @@ class Worker:
         next_beat = 0
         while self.stop_reason is None:
             asyncore.poll2(POLL_SECONDS)
-            if self.reopen_logs:
-                self.reopen_logs = False
+            if _reopen_logs:
+                _reopen_logs.clear()
                 logsetup.reopen()
             now = time.monotonic()
             if now >= next_beat:

@@ -58,7 +58,7 @@ def missing_support(credentials):
     """What these credentials need that is not installed, in one line."""
     # kazoo's SASL client; without it kazoo's connection thread dies.
     if credentials and credentials.scheme == 'sasl' and importlib.util.find_spec('puresasl') is None:
-        return 'zookeeper_auth = sasl needs the pure-sasl package (pip install pure-sasl)'
+        return "zookeeper_auth = sasl needs the pure-sasl package (pip install 'zkprefork[sasl]')"
     return None
 
 
