@@ -466,6 +466,8 @@ def _plot_reload(data, hup_offsets, png_path, kind):
 def zookeeper_latencies(procs, workdir, trials):
     from kazoo.client import KazooClient
     from procs import ZooKeeper, free_port, wait_until
+    import logging
+    logging.getLogger('kazoo').setLevel(logging.ERROR)  # its reconnect chatter is not a result
     zk = ZooKeeper(procs, os.path.join(workdir, 'zookeeper')).start()
     client = KazooClient(hosts=zk.hosts)
     client.start(30)
@@ -554,8 +556,9 @@ def render(path, main, experiments, png_name, exp_png_name):
     lines = ['# zkprefork benchmark results', '']
     if main:
         lines += _render_main(main, png_name)
-    if experiments:
-        lines += _render_experiments(experiments, exp_png_name)
+    for exp in experiments or ():
+        if exp:
+            lines += _render_experiments(exp, exp_png_name.replace('.png', f'-{exp.get("name", "experiments")}.png'))
     with open(path, 'w') as file:
         file.write('\n'.join(lines) + '\n')
 
@@ -609,9 +612,11 @@ def _throughput_table(summary, servers, loads, reference=REFERENCE):
     return lines
 
 
-def targets(main):
+def targets(main, kind='zkprefork'):
     s = main['summary']
-    zk, ref = s.get('zkprefork', {}), s.get(REFERENCE, {})
+    zk, ref = s.get(kind, {}), s.get(REFERENCE, {})
+    if kind != 'zkprefork':
+        main = {'summary': s}  # the other measurements are of zkprefork itself
     rows = []
 
     def ratio(load):
@@ -675,6 +680,12 @@ def _render_main(main, png_name):
     lines += ['### Targets', '', '| target | measured | pass |', '|---|---|---|']
     for name, measured, ok in targets(main):
         lines.append(f'| {name} | {measured} | {"–" if ok is None else ("PASS" if ok else "**FAIL**")} |')
+    for kind in main['settings']['servers']:
+        if kind.startswith('zkprefork+'):
+            lines += ['', f'The same throughput targets for `{kind}` (bench-only prototype, see Experiments):', '',
+                      '| target | measured | pass |', '|---|---|---|']
+            for name, measured, ok in targets(main, kind):
+                lines.append(f'| {name} | {measured} | {"–" if ok is None else ("PASS" if ok else "**FAIL**")} |')
     lines += ['', '### Throughput and latency', '']
     lines += _throughput_table(main['summary'], main['settings']['servers'], main['settings']['loads'])
     if main.get('reload'):
@@ -766,9 +777,9 @@ def _render_experiments(exp, png_name):
         lines.append(f'| {server} | ' + ' | '.join(cells) + ' |')
     lines += ['']
     if exp.get('reload'):
-        lines += _render_reload(exp['reload'], png_name)
+        lines += ['### Experiments: rolling reload under load'] + _render_reload(exp['reload'], png_name)[1:]
     if exp.get('memory_preload'):
-        lines += _render_memory(exp['memory_preload'], {})
+        lines += ['### Experiments: memory per worker'] + _render_memory(exp['memory_preload'], {})[1:]
     notes = os.path.join(BENCH, 'experiments', 'NOTES.md')
     if os.path.exists(notes):
         with open(notes) as file:
@@ -783,12 +794,16 @@ def main():
     parser.add_argument('--quick', action='store_true', help='a smoke run: 1 round, 2 s per cell')
     parser.add_argument('--experiments', action='store_true',
                         help='run zkprefork against the prototypes in bench/experiments/ instead')
-    parser.add_argument('--variants', default='sq,direct,buf,bal,all+bal',
+    parser.add_argument('--variants', default='sq,direct,buf,hdr,bal,proposal',
                         help='prototype variants for --experiments, comma separated; "a+b" combines variants a and b')
     parser.add_argument('--rounds', type=int, help='interleaved rounds (default 3, --quick 1)')
     parser.add_argument('--duration', type=int, help='seconds of wrk per cell (default 5, --quick 2)')
     parser.add_argument('--servers', help='comma separated servers (default: all four)')
     parser.add_argument('--loads', help=f'comma separated loads (default: all of {", ".join(LOADS)})')
+    parser.add_argument('--name', default='experiments',
+                        help='with --experiments: results/NAME.json (every results/experiments*.json is rendered)')
+    parser.add_argument('--render', action='store_true',
+                        help='only write RESULTS.md again from bench/results/*.json (no measurement)')
     parser.add_argument('--keep', action='store_true', help='keep the logs of every process (bench/results/tmp/)')
     parser.add_argument('--skip', default='', help='comma separated parts to skip: throughput,reload,zookeeper,memory')
     args = parser.parse_args()
@@ -810,6 +825,9 @@ def main():
 
     out_dir = os.path.join(RESULTS_DIR, 'tmp') if quick else RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
+    if args.render:
+        write_results(out_dir, quick)
+        return 0
     os.makedirs(os.path.join(RESULTS_DIR, 'tmp'), exist_ok=True)
     ensure_installed(need_zookeeper='zookeeper' not in skip)
     from procs import Procs
@@ -824,7 +842,7 @@ def main():
     procs = Procs(workdir)
     began = time.monotonic()
     command = 'python3 bench/run.py' + ' '.join([''] + sys.argv[1:])
-    result = {'machine': machine_info(),
+    result = {'machine': machine_info(), 'name': args.name if args.experiments else 'main',
               'settings': {'rounds': rounds, 'duration': duration, 'servers': servers, 'loads': loads,
                            'command': command, 'quick': quick}}
     png_name = 'reload-quick.png' if quick else 'reload.png'
@@ -842,7 +860,7 @@ def main():
             log('rolling reload under load')
             kind = 'zkprefork'
             if args.experiments:
-                kind, png_name = servers[-1], 'reload-experiment.png'
+                kind, png_name = servers[-1], f'reload-experiment-{args.name}.png'
                 png_path = os.path.join(out_dir if quick else BENCH, png_name)
             result['reload'] = reload_under_load(procs, workdir, 6 if quick else 12,
                                                  [2.5] if quick else [3.0, 7.5], png_path, kind)
@@ -861,14 +879,10 @@ def main():
         procs.stop_all()
     result['elapsed_s'] = time.monotonic() - began
 
-    name = 'experiments.json' if args.experiments else 'main.json'
+    name = f'{args.name}.json' if args.experiments else 'main.json'
     with open(os.path.join(out_dir, name), 'w') as file:
         json.dump(result, file, indent=1)
-    main_data = _load(os.path.join(out_dir, 'main.json'))
-    exp_data = _load(os.path.join(out_dir, 'experiments.json'))
-    results_md = os.path.join(out_dir if quick else BENCH, 'RESULTS-quick.md' if quick else 'RESULTS.md')
-    render(results_md, main_data, exp_data, 'reload-quick.png' if quick else 'reload.png',
-           'reload-experiment.png')
+    results_md, main_data = write_results(out_dir, quick)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     log(f'done in {result["elapsed_s"] / 60:.1f} min: {results_md}')
@@ -877,6 +891,16 @@ def main():
         for name_, measured, ok in targets(main_data):
             print(f'{"PASS" if ok else "FAIL" if ok is not None else "    "}  {name_}: {measured}')
     return 0
+
+
+def write_results(out_dir, quick):
+    import glob
+    main_data = _load(os.path.join(out_dir, 'main.json'))
+    exp_data = [_load(path) for path in sorted(glob.glob(os.path.join(out_dir, 'experiments*.json')))]
+    results_md = os.path.join(out_dir if quick else BENCH, 'RESULTS-quick.md' if quick else 'RESULTS.md')
+    render(results_md, main_data, exp_data, 'reload-quick.png' if quick else 'reload.png',
+           'reload-experiment.png')
+    return results_md, main_data
 
 
 def _load(path):

@@ -13,13 +13,19 @@ pre     import zope.server (and zkprefork.zopeserver) in the master, and
         own wake-up pipe and socket map, as it does for preload).
 arena2  MALLOC_ARENA_MAX=2 in the environment (glibc otherwise gives each
         thread that allocates its own malloc arena).
+
+And one that replaces the module:
+
+proposal  zkprefork.zopeserver is replaced by proposed_zopeserver.py (this
+        folder), the exact code recommended for zkprefork/zopeserver.py, and
+        the worker uses its TaskDispatcher (the one-line worker.py change).
 """
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-MASTER_VARIANTS = {'pre', 'arena2'}
+MASTER_VARIANTS = {'pre', 'arena2', 'proposal'}
 
 
 def main():
@@ -40,6 +46,23 @@ def main():
             fastserver.install(worker_names)
             return original(self, app)
         worker.Worker._start_server = _start_server
+    if 'proposal' in names:
+        original_start = worker.Worker._start_server
+
+        def _start_server_proposal(self, app):
+            import importlib.util
+
+            import zope.server.taskthreads
+            spec = importlib.util.spec_from_file_location(
+                'zkprefork.zopeserver', os.path.join(HERE, 'proposed_zopeserver.py'))
+            module = importlib.util.module_from_spec(spec)
+            sys.modules['zkprefork.zopeserver'] = module
+            spec.loader.exec_module(module)
+            import zkprefork
+            zkprefork.zopeserver = module
+            zope.server.taskthreads.ThreadedTaskDispatcher = module.TaskDispatcher
+            return original_start(self, app)
+        worker.Worker._start_server = _start_server_proposal
     if 'pre' in names:
         import gc
 

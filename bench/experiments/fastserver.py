@@ -18,16 +18,18 @@ buf     a plain list-of-bytes output buffer instead of zope.server's
         than outbuf_overflow bytes are pending), and the response header goes
         out in the same write as the first body chunk.
 hdr     the Date header is formatted once per second, not per request.
-bal     balance connections between workers: a worker whose threads are all
-        busy (tasks queued or running >= threads) lets a pending connection
-        wait up to 2 ms before accepting it, so that an idle worker (woken by
-        the same poll) takes it.  Without it one worker may take most of a
+bal     balance connections between workers: a worker that already holds a
+        connection per thread lets a pending connection wait up to 2 ms
+        before accepting it, so that a less loaded worker (woken by the same
+        poll) takes it; if it is still pending after that, every worker is as
+        loaded, and this one accepts freely for the next 100 ms.  (A first
+        version counted busy threads instead of connections: requests arrive
+        after the accept, so a burst could still all land on one worker.)  Without it one worker may take most of a
         burst of connections, and a blocking app then runs on its threads only.
 swi     sys.setswitchinterval(0.001): a thread that wants the GIL waits at
         most 1 ms (default 5 ms) for a CPU-bound holder to drop it.
 """
 import asyncore
-import itertools
 import queue
 import sys
 import time
@@ -48,8 +50,13 @@ VARIANTS = {
     'buf': 'list-of-bytes output buffer (spills to the spooled file past outbuf_overflow); '
            'header and first body chunk in one write',
     'hdr': 'Date header formatted once per second',
-    'bal': 'a worker whose threads are all busy defers accept() by up to 2 ms, so an idle worker takes the connection',
+    'bal': 'a worker holding a connection per thread defers accept() by up to 2 ms (then accepts freely for 100 ms)',
     'swi': 'sys.setswitchinterval(0.001)',
+    # variants that fastcli.py applies itself:
+    'pre': 'zope.server imported in the master and gc.freeze() before each fork (shared copy-on-write)',
+    'arena2': 'MALLOC_ARENA_MAX=2',
+    'proposal': 'zkprefork.zopeserver replaced by bench/experiments/proposed_zopeserver.py, the exact code '
+                'proposed (= sq + direct + buf + hdr + bal, and the crash fix), worker on its TaskDispatcher',
 }
 ALL = ("sq", "direct", "buf", "hdr")
 
@@ -73,62 +80,24 @@ class SimpleQueueDispatcher(ThreadedTaskDispatcher):
 
 # -- bal -----------------------------------------------------------------------
 
-class _Counted:
-    __slots__ = ('task', 'done')
-
-    def __init__(self, task, done):
-        self.task = task
-        self.done = done
-
-    def service(self):
-        try:
-            self.task.service()
-        finally:
-            self.done()
-
-    def cancel(self):
-        try:
-            self.task.cancel()
-        finally:
-            self.done()
-
-    def defer(self):
-        self.task.defer()
-
-
-class CountingDispatcherMixin:
-    """Knows how many tasks are queued or running (added - done), cheaply."""
-
-    def __init__(self):
-        super().__init__()
-        self._added = itertools.count(1)
-        self._done = itertools.count(1)
-        self.n_added = self.n_done = 0
-
-    def _task_done(self):
-        self.n_done = next(self._done)
-
-    def addTask(self, task):
-        self.n_added = next(self._added)
-        super().addTask(_Counted(task, self._task_done))
-
-    def busy(self):
-        return self.n_added - self.n_done >= len(self.threads)
-
-
 class BalancedServerMixin:
-    defer_accept_s = 0.002
+    defer_accept_s = 0.002   # how long a worker with a connection per thread leaves a new one to the others
+    backlog_free_s = 0.1     # a connection nobody took meanwhile: everyone is loaded, accept freely this long
     _deferred_since = None
+    _free_until = 0.0
 
     def handle_accept(self):
-        busy = getattr(self.task_dispatcher, 'busy', None)
-        if busy is not None and busy():
+        threads = len(getattr(self.task_dispatcher, 'threads', ())) or 1
+        if len(zopeserver.DrainingChannel.active_channels) >= threads:
             now = time.monotonic()
-            if self._deferred_since is None:
-                self._deferred_since = now
-                return
-            if now - self._deferred_since < self.defer_accept_s:
-                return
+            if now >= self._free_until:
+                if self._deferred_since is None:
+                    self._deferred_since = now
+                    return
+                if now - self._deferred_since < self.defer_accept_s:
+                    return
+                # Still pending after the grace: the other workers are loaded too.
+                self._free_until = now + self.backlog_free_s
         self._deferred_since = None
         super().handle_accept()
 
@@ -318,7 +287,7 @@ def classes(names):
     """(server class, dispatcher class) for a set of variant names."""
     if 'all' in names:
         names = (set(names) - {'all'}) | set(ALL)
-    unknown = names - set(VARIANTS)
+    unknown = names - set(VARIANTS) - {'pre', 'arena2', 'proposal'}
     if unknown:
         raise SystemExit(f'fastserver: unknown variant(s) {", ".join(sorted(unknown))}')
     task_bases = []
@@ -337,8 +306,6 @@ def classes(names):
     server_class = type('FastServer', (*server_bases, zopeserver.SharedSocketServer),
                         {'channel_class': channel_class})
     dispatcher_class = SimpleQueueDispatcher if 'sq' in names else ThreadedTaskDispatcher
-    if 'bal' in names:
-        dispatcher_class = type('CountingDispatcher', (CountingDispatcherMixin, dispatcher_class), {})
     if 'swi' in names:
         sys.setswitchinterval(0.001)
     return server_class, dispatcher_class

@@ -1,0 +1,89 @@
+"""Profile one zkprefork worker under the hello-world 64-connection load.
+
+    python3 bench/experiments/profile.py [--variant proposal] [--seconds 8] [--out FILE]
+
+Starts zkprefork (2 workers x 4 threads; with --variant, through fastcli.py),
+runs `wrk -t2 -c64` on 127.0.0.1, records worker 0 with
+`py-spy record --nonblocking --threads --format raw` (pip install py-spy if
+missing) and prints the share of samples per thread kind, per function
+(inclusive) and per top frame.  Everything started is stopped by pid.
+"""
+import argparse
+import collections
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, BENCH)
+
+import run  # noqa: E402
+from procs import Procs  # noqa: E402
+
+
+def summarize(raw_path, top=45):
+    inclusive, self_time, threads = collections.Counter(), collections.Counter(), collections.Counter()
+    total = 0
+    with open(raw_path) as file:
+        for line in file:
+            stack, _, count = line.rstrip().rpartition(' ')
+            count = int(count)
+            total += count
+            frames = stack.split(';')
+            threads['asyncore loop (MainThread)' if 'MainThread' in frames[0] else 'pool threads'] += count
+            seen = set()
+            for frame in frames[1:]:
+                name = re.sub(r':\d+\)$', ')', frame)
+                if name not in seen:
+                    inclusive[name] += count
+                    seen.add(name)
+            self_time[re.sub(r':\d+\)$', ')', frames[-1])] += count
+    lines = [f'{total} samples']
+    lines += [f'{n / total * 100:5.1f}%  {k}' for k, n in threads.items()]
+    lines += ['', '--- inclusive']
+    lines += [f'{n / total * 100:5.1f}%  {k}' for k, n in inclusive.most_common(top)
+              if 'zkprefork/cli.py' not in k and 'runpy' not in k]
+    lines += ['', '--- self']
+    lines += [f'{n / total * 100:5.1f}%  {k}' for k, n in self_time.most_common(25)]
+    return '\n'.join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument('--variant')
+    parser.add_argument('--seconds', type=int, default=8)
+    parser.add_argument('--out')
+    args = parser.parse_args()
+    if shutil.which('py-spy') is None:
+        subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', 'py-spy'])
+    kind = 'zkprefork' + (f'+{args.variant}' if args.variant else '')
+    workdir = tempfile.mkdtemp(prefix='zkprefork-profile-')
+    procs = Procs(workdir)
+    raw = os.path.join(workdir, 'profile.raw')
+    try:
+        server = run.Server(kind, procs, workdir).start().wait_ready()
+        worker = sorted(server.worker_pids())[0]
+        load = procs.start('wrk', ['wrk', '-t2', '-c64', f'-d{args.seconds + 4}s',
+                                   f'http://127.0.0.1:{server.port}/'])
+        time.sleep(2)
+        subprocess.run(['py-spy', 'record', '-p', str(worker), '-d', str(args.seconds), '-r', '200',
+                        '--nonblocking', '--threads', '--format', 'raw', '-o', raw],
+                       check=True, capture_output=True)
+        load.popen.wait(args.seconds + 30)
+        print(f'{kind}: wrk {load.log().split("Requests/sec:")[-1].strip().splitlines()[0]} req/s')
+        text = summarize(raw)
+    finally:
+        procs.stop_all()
+    print(text)
+    if args.out:
+        with open(args.out, 'w') as file:
+            file.write(f'{kind}, worker 0 under wrk -t2 -c64 hello world\n{text}\n')
+    shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == '__main__':
+    main()
