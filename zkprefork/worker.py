@@ -92,13 +92,11 @@ class Worker:
 
     def _start_server(self, app):
         # zope.server only now, after fork (see zopeserver's docstring).
-        from zope.server.taskthreads import ThreadedTaskDispatcher
-
         from zkprefork import zopeserver, wakeup
         zopeserver.fresh_wakeup()
         self._install_signals(wakeup)
         wakeup.LinkWatcher(self.link, self._master_gone)
-        dispatcher = ThreadedTaskDispatcher()
+        dispatcher = zopeserver.TaskDispatcher()
         dispatcher.setThreadCount(self.settings.threads)
         hit_log = zopeserver.access_logger() if self.settings.access_log else None
         server = zopeserver.server_class(self.settings.zservertracelog)(
