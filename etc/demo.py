@@ -33,6 +33,8 @@ import time
 
 import psutil
 
+from zkprefork.testing import free_port, kill_tree, wait_until
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(HERE)
 ZOO_CFG = os.path.join(HERE, 'zoo.cfg')
@@ -80,23 +82,6 @@ def say(message=''):
     print(message, flush=True)
 
 
-def free_port():
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise DemoError(f'timed out after {timeout:g} s waiting for {what}')
-        time.sleep(interval)
-
-
 def indented(text, prefix='    '):
     return '\n'.join(prefix + line for line in text.rstrip().splitlines())
 
@@ -107,20 +92,6 @@ def read_log(path):
             return file.read()
     except OSError:
         return ''
-
-
-def kill_tree(pid, descendants=None):
-    """SIGKILL a child and its descendants, by pid."""
-    if descendants is None:
-        try:
-            descendants = psutil.Process(pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            descendants = []
-    for victim in [pid] + [child.pid for child in descendants]:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
 
 def stop_process(process, name, timeout, signum=signal.SIGTERM):
@@ -138,7 +109,7 @@ def stop_process(process, name, timeout, signum=signal.SIGTERM):
         return process.wait(timeout)
     except subprocess.TimeoutExpired:
         say(f'{name} (pid {process.pid}) did not stop within {timeout:g} s: killing it')
-    kill_tree(process.pid, descendants)
+    kill_tree(process.pid, [child.pid for child in descendants])
     return process.wait()
 
 
@@ -188,7 +159,7 @@ class ZooKeeper:
                 raise DemoError(f'ZooKeeper exited ({self.process.returncode}) at start:\n'
                                 + indented(read_log(self.log_path)[-3000:]))
             return self.ruok()
-        wait_until(ready, 30, 'ZooKeeper to answer ruok')
+        wait_until(ready, 30, message='ZooKeeper to answer ruok')
         say(f'ZooKeeper (pid {self.process.pid}) answers ruok with imok at {self.hosts}, '
             f'{time.monotonic() - started:.2f} s after start')
         return self
@@ -334,7 +305,7 @@ def run(args, directory):
         def registered():
             server.check_running()
             return client.exists(path) and client.get_children(path)
-        nodes = wait_until(registered, 60, f'a node under {path}')
+        nodes = wait_until(registered, 60, message=f'a node under {path}')
         say(f'registered {time.monotonic() - started:.2f} s after start:')
         for name in nodes:
             data, stat = client.get(f'{path}/{name}')
@@ -396,7 +367,7 @@ def stop_and_show(server, client, path):
     say(f'sending SIGTERM to the master (pid {server.pid})')
     sent = time.monotonic()
     server.process.send_signal(signal.SIGTERM)
-    wait_until(lambda: not client.get_children(path), 30, 'the node to go')
+    wait_until(lambda: not client.get_children(path), 30, message='the node to go')
     say(f'    the node is gone after {time.monotonic() - sent:.2f} s: '
         f'{path} has children {client.get_children(path)}')
     status = server.stop(signum=None)  # only wait: it has had its SIGTERM
@@ -420,7 +391,7 @@ def main(argv=None):
     directory = tempfile.mkdtemp(prefix='zkprefork-demo-')
     try:
         return run(args, directory)
-    except DemoError as error:
+    except (DemoError, AssertionError) as error:  # AssertionError: a wait timed out
         say(f'demo failed: {error}')
         return 1
     except Stop as stop:  # during the cleanup itself

@@ -53,13 +53,12 @@ def ini(tmp_path):
 
 @pytest.fixture
 def own_zookeeper():
-    """own_zookeeper(start=True, **OwnZooKeeper options): a ZooKeeper of the
+    """own_zookeeper(start=True, **ZooKeeperServer options): a ZooKeeper of the
     test's own (to restart, stop or configure); all are stopped at the end."""
-    from support import OwnZooKeeper
     made = []
 
     def make(start=True, **options):
-        server = OwnZooKeeper(**options)
+        server = ZooKeeperServer(**options)
         made.append(server)
         return server.start() if start else server
     yield make

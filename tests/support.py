@@ -1,9 +1,10 @@
-"""Real processes for the tests: a ZooKeeper server and zkprefork masters.
+"""Real processes for the tests: zkprefork masters, load, ZooKeeper
+ensembles, TLS material, and readers of each node format.
 
-Nothing here is a mock: ZooKeeper is Debian's, started on 127.0.0.1 with a
-free port and a temporary data dir; zkprefork runs as its own command. Every
-process started here is stopped by pid (and by process group, so that no
-orphan survives a test that kills its master).
+Nothing here is a mock: ZooKeeper is Debian's (zkprefork.testing), started
+on 127.0.0.1 with a free port and a temporary data dir; zkprefork runs as
+its own command. Every process started here is stopped by pid (and by
+process group, so that no orphan survives a test that kills its master).
 """
 import collections
 import http.client
@@ -11,104 +12,17 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 
 import psutil
 
-ZOOKEEPER_CLASSPATH = '/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar'
+from zkprefork.testing import (  # noqa: F401 (re-exported for the tests)
+    ZOOKEEPER_CLASSPATH, ZooKeeperServer, free_port, kill_tree, wait_until)
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition, timeout=10.0, interval=0.02, message='condition'):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f'timed out after {timeout} s waiting for {message}')
-        time.sleep(interval)
-
-
-def kill_tree(pid, extra_pids=()):
-    """SIGKILL a process, its descendants and any pids we saw it start."""
-    victims = set(extra_pids)
-    try:
-        process = psutil.Process(pid)
-        victims.update(child.pid for child in process.children(recursive=True))
-        victims.add(pid)
-    except psutil.NoSuchProcess:
-        pass
-    for victim in victims:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-class ZooKeeperServer:
-    """A standalone ZooKeeper server on 127.0.0.1 (tickTime 200 ms, so that
-    sessions may be as short as 400 ms)."""
-
-    def __init__(self, tick_time=200):
-        self.directory = tempfile.mkdtemp(prefix='zkprefork-zk-')
-        self.port = free_port()
-        self.tick_time = tick_time
-        self.process = None
-
-    @property
-    def hosts(self):
-        return f'127.0.0.1:{self.port}'
-
-    def start(self):
-        config = os.path.join(self.directory, 'zoo.cfg')
-        with open(config, 'w') as file:
-            file.write(textwrap.dedent(f'''\
-                tickTime={self.tick_time}
-                dataDir={self.directory}/data
-                clientPort={self.port}
-                clientPortAddress=127.0.0.1
-                maxClientCnxns=0
-                admin.enableServer=false
-                4lw.commands.whitelist=ruok,srvr,stat,mntr,cons
-                '''))
-        self.log = open(os.path.join(self.directory, 'zookeeper.log'), 'wb')
-        self.process = subprocess.Popen(
-            ['java', '-cp', ZOOKEEPER_CLASSPATH,
-             'org.apache.zookeeper.server.ZooKeeperServerMain', config],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        wait_until(self.ruok, timeout=30, message='ZooKeeper to answer ruok')
-        return self
-
-    def ruok(self):
-        try:
-            with socket.create_connection(('127.0.0.1', self.port), timeout=1) as sock:
-                sock.sendall(b'ruok')
-                return sock.recv(4) == b'imok'
-        except OSError:
-            return False
-
-    def stop(self):
-        if self.process and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process:
-            self.log.close()
 
 
 def write_ini(directory, server_options='', app='egg:zkprefork#demo', extra=''):
@@ -288,76 +202,7 @@ ZOOKEEPER_TLS_CLASSPATH = ':'.join(
         'netty-codec.jar', 'netty-resolver.jar', 'netty-transport-native-unix-common.jar')])
 
 
-def four_letter_word(port, word, timeout=1.0):
-    """ZooKeeper's answer to a four-letter command, or '' if none."""
-    try:
-        with socket.create_connection(('127.0.0.1', port), timeout=timeout) as sock:
-            sock.sendall(word.encode())
-            chunks = []
-            while chunk := sock.recv(65536):
-                chunks.append(chunk)
-            return b''.join(chunks).decode(errors='replace')
-    except OSError:
-        return ''
-
-
-class OwnZooKeeper(ZooKeeperServer):
-    """A standalone ZooKeeper of one test's own: extra zoo.cfg lines, JVM
-    options, and `restart()` on the same port with the same data."""
-
-    main_class = 'org.apache.zookeeper.server.ZooKeeperServerMain'
-
-    def __init__(self, extra='', jvm_options=(), classpath=ZOOKEEPER_CLASSPATH, tick_time=200):
-        super().__init__(tick_time)
-        self.extra = textwrap.dedent(extra)
-        self.jvm_options = list(jvm_options)
-        self.classpath = classpath
-
-    def config_text(self):
-        return textwrap.dedent(f'''\
-            tickTime={self.tick_time}
-            dataDir={self.directory}/data
-            clientPort={self.port}
-            clientPortAddress=127.0.0.1
-            maxClientCnxns=0
-            admin.enableServer=false
-            4lw.commands.whitelist=ruok,srvr,stat,mntr,cons
-            ''') + self.extra
-
-    def start(self, wait=True):
-        os.makedirs(os.path.join(self.directory, 'data'), exist_ok=True)
-        config = os.path.join(self.directory, 'zoo.cfg')
-        with open(config, 'w') as file:
-            file.write(self.config_text())
-        self.log = open(os.path.join(self.directory, 'zookeeper.log'), 'ab')
-        self.process = subprocess.Popen(
-            ['java', *self.jvm_options, '-cp', self.classpath, self.main_class, config],
-            stdout=self.log, stderr=subprocess.STDOUT)
-        if wait:
-            wait_until(self.serving, timeout=30, message=f'ZooKeeper on port {self.port} to serve')
-        return self
-
-    def serving(self):
-        if self.process.poll() is not None:
-            raise AssertionError(f'ZooKeeper exited ({self.process.returncode}); see {self.directory}')
-        return 'Mode: ' in four_letter_word(self.port, 'srvr')
-
-    def restart(self, down_for=0.0):
-        self.stop()
-        time.sleep(down_for)
-        return self.start()
-
-    def kill(self):
-        self.process.kill()
-        self.process.wait()
-        self.log.close()
-
-    def session_ids(self):
-        """The session ids of the clients connected to this server."""
-        return {int(sid, 16) for sid in re.findall(r'sid=0x([0-9a-f]+)', four_letter_word(self.port, 'cons'))}
-
-
-class QuorumMember(OwnZooKeeper):
+class QuorumMember(ZooKeeperServer):
     """One server of a ZooKeeper ensemble (QuorumPeerMain, with myid)."""
 
     main_class = 'org.apache.zookeeper.server.quorum.QuorumPeerMain'

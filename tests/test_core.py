@@ -7,7 +7,7 @@ import time
 
 import psutil
 
-from support import node_data, wait_until
+from support import wait_until
 
 
 def test_registers_one_node_and_spreads_requests_over_workers(servers, ini, zookeeper, zk, zk_path):

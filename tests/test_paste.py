@@ -16,6 +16,7 @@ import pytest
 from paste.deploy import loadserver
 
 from support import Server, free_port, wait_until
+from zkprefork.testing import four_letter_word
 from test_bad_input import assert_not_registered, assert_one_line_error, run_zkprefork, session_processes
 
 pytestmark = pytest.mark.timeout(60)
@@ -68,18 +69,9 @@ def script(tmp_path):
     return path
 
 
-def four_letter_word(zookeeper, word):
-    with socket.create_connection(('127.0.0.1', zookeeper.port), timeout=5) as sock:
-        sock.sendall(word.encode())
-        data = b''
-        while chunk := sock.recv(65536):
-            data += chunk
-    return data.decode()
-
-
 def negotiated_session_timeout(zookeeper, session_id):
     """The session timeout (ms) ZooKeeper agreed to for a session, from `cons`."""
-    for line in four_letter_word(zookeeper, 'cons').splitlines():
+    for line in four_letter_word(zookeeper.port, 'cons').splitlines():
         if f'sid=0x{session_id:x},' in line:
             return int(re.search(r'\bto=(\d+)', line).group(1))
     raise AssertionError(f'session 0x{session_id:x} not in cons')

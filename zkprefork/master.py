@@ -16,6 +16,7 @@ stale or slots surplus.
 """
 import collections
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -307,11 +308,15 @@ class Master:
 
     def _spawn(self, slot):
         master_end, worker_end = socket.socketpair()
+        # The worker's garbage collector leaves what it inherits alone, so
+        # those pages (a preloaded application above all) stay shared.
+        gc.freeze()
         pid = os.fork()
         if pid == 0:
             master_end.close()
             self._forget_in_child()
             Worker(slot, self.settings, self.listener, worker_end, self.app).run()
+        gc.unfreeze()
         worker_end.close()
         master_end.setblocking(False)
         worker = WorkerProcess(slot, pid, master_end, self.generation)
