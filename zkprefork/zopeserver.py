@@ -23,6 +23,9 @@ from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
 
+log = logging.getLogger('zkprefork.worker')
+
+
 def fresh_wakeup():
     """Give this process its own trigger pipe and an empty socket map."""
     inherited = dualmodechannel.the_trigger
@@ -61,6 +64,8 @@ class DrainingTask(HTTPTask):
             self.response_headers['Connection'] = 'close'
 
     def write(self, data):
+        if self.request_data.command == 'HEAD':
+            data = b''  # headers only, whatever the application returns (RFC 9110, 9.3.2)
         # The header goes out with the first chunk of the body: one append
         # to the output buffer and, for a small response, one send.
         if not isinstance(data, bytes):  # zc.zservertracelog writes a whole iterable
@@ -180,7 +185,26 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def executeRequest(self, task):
         self.requests = next(self.served)
-        super().executeRequest(task)
+        try:
+            super().executeRequest(task)
+        except Exception:
+            log.exception('the application failed on %s', task.request_data.first_line)
+            self._answer_failure(task)
+
+    @staticmethod
+    def _answer_failure(task):
+        """zope.server would close the connection without a word, or keep it
+        open after a response cut short: a 500 if nothing was sent yet, else
+        an end to the connection (the client must not wait for the rest)."""
+        if task.wroteResponseHeader():
+            task.close_on_finish = 1
+            return
+        body = b'Internal Server Error\n'
+        task.setResponseStatus('500', 'Internal Server Error')
+        task.accumulated_headers = None
+        task.response_headers = {'Content-Type': 'text/plain; charset=utf-8',
+                                 'Content-Length': str(len(body))}
+        task.write(body)
 
     def stop_accepting(self):
         self.draining = True
