@@ -3,35 +3,18 @@
 Every process goes through `Procs.start()`, in a session of its own
 (start_new_session), so that at the end it can be stopped by its pid and
 by its own process group, with every child pid seen in between: nothing
-is ever looked up or killed by name.
+is ever looked up or killed by name. ZooKeeper, the ports and the waits
+are zkprefork.testing's, as in the tests.
 """
 import os
 import signal
 import socket
 import subprocess
-import textwrap
 import time
 
 import psutil
 
-ZOOKEEPER_CLASSPATH = '/usr/share/java/zookeeper.jar:/usr/share/java/slf4j-simple.jar'
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(('127.0.0.1', 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(condition, timeout=10.0, interval=0.01, what='condition'):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f'timed out after {timeout} s waiting for {what}')
-        time.sleep(interval)
+from zkprefork.testing import kill_tree
 
 
 def http_ok(port, path='/', timeout=1.0):
@@ -53,16 +36,13 @@ class Proc:
         self.log_file = open(log_path, 'wb')
         self.popen = subprocess.Popen(argv, stdout=self.log_file, stderr=subprocess.STDOUT,
                                       env=env, cwd=cwd, start_new_session=True)
+        self.pid = self.popen.pid
         self.started = time.monotonic()
         self.seen = set()
 
-    @property
-    def pid(self):
-        return self.popen.pid
-
     def log(self):
-        with open(self.log_path, encoding='utf-8', errors='replace') as file:
-            return file.read()
+        with open(self.log_path, 'rb') as file:
+            return file.read().decode('utf-8', 'replace')
 
     def alive(self):
         return self.popen.poll() is None
@@ -99,16 +79,15 @@ class Proc:
         self.kill()
 
     def kill(self):
-        if self.alive():
+        if self.alive():  # never once reaped: its pid could be another process's by now
             self.children()
-        victims = set(self.seen)
-        if self.alive():
-            victims.add(self.pid)
-        for pid in victims:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+            kill_tree(self.pid, self.seen)
+        else:  # what it left behind
+            for pid in self.seen:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
         try:
             os.killpg(self.pid, signal.SIGKILL)  # our own session's group: pgid == our child's pid
         except (ProcessLookupError, PermissionError):
@@ -145,49 +124,3 @@ class Procs:
                 proc.stop(grace=3.0)
             except Exception as error:  # keep stopping the others
                 print(f'bench: could not stop {proc.name} (pid {proc.pid}): {error!r}')
-
-
-class ZooKeeper:
-    """A standalone ZooKeeper on 127.0.0.1 (Debian's package), as tests/support.py runs it."""
-
-    def __init__(self, procs, directory, tick_time=2000):
-        self.procs = procs
-        self.directory = directory
-        self.port = free_port()
-        self.tick_time = tick_time
-        self.proc = None
-
-    @property
-    def hosts(self):
-        return f'127.0.0.1:{self.port}'
-
-    def start(self):
-        os.makedirs(self.directory, exist_ok=True)
-        config = os.path.join(self.directory, 'zoo.cfg')
-        with open(config, 'w') as file:
-            file.write(textwrap.dedent(f'''\
-                tickTime={self.tick_time}
-                dataDir={self.directory}/data
-                clientPort={self.port}
-                clientPortAddress=127.0.0.1
-                maxClientCnxns=0
-                admin.enableServer=false
-                4lw.commands.whitelist=ruok,srvr,stat,mntr,cons
-                '''))
-        self.proc = self.procs.start('zookeeper', [
-            'java', '-cp', ZOOKEEPER_CLASSPATH,
-            'org.apache.zookeeper.server.ZooKeeperServerMain', config])
-        wait_until(self.ruok, timeout=30, what='ZooKeeper to answer ruok')
-        return self
-
-    def ruok(self):
-        try:
-            with socket.create_connection(('127.0.0.1', self.port), timeout=1) as sock:
-                sock.sendall(b'ruok')
-                return sock.recv(4) == b'imok'
-        except OSError:
-            return False
-
-    def stop(self):
-        if self.proc:
-            self.proc.stop()

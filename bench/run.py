@@ -1,13 +1,11 @@
 #!/usr/bin/env python3
 """zkprefork benchmark: side by side with gunicorn and waitress, on this machine.
 
-    python3 bench/run.py                 # the full run (about 12 minutes on 2 cores)
+    python3 bench/run.py                 # the full run (about 7 minutes on 2 cores)
     python3 bench/run.py --quick         # a smoke run of a few seconds per cell (< 2 minutes)
-    python3 bench/run.py --experiments   # zkprefork with the bench-only prototypes of
-                                         # bench/experiments/fastserver.py, before/after
 
 See bench/README.md.  Results go to bench/RESULTS.md (and bench/reload.png);
-raw numbers to bench/results/*.json.  A --quick run writes to
+raw numbers to bench/results/main.json.  A --quick run writes to
 bench/results/tmp/ instead, so it never replaces the committed results.
 
 Everything started here is stopped by pid (and by its own process group) in
@@ -49,6 +47,7 @@ LOADS = {
 }
 REFERENCE = 'gunicorn-gthread'
 MAIN_SERVERS = ['zkprefork', 'gunicorn-gthread', 'gunicorn-sync', 'waitress']
+BUSY_PCT = 5  # other CPU (median of a cell's rounds) above which the machine counts as shared
 
 
 def log(message):
@@ -101,8 +100,11 @@ def machine_info():
     try:
         commit = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
                                 capture_output=True, text=True).stdout.strip()
+        # What is measured is the working tree: say when it is not the commit.
+        dirty = bool(subprocess.run(['git', '-C', REPO, 'status', '--porcelain', '--', 'zkprefork'],
+                                    capture_output=True, text=True).stdout.strip())
     except OSError:
-        commit = ''
+        commit, dirty = '', False
     return {
         'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         'nproc': os.cpu_count(),
@@ -113,6 +115,7 @@ def machine_info():
         'os': _os_name(),
         'versions': versions,
         'commit': commit,
+        'dirty': dirty,
     }
 
 
@@ -148,7 +151,7 @@ class Server:
     and which pids are its workers."""
 
     def __init__(self, kind, procs, workdir, port=None, workers=WORKERS, threads=THREADS, ini_extra=''):
-        from procs import free_port
+        from zkprefork.testing import free_port
         self.kind = kind
         self.procs = procs
         self.port = port or free_port()
@@ -164,10 +167,6 @@ class Server:
         if self.kind == 'zkprefork':
             return [py, '-m', 'zkprefork.cli', write_ini(self.workdir, self.port, self.workers,
                                                          self.threads, self.ini_extra)]
-        if self.kind.startswith('zkprefork+'):
-            variant = self.kind.split('+', 1)[1]  # e.g. 'sq+buf'
-            return [py, os.path.join(BENCH, 'experiments', 'fastcli.py'), '--variant', variant,
-                    write_ini(self.workdir, self.port, self.workers, self.threads, self.ini_extra)]
         if self.kind == 'gunicorn-gthread':
             return [py, '-m', 'gunicorn', '-w', str(self.workers), '-k', 'gthread',
                     '--threads', str(self.threads), '-b', bind, 'apps:app']
@@ -189,7 +188,7 @@ class Server:
         if not self.proc.alive():
             raise RuntimeError(f'{self.kind} exited ({self.proc.popen.returncode}):\n{self.proc.log()[-3000:]}')
         text = self.proc.log()
-        if self.kind.startswith('zkprefork'):
+        if self.kind == 'zkprefork':
             up = 'worker(s) ready, serving at' in text
         elif self.kind.startswith('gunicorn'):
             up = text.count('Booting worker with pid') >= self.workers
@@ -198,12 +197,12 @@ class Server:
         return up and http_ok(self.port)
 
     def wait_ready(self, timeout=30):
-        from procs import wait_until
-        wait_until(self.ready, timeout, interval=0.05, what=f'{self.kind} to serve')
+        from zkprefork.testing import wait_until
+        wait_until(self.ready, timeout, interval=0.05, message=f'{self.kind} to serve')
         return self
 
     def worker_pids(self):
-        if self.kind.startswith('zkprefork'):
+        if self.kind == 'zkprefork':
             return self.proc.titled('zkprefork: worker')
         if self.kind.startswith('gunicorn'):
             return [child.pid for child in self.proc.children()]
@@ -359,17 +358,13 @@ def _median(values):
 
 # -- memory with and without preload ------------------------------------------
 
-def memory_preload(procs, workdir, warm_seconds, kinds=('zkprefork',)):
-    out = {}
-    for kind in kinds:
-        for label, extra in (('preload = false', ''), ('preload = true', 'preload = true\n')):
-            out[label if kind == 'zkprefork' else f'{kind}, {label}'] = _memory(
-                procs, workdir, warm_seconds, kind, extra)
-    return out
+def memory_preload(procs, workdir, warm_seconds):
+    return {label: _memory(procs, workdir, warm_seconds, extra)
+            for label, extra in (('preload = false', ''), ('preload = true', 'preload = true\n'))}
 
 
-def _memory(procs, workdir, warm_seconds, kind, extra):
-    server = Server(kind, procs, workdir, ini_extra=extra).start()
+def _memory(procs, workdir, warm_seconds, extra):
+    server = Server('zkprefork', procs, workdir, ini_extra=extra).start()
     try:
         server.wait_ready()
         run_wrk(server.port, 'hello-ka16', warm_seconds)
@@ -383,9 +378,8 @@ def _memory(procs, workdir, warm_seconds, kind, extra):
 
 # -- rolling reload under load -------------------------------------------------
 
-def reload_under_load(procs, workdir, duration, hup_at, png_path, kind='zkprefork'):
-    from procs import free_port
-    server = Server(kind, procs, workdir, port=free_port(), workers=4, threads=4).start()
+def reload_under_load(procs, workdir, duration, hup_at, png_path):
+    server = Server('zkprefork', procs, workdir, workers=4, threads=4).start()
     out_file = os.path.join(workdir, 'loadgen.json')
     try:
         server.wait_ready()
@@ -415,7 +409,7 @@ def reload_under_load(procs, workdir, duration, hup_at, png_path, kind='zkprefor
         after = sorted(t for t in retired if t is not None and t >= wall - 0.01)[:4]
         completions.append(round(after[-1] - wall, 3) if len(after) == 4 else None)
     hup_offsets = [round(mono - data['start'], 3) for mono, _ in hups]
-    _plot_reload(data, hup_offsets, png_path, kind)
+    _plot_reload(data, hup_offsets, png_path)
     per_second = [c / data['bucket'] for c in data['per_bucket']]
     steady = [v for i, v in enumerate(per_second) if 1.0 <= i * data['bucket'] < hup_offsets[0] - 0.1]
     return {
@@ -436,7 +430,7 @@ def _log_time(line):
     return stamp.timestamp() + int(match.group(2)) / 1000
 
 
-def _plot_reload(data, hup_offsets, png_path, kind):
+def _plot_reload(data, hup_offsets, png_path):
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -453,7 +447,7 @@ def _plot_reload(data, hup_offsets, png_path, kind):
     ax.set_xlabel('seconds since the load started')
     ax.set_ylabel('requests/s')
     ax.set_ylim(bottom=0)
-    ax.set_title(f'{kind}, 4 workers x 4 threads, rolling reload under load: '
+    ax.set_title(f'zkprefork, 4 workers x 4 threads, rolling reload under load: '
                  f'{data["ok"]} ok, {len(data["failures"])} failed')
     ax.legend(loc='lower right')
     fig.tight_layout()
@@ -465,20 +459,22 @@ def _plot_reload(data, hup_offsets, png_path, kind):
 
 def zookeeper_latencies(procs, workdir, trials):
     from kazoo.client import KazooClient
-    from procs import ZooKeeper, free_port, wait_until
+    from zkprefork.testing import ZooKeeperServer, free_port, wait_until
     import logging
     logging.getLogger('kazoo').setLevel(logging.ERROR)  # its reconnect chatter is not a result
-    zk = ZooKeeper(procs, os.path.join(workdir, 'zookeeper')).start()
+    # ZooKeeper's own default tick (2 s): the 10 s session below is not capped.
+    zk = ZooKeeperServer(tick_time=2000)
     client = KazooClient(hosts=zk.hosts)
-    client.start(30)
-    # A fresh server may drop its very first sessions while it finishes
-    # starting: make sure it takes writes before timing anything.
-    client.ensure_path('/bench')
-    client.create('/bench/warm-up', ephemeral=True, sequence=True)
-    time.sleep(0.5)
     results = {'start_registered_s': [], 'sigterm_gone_s': [], 'sigkill_gone_s': [],
                'workers_gone_after_sigkill_s': [], 'workers_in_node': []}
     try:
+        zk.start()
+        client.start(30)
+        # A fresh server may drop its very first sessions while it finishes
+        # starting: make sure it takes writes before timing anything.
+        client.ensure_path('/bench')
+        client.create('/bench/warm-up', ephemeral=True, sequence=True)
+        time.sleep(0.5)
         for trial, how in enumerate(['SIGTERM', 'SIGKILL'] * trials):
             port = free_port()
             path = f'/bench/run-{os.getpid()}-{trial}/providers'
@@ -506,7 +502,7 @@ def zookeeper_latencies(procs, workdir, trials):
                 results['start_registered_s'].append(events['created'] - t0)
                 data = json.loads(client.get(node)[0])
                 results['workers_in_node'].append(data.get('workers'))
-                wait_until(lambda: len(server.worker_pids()) == 4, 10, what='4 workers')
+                wait_until(lambda: len(server.worker_pids()) == 4, 10, message='4 workers')
                 time.sleep(0.3)
                 if not client.exists(node, watch=on_deleted):
                     raise RuntimeError('the node went away by itself')
@@ -527,9 +523,9 @@ def zookeeper_latencies(procs, workdir, trials):
                     def workers_gone():
                         return not any(psutil.pid_exists(pid) and _not_zombie(pid) for pid in workers)
                     try:
-                        wait_until(workers_gone, 10, interval=0.005, what='orphaned workers to exit')
+                        wait_until(workers_gone, 10, interval=0.005, message='orphaned workers to exit')
                         results['workers_gone_after_sigkill_s'].append(time.monotonic() - t0)
-                    except TimeoutError:
+                    except AssertionError:  # timed out
                         results['workers_gone_after_sigkill_s'].append(None)
                 log(f'  ZooKeeper trial {trial + 1}: start->registered {results["start_registered_s"][-1]*1000:.0f} ms, '
                     f'{how}->node gone {gone*1000:.1f} ms')
@@ -539,6 +535,7 @@ def zookeeper_latencies(procs, workdir, trials):
         client.stop()
         client.close()
         zk.stop()
+        shutil.rmtree(zk.directory, ignore_errors=True)
     return results
 
 
@@ -552,13 +549,16 @@ def _not_zombie(pid):
 
 # -- report ------------------------------------------------------------------
 
-def render(path, main, experiments, png_name, exp_png_name):
+EXPERIMENTS = os.path.join(BENCH, 'experiments', 'NOTES.md')
+
+
+def render(path, main, png_name):
     lines = ['# zkprefork benchmark results', '']
     if main:
         lines += _render_main(main, png_name)
-    for exp in experiments or ():
-        if exp:
-            lines += _render_experiments(exp, exp_png_name.replace('.png', f'-{exp.get("name", "experiments")}.png'))
+    # The record of the changes measured on the way (written by hand, not re-measured).
+    with open(EXPERIMENTS) as file:
+        lines += [file.read().strip(), '']
     with open(path, 'w') as file:
         file.write('\n'.join(lines) + '\n')
 
@@ -568,7 +568,8 @@ def _machine_lines(machine, settings):
     return [
         f'Measured {machine["date"]} on {machine["nproc"]} CPU(s) `{machine["cpu"]}`, '
         f'{machine["memory_gib"]} GiB, {machine["os"]} (Linux {machine["kernel"]}), '
-        f'Python {machine["python"]}; zkprefork {v["zkprefork"]} (commit {machine["commit"]}), '
+        f'Python {machine["python"]}; zkprefork {v["zkprefork"]} (commit {machine["commit"]}'
+        f'{" + uncommitted changes to zkprefork/" if machine.get("dirty") else ""}), '
         f'zope.server {v["zope.server"]}, gunicorn {v["gunicorn"]}, waitress {v["waitress"]}, '
         f'kazoo {v["kazoo"]}, wrk {v["wrk"]}, ZooKeeper {v["zookeeper (Debian)"]}.',
         '',
@@ -612,11 +613,38 @@ def _throughput_table(summary, servers, loads, reference=REFERENCE):
     return lines
 
 
-def targets(main, kind='zkprefork'):
+def _other_cpu_note(summary):
+    """One line on how much the machine was shared during the throughput cells."""
+    cells = [(server, load, cell['other_cpu_pct']) for server, loads in summary.items()
+             for load, cell in loads.items() if cell.get('other_cpu_pct') is not None]
+    if not cells:
+        return []
+    busy = [f'{load} {server} ({pct:.0f}%)' for server, load, pct in cells if pct > BUSY_PCT]
+    worst = max(pct for _, _, pct in cells)
+    if not busy:
+        return ['', f'Other CPU: no cell above {BUSY_PCT}% (median per cell; largest {worst:.0f}%): '
+                'the machine was not shared during the throughput cells.']
+    return ['', f'**The machine was shared**: other CPU above {BUSY_PCT}% (median over rounds) in '
+            f'{len(busy)} of {len(cells)} cells: {", ".join(busy)}. Those cells are noisy.']
+
+
+def _slow_rounds_note(cells):
+    """The rounds of the 10 ms app in which zkprefork fell below 95% of the ideal:
+    the medians can hide them."""
+    slow = [f'{load} round {i + 1}: {run["rps"]:.0f} req/s (other CPU {run.get("other_cpu_pct") or 0:.0f}%)'
+            for load, runs in cells.items() if LOADS[load][0] == '/sleep10'
+            for i, run in enumerate(runs) if run['rps'] < 0.95 * IDEAL_SLEEP10]
+    if not slow:
+        return []
+    return ['', f'zkprefork rounds of the 10 ms app below 95% of {IDEAL_SLEEP10:.0f} req/s: {"; ".join(slow)}. '
+            'Near 400 req/s (one worker\'s 4 threads / 10 ms) means that one worker took (nearly) all of '
+            'wrk\'s connections when they opened, and the 10 ms app ran on its threads only: the workers '
+            'accept from one socket, with no balancing between them (see Experiments, `bal`).']
+
+
+def targets(main):
     s = main['summary']
-    zk, ref = s.get(kind, {}), s.get(REFERENCE, {})
-    if kind != 'zkprefork':
-        main = {'summary': s}  # the other measurements are of zkprefork itself
+    zk, ref = s.get('zkprefork', {}), s.get(REFERENCE, {})
     rows = []
 
     def ratio(load):
@@ -680,14 +708,10 @@ def _render_main(main, png_name):
     lines += ['### Targets', '', '| target | measured | pass |', '|---|---|---|']
     for name, measured, ok in targets(main):
         lines.append(f'| {name} | {measured} | {"–" if ok is None else ("PASS" if ok else "**FAIL**")} |')
-    for kind in main['settings']['servers']:
-        if kind.startswith('zkprefork+'):
-            lines += ['', f'The same throughput targets for `{kind}` (bench-only prototype, see Experiments):', '',
-                      '| target | measured | pass |', '|---|---|---|']
-            for name, measured, ok in targets(main, kind):
-                lines.append(f'| {name} | {measured} | {"–" if ok is None else ("PASS" if ok else "**FAIL**")} |')
     lines += ['', '### Throughput and latency', '']
     lines += _throughput_table(main['summary'], main['settings']['servers'], main['settings']['loads'])
+    lines += _other_cpu_note(main['summary'])
+    lines += _slow_rounds_note(main.get('cells', {}).get('zkprefork', {}))
     if main.get('reload'):
         lines += [''] + _render_reload(main['reload'], png_name)
     zkl = main.get('zookeeper')
@@ -710,9 +734,8 @@ def _render_main(main, png_name):
 
 
 def _render_reload(reload, png_name):
-    kind = reload.get('server', 'zkprefork')
     lines = ['### Rolling reload under load', '',
-             f'`{kind}` 4 workers × 4 threads, hello world, bench/loadgen.py with 48 keep-alive connections '
+             'zkprefork 4 workers × 4 threads, hello world, bench/loadgen.py with 48 keep-alive connections '
              f'for {reload["duration_s"]} s, SIGHUP to the master at '
              f'{", ".join(f"{t:.1f}" for t in reload["hups_at_s"])} s.',
              '',
@@ -736,10 +759,9 @@ def _render_memory(mem, after_load):
              'USS = memory private to the process; PSS = shared pages split among their users.', '',
              '| server | process | RSS MiB | PSS MiB | USS MiB |', '|---|---|---:|---:|---:|']
     for label, rows in mem.items():
-        name = label if label.startswith('zkprefork') else f'zkprefork, {label}'
         for role in ('master', 'workers'):
             for row in rows[role]:
-                lines.append(f'| {name} | {"worker" if role == "workers" else role} {row["pid"]} | '
+                lines.append(f'| zkprefork, {label} | {"worker" if role == "workers" else role} {row["pid"]} | '
                              f'{row["rss"] / 1048576:.1f} | {row["pss"] / 1048576:.1f} | {row["uss"] / 1048576:.1f} |')
     for server, rows in after_load.items():
         for row in rows:
@@ -749,61 +771,17 @@ def _render_memory(mem, after_load):
     return lines
 
 
-def _render_experiments(exp, png_name):
-    lines = ['## Experiments', '',
-             'Prototypes of faster zope.server plumbing, in bench/experiments/fastserver.py, loaded in a '
-             'bench-only way (bench/experiments/fastcli.py patches the worker after fork; zkprefork/ is '
-             'untouched). Same interleaved method as above, in one run, so before/after is side by side.', '']
-    lines += _machine_lines(exp['machine'], exp['settings'])
-    from experiments import fastserver
-    lines += ['Variants:', '']
-    for server in exp['settings']['servers']:
-        if server.startswith('zkprefork+'):
-            names = server.split('+')[1:]
-            lines.append(f'- `{server}`: ' + '; '.join(fastserver.describe(n) for n in names))
-    lines += ['']
-    lines += _throughput_table(exp['summary'], exp['settings']['servers'], exp['settings']['loads'])
-    base = exp['summary'].get('zkprefork', {})
-    lines += ['', 'Change against baseline zkprefork (req/s, same run):', '',
-              '| variant | ' + ' | '.join(exp['settings']['loads']) + ' |',
-              '|---|' + '---:|' * len(exp['settings']['loads'])]
-    for server in exp['settings']['servers']:
-        if not server.startswith('zkprefork+'):
-            continue
-        cells = []
-        for load in exp['settings']['loads']:
-            a, b = exp['summary'].get(server, {}).get(load), base.get(load)
-            cells.append(f'{(a["rps"] / b["rps"] - 1) * 100:+.0f}%' if a and b and b['rps'] else '–')
-        lines.append(f'| {server} | ' + ' | '.join(cells) + ' |')
-    lines += ['']
-    if exp.get('reload'):
-        lines += ['### Experiments: rolling reload under load'] + _render_reload(exp['reload'], png_name)[1:]
-    if exp.get('memory_preload'):
-        lines += ['### Experiments: memory per worker'] + _render_memory(exp['memory_preload'], {})[1:]
-    notes = os.path.join(BENCH, 'experiments', 'NOTES.md')
-    if os.path.exists(notes):
-        with open(notes) as file:
-            lines += [file.read().strip(), '']
-    return lines
-
-
 # -- main --------------------------------------------------------------------
 
 def main():
     parser = argparse.ArgumentParser(description='zkprefork vs gunicorn vs waitress, interleaved.')
     parser.add_argument('--quick', action='store_true', help='a smoke run: 1 round, 2 s per cell')
-    parser.add_argument('--experiments', action='store_true',
-                        help='run zkprefork against the prototypes in bench/experiments/ instead')
-    parser.add_argument('--variants', default='sq,direct,buf,hdr,bal,proposal',
-                        help='prototype variants for --experiments, comma separated; "a+b" combines variants a and b')
     parser.add_argument('--rounds', type=int, help='interleaved rounds (default 3, --quick 1)')
     parser.add_argument('--duration', type=int, help='seconds of wrk per cell (default 5, --quick 2)')
     parser.add_argument('--servers', help='comma separated servers (default: all four)')
     parser.add_argument('--loads', help=f'comma separated loads (default: all of {", ".join(LOADS)})')
-    parser.add_argument('--name', default='experiments',
-                        help='with --experiments: results/NAME.json (every results/experiments*.json is rendered)')
     parser.add_argument('--render', action='store_true',
-                        help='only write RESULTS.md again from bench/results/*.json (no measurement)')
+                        help='only write RESULTS.md again from bench/results/main.json (no measurement)')
     parser.add_argument('--keep', action='store_true', help='keep the logs of every process (bench/results/tmp/)')
     parser.add_argument('--skip', default='', help='comma separated parts to skip: throughput,reload,zookeeper,memory')
     args = parser.parse_args()
@@ -812,16 +790,8 @@ def main():
     rounds = args.rounds or (1 if quick else 3)
     duration = args.duration or (2 if quick else 5)
     skip = set(filter(None, args.skip.split(',')))
-    if args.experiments:
-        servers = ['zkprefork', REFERENCE] + ['zkprefork+' + v for v in args.variants.split(',') if v]
-        skip |= {'zookeeper'}
-    else:
-        servers = MAIN_SERVERS
-    if args.servers:
-        servers = args.servers.split(',')
+    servers = args.servers.split(',') if args.servers else MAIN_SERVERS
     loads = args.loads.split(',') if args.loads else list(LOADS)
-    if args.experiments and not args.loads:
-        loads = ['hello-ka16', 'hello-ka64', 'hello-ka1000', 'hello-close64', 'sleep10-ka16', 'sleep10-ka64']
 
     out_dir = os.path.join(RESULTS_DIR, 'tmp') if quick else RESULTS_DIR
     os.makedirs(out_dir, exist_ok=True)
@@ -842,7 +812,7 @@ def main():
     procs = Procs(workdir)
     began = time.monotonic()
     command = 'python3 bench/run.py' + ' '.join([''] + sys.argv[1:])
-    result = {'machine': machine_info(), 'name': args.name if args.experiments else 'main',
+    result = {'machine': machine_info(), 'name': 'main',
               'settings': {'rounds': rounds, 'duration': duration, 'servers': servers, 'loads': loads,
                            'command': command, 'quick': quick}}
     png_name = 'reload-quick.png' if quick else 'reload.png'
@@ -858,48 +828,35 @@ def main():
             result['summary'] = {}
         if 'reload' not in skip:
             log('rolling reload under load')
-            kind = 'zkprefork'
-            if args.experiments:
-                kind, png_name = servers[-1], f'reload-experiment-{args.name}.png'
-                png_path = os.path.join(out_dir if quick else BENCH, png_name)
             result['reload'] = reload_under_load(procs, workdir, 6 if quick else 12,
-                                                 [2.5] if quick else [3.0, 7.5], png_path, kind)
-            result['reload']['server'] = kind
+                                                 [2.5] if quick else [3.0, 7.5], png_path)
             log(f'  reload: {result["reload"]["ok"]} ok, {result["reload"]["failed"]} failed')
         if 'zookeeper' not in skip:
             log('ZooKeeper latencies')
             result['zookeeper'] = zookeeper_latencies(procs, workdir, 1 if quick else 3)
         if 'memory' not in skip:
             log('memory per worker, with and without preload')
-            kinds = ('zkprefork',)
-            if args.experiments:
-                kinds = ('zkprefork', 'zkprefork+pre', servers[-1] + '+pre')
-            result['memory_preload'] = memory_preload(procs, workdir, 1 if quick else 2, kinds)
+            result['memory_preload'] = memory_preload(procs, workdir, 1 if quick else 2)
     finally:
         procs.stop_all()
     result['elapsed_s'] = time.monotonic() - began
 
-    name = f'{args.name}.json' if args.experiments else 'main.json'
-    with open(os.path.join(out_dir, name), 'w') as file:
+    with open(os.path.join(out_dir, 'main.json'), 'w') as file:
         json.dump(result, file, indent=1)
     results_md, main_data = write_results(out_dir, quick)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     log(f'done in {result["elapsed_s"] / 60:.1f} min: {results_md}')
-    if not args.experiments and main_data:
-        print()
-        for name_, measured, ok in targets(main_data):
-            print(f'{"PASS" if ok else "FAIL" if ok is not None else "    "}  {name_}: {measured}')
+    print()
+    for name, measured, ok in targets(main_data):
+        print(f'{"PASS" if ok else "FAIL" if ok is not None else "    "}  {name}: {measured}')
     return 0
 
 
 def write_results(out_dir, quick):
-    import glob
     main_data = _load(os.path.join(out_dir, 'main.json'))
-    exp_data = [_load(path) for path in sorted(glob.glob(os.path.join(out_dir, 'experiments*.json')))]
     results_md = os.path.join(out_dir if quick else BENCH, 'RESULTS-quick.md' if quick else 'RESULTS.md')
-    render(results_md, main_data, exp_data, 'reload-quick.png' if quick else 'reload.png',
-           'reload-experiment.png')
+    render(results_md, main_data, 'reload-quick.png' if quick else 'reload.png')
     return results_md, main_data
 
 

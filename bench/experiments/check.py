@@ -1,9 +1,9 @@
-"""Does a zkprefork variant still speak HTTP correctly?  Run before trusting
-its numbers:
+"""Does zkprefork's worker still speak HTTP correctly?  Run after a change to
+zkprefork/zopeserver.py, before trusting the bench's numbers:
 
-    python3 bench/experiments/check.py [--variant all+bal]   (no --variant: baseline zkprefork)
+    python3 bench/experiments/check.py
 
-Starts the server (on 127.0.0.1, stopped by pid at the end) and checks:
+Starts zkprefork (on 127.0.0.1, stopped by pid at the end) and checks:
 single-connection round trips (nothing waits for a poll timeout), pipelined
 requests, a large response to a slow reader followed by keep-alive reuse,
 request bodies, `Connection: close` and HTTP/1.0, clients that disconnect
@@ -11,7 +11,6 @@ while their request runs, that threads run requests concurrently (1 worker x
 4 threads: 4 requests of 200 ms finish together), and that the log holds no
 traceback.
 """
-import argparse
 import concurrent.futures
 import os
 import socket
@@ -157,10 +156,7 @@ def check_concurrency(port):
 
 
 def main():
-    parser = argparse.ArgumentParser()
-    parser.add_argument('--variant', help='fastserver variant(s), e.g. all+bal; none: baseline')
-    args = parser.parse_args()
-    kind = 'zkprefork' + (f'+{args.variant}' if args.variant else '')
+    kind = 'zkprefork'
     workdir = tempfile.mkdtemp(prefix='zkprefork-check-')
     procs = Procs(workdir)
     failures = 0

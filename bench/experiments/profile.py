@@ -1,8 +1,8 @@
 """Profile one zkprefork worker under the hello-world 64-connection load.
 
-    python3 bench/experiments/profile.py [--variant proposal] [--seconds 8] [--out FILE]
+    python3 bench/experiments/profile.py [--seconds 8] [--out FILE]
 
-Starts zkprefork (2 workers x 4 threads; with --variant, through fastcli.py),
+Starts zkprefork (2 workers x 4 threads),
 runs `wrk -t2 -c64` on 127.0.0.1, records worker 0 with
 `py-spy record --nonblocking --threads --format raw` (pip install py-spy if
 missing) and prints the share of samples per thread kind, per function
@@ -54,13 +54,12 @@ def summarize(raw_path, top=45):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument('--variant')
     parser.add_argument('--seconds', type=int, default=8)
     parser.add_argument('--out')
     args = parser.parse_args()
     if shutil.which('py-spy') is None:
         subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', 'py-spy'])
-    kind = 'zkprefork' + (f'+{args.variant}' if args.variant else '')
+    kind = 'zkprefork'
     workdir = tempfile.mkdtemp(prefix='zkprefork-profile-')
     procs = Procs(workdir)
     raw = os.path.join(workdir, 'profile.raw')
