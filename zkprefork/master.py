@@ -308,15 +308,15 @@ class Master:
 
     def _spawn(self, slot):
         master_end, worker_end = socket.socketpair()
-        # The worker's garbage collector leaves what it inherits alone, so
-        # those pages (a preloaded application above all) stay shared.
+        # Neither garbage collector writes to what the worker inherits, so
+        # those pages (a preloaded application above all) stay shared; the
+        # master makes little garbage and never unfreezes.
         gc.freeze()
         pid = os.fork()
         if pid == 0:
             master_end.close()
             self._forget_in_child()
             Worker(slot, self.settings, self.listener, worker_end, self.app).run()
-        gc.unfreeze()
         worker_end.close()
         master_end.setblocking(False)
         worker = WorkerProcess(slot, pid, master_end, self.generation)
