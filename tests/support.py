@@ -96,7 +96,7 @@ class Server:
                 cmdline = child.cmdline()
             except psutil.NoSuchProcess:
                 continue
-            if cmdline and cmdline[0].startswith('zkprefork: worker'):
+            if ' '.join(cmdline).startswith('zkprefork: worker'):
                 pids.add(child.pid)
         self.seen_pids |= pids
         return pids
