@@ -30,7 +30,8 @@ setup(
         'psutil',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography'],
+        'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography',
+                 'docutils'],
         'sasl': ['pure-sasl'],
         'tracelog': ['zc.zservertracelog'],
     },
