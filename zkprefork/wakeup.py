@@ -16,8 +16,7 @@ class SignalWakeup(asyncore.file_dispatcher):
         os.set_blocking(write_end, False)
         super().__init__(read_end)
         os.close(read_end)  # file_dispatcher keeps its own dup
-        self._write_end = write_end
-        signal.set_wakeup_fd(write_end)
+        signal.set_wakeup_fd(write_end)  # open for the worker's life
 
     def writable(self):
         return False
