@@ -7,7 +7,7 @@ import time
 
 import psutil
 
-from support import wait_until
+from support import free_port, wait_until
 
 
 def test_registers_one_node_and_spreads_requests_over_workers(servers, ini, zookeeper, zk, zk_path):
@@ -129,3 +129,12 @@ def test_sigterm_to_the_whole_process_group(servers, ini, zookeeper, zk, zk_path
     os.killpg(server.pid, signal.SIGTERM)
     assert server.wait(15) == 0
     assert zk.get_children(zk_path) == []
+
+
+def test_sigterm_while_zookeeper_is_unreachable(servers, ini, zk_path):
+    # Registered in intent, never in fact: the stop must not wait for ZooKeeper.
+    config = ini(f'zookeeper = 127.0.0.1:{free_port()}\npath = {zk_path}\nhost = 127.0.0.1\n')
+    server = servers(config).wait_serving()
+    time.sleep(1.5)  # the registrar has tried and failed to connect
+    server.signal(signal.SIGTERM)
+    assert server.wait(15) == 0
