@@ -22,10 +22,13 @@ def _loader(config_file):
         raise ConfigError(f'config: {config_file!r} is not a valid ini file: {first_line}') from None
 
 
-def _section(loader, object_type, name, what):
+def _section(loader, object_type, name, what, required=True):
+    """The section's name; None for a missing one that is not required."""
     try:
         return loader.find_config_section(object_type, name=name)
     except LookupError:
+        if not required:
+            return None
         raise ConfigError(
             f'{what}: no [{what}:{name}] section in {loader.filename!r}') from None
 
@@ -39,9 +42,9 @@ def read_options(config_file, app_name='main', server_name='main', server_requir
     """
     loader = _loader(config_file)
     _section(loader, APP, app_name, 'app')
-    if not server_required and not _has_section(loader, SERVER, server_name):
+    section = _section(loader, SERVER, server_name, 'server', server_required)
+    if section is None:
         return {}
-    section = _section(loader, SERVER, server_name, 'server')
     parser = loader.parser
     defaults = parser.defaults()
     try:
@@ -50,14 +53,6 @@ def read_options(config_file, app_name='main', server_name='main', server_requir
     except configparser.Error as error:
         first_line = str(error).splitlines()[0]
         raise ConfigError(f'config: [{section}]: {first_line}') from None
-
-
-def _has_section(loader, object_type, name):
-    try:
-        loader.find_config_section(object_type, name=name)
-    except LookupError:
-        return False
-    return True
 
 
 def load_app(config_file, app_name):

@@ -42,14 +42,14 @@ def bind(host, port):
 
 
 def _bind_error(host, port, error):
-    shown = f'[{host}]' if ':' in host else host
+    shown = format_address(host, port)
     if error.errno == errno.EADDRINUSE:
-        return f'port: {shown}:{port} is already in use'
+        return f'port: {shown} is already in use'
     if error.errno == errno.EADDRNOTAVAIL:
         return f'host: {host!r} is not an address of this machine'
     if error.errno == errno.EACCES:
-        return f'port: no permission to bind {shown}:{port}'
-    return f'host/port: cannot bind {shown}:{port}: {error.strerror}'
+        return f'port: no permission to bind {shown}'
+    return f'host/port: cannot bind {shown}: {error.strerror}'
 
 
 def bound_port(sock):

@@ -80,12 +80,8 @@ OURS, STALE, FOREIGN, PERSISTENT = 'ours', 'stale', 'foreign', 'persistent'
 def split_connection_string(value):
     """'h1:2181,h2/chroot' -> ('h1:2181,h2', [('h1', 2181), ('h2', 2181)], '/chroot')."""
     hosts, slash, chroot = value.strip().partition('/')
-    addresses = []
-    for member in hosts.split(','):
-        host, colon, port = member.strip().rpartition(':')
-        if not colon or not port.isdigit():  # no port
-            host, port = member.strip(), '2181'
-        addresses.append((host.strip('[]'), int(port)))
+    addresses = [nodeformat.parse_address(member.strip()) or (member.strip().strip('[]'), 2181)
+                 for member in hosts.split(',')]  # ZooKeeper's port when none is given
     return hosts, addresses, ('/' + chroot).rstrip('/') if slash else ''
 
 

@@ -48,6 +48,7 @@ class Worker:
         self.stop_reason = None
         self.quit_now = False
         self.retire_asked = False
+        self._process = psutil.Process()  # this worker, for max_memory
         # Staggered, so that workers started together are not recycled together.
         self.max_requests = settings.max_requests and (
             settings.max_requests + random.randint(0, settings.max_requests_jitter))
@@ -149,7 +150,7 @@ class Worker:
         if self.max_requests and server.requests >= self.max_requests:
             reason = f'served {server.requests} requests (max_requests)'
         elif self.settings.max_memory:
-            rss = psutil.Process().memory_info().rss
+            rss = self._process.memory_info().rss
             if rss > self.settings.max_memory * 1024 * 1024:
                 reason = f'resident memory {rss // 1048576} MB > max_memory'
         if reason:
