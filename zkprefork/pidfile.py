@@ -1,56 +1,72 @@
-"""The pidfile: written atomically once the master runs, removed on exit."""
+"""The pidfile: written atomically once the master runs, removed on exit.
+
+The master holds an exclusive lock (flock(2)) on the file it wrote for as
+long as it runs, and that lock, not the pid in it, is what makes a pidfile
+"live": a pid can be reused by any process (a `tail -F zkprefork.log`, a
+worker of another server), a lock dies with its holder. The kernel drops
+it when the last descriptor goes, even after SIGKILL.
+"""
+import fcntl
 import os
 import tempfile
 
-import psutil
-
 from zkprefork.settings import ConfigError
 
-
-def _live_master(pid):
-    try:
-        process = psutil.Process(pid)
-        return process.status() != psutil.STATUS_ZOMBIE and any(
-            'zkprefork' in part for part in process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
+_held = {}  # path -> the open, locked file this process wrote
 
 
 def check(path):
-    """Refuse to start if the pidfile names a live zkprefork master."""
+    """Refuse to start if a running zkprefork master holds the pidfile."""
     try:
-        with open(path) as file:
-            pid = int(file.read().strip())
-    except FileNotFoundError:
-        return
-    except (OSError, ValueError):
-        return  # unreadable or garbage: stale, replaced by write()
-    if pid != os.getpid() and _live_master(pid):
-        raise ConfigError(f'pidfile: {path!r} names a running zkprefork master (pid {pid})')
+        file = open(path)
+    except OSError:
+        return  # missing, or not a file: write() says what is wrong with it
+    with file:
+        if _locked(file):
+            raise ConfigError(f'pidfile: {path!r} names a running zkprefork master '
+                              f'(pid {file.read().strip()})')
+
+
+def _locked(file):
+    try:
+        fcntl.flock(file, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    fcntl.flock(file, fcntl.LOCK_UN)
+    return False
 
 
 def write(path):
+    """Write our pid to `path` (a new inode, renamed into place) and keep it
+    locked until remove(). Raises ConfigError if that cannot be done."""
     directory = os.path.dirname(path)
     try:
         fd, temporary = tempfile.mkstemp(dir=directory, prefix='.zkprefork-pid-')
     except OSError as error:
         raise ConfigError(f'pidfile: cannot write {path!r}: {error.strerror}') from None
-    with os.fdopen(fd, 'w') as file:
-        file.write(f'{os.getpid()}\n')
+    file = os.fdopen(fd, 'w')
+    # Locked before it has a name, so no reader ever sees it unlocked.
+    fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    file.write(f'{os.getpid()}\n')
+    file.flush()
     os.chmod(temporary, 0o644)
     try:
         os.replace(temporary, path)
     except OSError as error:
+        file.close()
         os.unlink(temporary)
         raise ConfigError(f'pidfile: cannot write {path!r}: {error.strerror}') from None
+    _held[path] = file
 
 
 def remove(path):
-    """Remove the pidfile if it is still ours."""
+    """Remove the pidfile if it is still ours, and let go of its lock."""
+    file = _held.pop(path, None)
+    if file is None:
+        return
     try:
-        with open(path) as file:
-            if file.read().strip() != str(os.getpid()):
-                return
-        os.unlink(path)
-    except (OSError, ValueError):
+        if os.path.samestat(os.stat(path), os.fstat(file.fileno())):
+            os.unlink(path)
+    except OSError:
         pass
+    file.close()
