@@ -14,25 +14,23 @@ the signals and the phases, each phase a step function in PHASES: a step
 returns the phase to move to, and `_advance` is the one place that moves.
 """
 import dataclasses
-import gc
 import logging
 import os
 import selectors
 import signal
-import socket
 import time
 import uuid
 
 from zkprefork import listener as listening
-from zkprefork import logsetup, proctitle, status, systemd, worker_protocol
+from zkprefork import logsetup, proctitle, spawn, status, systemd
 from zkprefork.monitor import NoMonitor
 from zkprefork.pool import BootFailedAtStart, Kill, Pool, Retire, Spawn
 from zkprefork.registrar_link import NoRegistrar
 from zkprefork.settings import RESTART_ONLY, ConfigError
 from zkprefork.signalqueue import SignalQueue
 from zkprefork.status import BOOTING, CLOSING, DONE, DRAINING, RUNNING, UNREGISTERING
-from zkprefork.supervision import NEVER, describe_exit
-from zkprefork.worker import Worker, reset_signals
+from zkprefork.supervision import NEVER, describe_exit, send_signal
+from zkprefork.worker import Worker
 
 log = logging.getLogger('zkprefork.master')
 
@@ -40,6 +38,15 @@ HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD
                    signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
 UNREGISTER_WAIT = 5.0  # seconds the node deletion may take before workers stop anyway
 REGISTRAR_EXIT_WAIT = 5.0
+
+
+def keep_restart_only(running, new):
+    """`new` Settings, except that options a reload cannot change keep their running value."""
+    kept = [name for name in RESTART_ONLY if getattr(new, name) != getattr(running, name)]
+    if kept:
+        log.warning('SIGHUP: %s changed, which takes a restart: keeping the running value(s)',
+                    ', '.join(kept))
+    return dataclasses.replace(new, **{name: getattr(running, name) for name in kept})
 
 
 class Master:
@@ -128,7 +135,7 @@ class Master:
             log.info('SIGUSR1: reopening log files')
             logsetup.reopen()
             for pid in self.pool.workers:
-                self._kill(pid, signal.SIGUSR1)
+                send_signal(pid, signal.SIGUSR1)
             self.link.signal(signal.SIGUSR1)
 
     def _serving(self):
@@ -143,13 +150,8 @@ class Master:
         except ConfigError as error:
             log.error('SIGHUP: the configuration is not valid, keeping the running one: %s', error)
             return
-        kept = [name for name in RESTART_ONLY if getattr(new, name) != getattr(self.settings, name)]
-        if kept:
-            log.warning('SIGHUP: %s changed, which takes a restart: keeping the running value(s)',
-                        ', '.join(kept))
-            new = dataclasses.replace(new, **{name: getattr(self.settings, name) for name in kept})
-        self.settings = new
-        self.pool.reload(new)
+        self.settings = keep_restart_only(self.settings, new)
+        self.pool.reload(self.settings)
         log.info('SIGHUP: reloading: replacing the workers one at a time (generation %d, %d worker(s))',
                  self.pool.generation, self.pool.count)
 
@@ -166,48 +168,21 @@ class Master:
                 case Spawn(slot):
                     self._spawn(slot)
                 case Retire(pid):
-                    self._kill(pid, signal.SIGTERM)
+                    send_signal(pid, signal.SIGTERM)
                 case Kill(pid):
-                    self._kill(pid, signal.SIGKILL)
+                    send_signal(pid, signal.SIGKILL)
                 case BootFailedAtStart():
                     self.exit_status = 1
                     self.stop_signal = self.stop_signal or signal.SIGTERM
 
     def _spawn(self, slot):
-        master_end, worker_end = socket.socketpair()
-        # Neither garbage collector writes to what the worker inherits, so
-        # those pages (a preloaded application above all) stay shared; the
-        # master makes little garbage and never unfreezes.
-        gc.freeze()
-        pid = os.fork()
-        if pid == 0:
-            master_end.close()
-            self._forget_in_child()
-            Worker(slot, self.settings, self.listener, worker_end, self.app).run()
-        worker_end.close()
-        link = worker_protocol.Link(master_end)
+        def serve(link):
+            Worker(slot, self.settings, self.listener, link, self.app).run()
+        masters_fds = (self.signals.fds() + [w.link.fileno() for w in self.pool.workers.values()]
+                       + self.link.child_fds() + self.monitor.fds())
+        pid, link = spawn.fork_worker(serve, self.selector, masters_fds, HANDLED_SIGNALS)
         self.pool.started(slot, pid, time.monotonic(), link)
         self.selector.register(link.sock, selectors.EVENT_READ, lambda: self._on_worker_link(pid, link))
-
-    def _forget_in_child(self):
-        """In a new worker: drop everything that is the master's alone, so that
-        end of file on those pipes keeps meaning 'the master died'."""
-        reset_signals(HANDLED_SIGNALS)
-        fds = self.signals.fds() + [w.link.fileno() for w in self.pool.workers.values()]
-        fds += self.link.child_fds() + self.monitor.fds()
-        systemd.forget_notify_socket()
-        self.selector.close()
-        for fd in fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-    def _kill(self, pid, signum):
-        try:
-            os.kill(pid, signum)
-        except ProcessLookupError:
-            pass
 
     def _on_worker_link(self, pid, link):
         messages = link.messages()
@@ -277,15 +252,7 @@ class Master:
         if self.stop_signal:
             return self._stop_phase()
         self._tend(now)
-        self.link.register(self._node_data(), self._endpoints)
-        return None
-
-    def _node_data(self):
-        return {'pid': os.getpid(), 'instance': self.instance, 'workers': self.pool.count,
-                'generation': self.pool.generation, **self.monitor.node_data()}
-
-    def _endpoints(self):
-        return [(host, self.port) for host in listening.advertised_hosts(self.settings.host)]
+        self.link.register(status.node_data(self), lambda: status.endpoints(self))
 
     def _enter_unregistering(self, now):
         self.pool.stopping = True
@@ -298,7 +265,6 @@ class Master:
         if now >= self.deadline:
             log.warning('ZooKeeper did not confirm the deregistration in time; stopping anyway')
             return DRAINING
-        return None
 
     def _enter_draining(self, now):
         """Stop accepting (the master's copy of the socket goes too, so no
@@ -311,7 +277,7 @@ class Master:
         self.drain_signal = self.stop_signal
         self.deadline = None
         for pid in self.pool.retire_all(now, graceful=not quit_now):
-            self._kill(pid, self.stop_signal)
+            send_signal(pid, self.stop_signal)
         self.listener.close()
 
     def _step_draining(self, now):
@@ -331,7 +297,6 @@ class Master:
         if self.deadline is not None and now >= self.deadline:
             self.link.kill()
             self.deadline = None
-        return None
 
 
 # phase -> (its step, what entering it does)

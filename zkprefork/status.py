@@ -1,6 +1,6 @@
-"""What the master tells about itself: the monitor's status and workers
-table, the monitor's built-in commands, and the state and status line it
-reports to systemd."""
+"""What the master tells about itself: the data of its ZooKeeper node(s),
+the monitor's status and workers table, the monitor's built-in commands,
+and the state and status line it reports to systemd."""
 import json
 import os
 import signal
@@ -9,10 +9,22 @@ import time
 import psutil
 
 import zkprefork
+from zkprefork import listener
 
 # The master's phases, in the order it goes through them (as status reports them).
 BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
     'booting', 'running', 'unregistering', 'draining', 'closing', 'done')
+
+
+def node_data(master):
+    """What the node(s) say: a dict, compact JSON in ZooKeeper."""
+    return {'pid': os.getpid(), 'instance': master.instance, 'workers': master.pool.count,
+            'generation': master.pool.generation, **master.monitor.node_data()}
+
+
+def endpoints(master):
+    """(host, port) for each node: where clients reach the server (never a wildcard host)."""
+    return [(host, master.port) for host in listener.advertised_hosts(master.settings.host)]
 
 
 def status(master):

@@ -15,6 +15,14 @@ def describe_exit(status):
     return f'exit status {code}'
 
 
+def send_signal(pid, signum):
+    """Signal a child that may have exited (and not yet been reaped) meanwhile."""
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
+
+
 class Backoff:
     """Failures in a row and when the next start may happen.
 
