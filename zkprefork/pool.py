@@ -241,8 +241,8 @@ class Pool:
             if worker.retiring:
                 reason = 'still running after graceful_timeout'
             elif not worker.ready:
-                reason = worker.boot_error = \
-                    f'not ready within boot_timeout ({self.settings.boot_timeout:g} s)'
+                worker.boot_error = f'not ready within boot_timeout ({self.settings.boot_timeout:g} s)'
+                reason = worker.boot_error
             else:
                 reason = f'sent no heartbeat for {now - worker.last_seen:.1f} s (timeout)'
             worker.killed = True

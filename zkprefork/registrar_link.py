@@ -22,8 +22,9 @@ log = logging.getLogger('zkprefork.master')
 
 REGISTRAR_STEADY = 60.0  # seconds a registrar runs before its exit is not "at start"
 
-# What the master wants of the registrar process:
-RUN, UNREGISTER, STOP = 'run', 'unregister', 'stop'  # restart it if it exits / its exit ends the node(s) / let it go
+# What the master wants of the registrar process: restart it when it exits
+# (RUN), take its exit as the end of the node(s) (UNREGISTER), let it go (STOP).
+RUN, UNREGISTER, STOP = 'run', 'unregister', 'stop'
 
 
 def _ignore_group_signals():
