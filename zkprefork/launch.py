@@ -9,7 +9,7 @@ import sys
 
 from zkprefork import inifile, listener, logsetup, monitor, pidfile, systemd
 from zkprefork.master import Master
-from zkprefork.registrar_link import RegistrarLink
+from zkprefork.registrar_link import NoRegistrar, RegistrarLink
 from zkprefork.settings import ConfigError
 
 log = logging.getLogger('zkprefork.master')
@@ -44,8 +44,9 @@ def serve(settings, app=None, reload_settings=None):
                 return 1
         if settings.pidfile:
             pidfile.write(settings.pidfile)
-        registrar = RegistrarLink(settings) if settings.registered else None
-        return Master(settings, sock, app, registrar, reload_settings, monitor_sock).run()
+        link = RegistrarLink(settings) if settings.registered else NoRegistrar()
+        watch = monitor.Monitor(monitor_sock) if monitor_sock else monitor.NoMonitor()
+        return Master(settings, sock, app, link, reload_settings, watch).run()
     finally:
         sock.close()
         if monitor_sock:

@@ -102,18 +102,35 @@ class Monitor:
     """Accepts monitor clients on `sock` and answers with `commands`
     (name -> (function(connection, *args), one-line help))."""
 
-    def __init__(self, sock, selector, commands, status):
+    def __init__(self, sock):
         self.sock = sock
+        self.selector = None
+        self.commands = {}
+        self.status = None
+        self.clients = {}
+
+    def start(self, selector, commands, status):
+        """Serve on `selector`; `status()` is the dict the `status` command shows."""
         self.selector = selector
         self.commands = dict(commands)
         self.status = status
-        self.clients = {}
         for name, entry in plugins().items():
             self.commands.setdefault(name, (entry, f'(plugin {entry.value})'))
-        selector.register(sock, selectors.EVENT_READ, self._accept)
+        selector.register(self.sock, selectors.EVENT_READ, self._accept)
+        # The master's line, as it was when the master started the monitor itself.
+        logging.getLogger('zkprefork.master').info('monitor listening at %s', self.advertised_address())
 
-    def address(self):
-        return self.sock.getsockname()[:2]
+    def advertised_address(self):
+        """HOST:PORT as a client elsewhere reaches it (never a wildcard host)."""
+        from zkprefork import listener
+        host, port = self.sock.getsockname()[:2]
+        if host in ('0.0.0.0', '::'):
+            host = listener.advertised_hosts(host)[0]
+        return listener.format_address(host, port)
+
+    def node_data(self):
+        """What the registered node(s) say about the monitor."""
+        return {'monitor': self.advertised_address()}
 
     def _accept(self):
         try:
@@ -166,10 +183,33 @@ class Monitor:
     def close(self):
         for connection in list(self.clients.values()):
             self.drop(connection)
-        self.selector.unregister(self.sock)
+        if self.selector:
+            self.selector.unregister(self.sock)
         self.sock.close()
 
     def help(self, connection):
         width = max(len(name) for name in self.commands)
         for name, (_, text) in sorted(self.commands.items()):
             connection.write(f'{name:<{width}}  {text}\n')
+
+
+class NoMonitor:
+    """The master's monitor without a monitor_server option."""
+
+    def start(self, selector, commands, status):
+        pass
+
+    def node_data(self):
+        return {}
+
+    def next_deadline(self):
+        return float('inf')
+
+    def expire(self, now):
+        pass
+
+    def fds(self):
+        return []
+
+    def close(self):
+        pass

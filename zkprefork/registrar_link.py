@@ -1,18 +1,30 @@
-"""The master's end of the registrar process (see registrar.py).
+"""The master's end of the registrar process (see registrar.py): it starts,
+watches, restarts (with back-off) and reports the registrar.
 
 The master never imports kazoo: it starts the registrar as a fresh
-interpreter and talks JSON lines to it over two pipes.
+interpreter and talks JSON lines to it over two pipes. Without a zookeeper
+option the master gets a NoRegistrar, which has the same interface and
+does nothing, so that the master never asks which one it has.
 """
 import json
 import logging
 import os
+import selectors
 import signal
 import subprocess
 import sys
 
 import zkprefork
+from zkprefork.lines import LineReader
+from zkprefork.supervision import NEVER, Backoff, describe_exit
 
 log = logging.getLogger('zkprefork.master')
+
+REGISTRAR_STEADY = 60.0  # seconds a registrar runs before its exit is not "at start"
+
+# What the master wants of the registrar process: restart it when it exits
+# (RUN), take its exit as the end of the node(s) (UNREGISTER), let it go (STOP).
+RUN, UNREGISTER, STOP = 'run', 'unregister', 'stop'
 
 
 def _ignore_group_signals():
@@ -26,18 +38,43 @@ def _ignore_group_signals():
 
 
 class RegistrarLink:
+    """The registrar, as the master sees it. Times are monotonic seconds."""
 
     def __init__(self, settings):
         self.settings = settings
         self.process = None
-        self.registered = False  # a register command was sent and not undone
-        self._buffer = b''
+        self.registration = {'state': 'connecting', 'nodes': []}  # what the registrar last said
+        self.backoff = Backoff()
+        self._wanted = RUN
+        self._selector = None
+        self._events = None
+        self._started = None
+        self._node_data = None  # what the last register command said
+        self._confirmed = False  # the registrar said 'unregistered'
 
     @property
     def pid(self):
         return self.process.pid if self.process else None
 
-    def start(self):
+    @property
+    def alive(self):
+        return self.process is not None and self.process.returncode is None
+
+    @property
+    def registered(self):
+        """A register command went to the running registrar and was not undone."""
+        return self.alive and self._node_data is not None
+
+    @property
+    def unregistered(self):
+        """The node(s) are gone: deleted, or closed with the registrar's session."""
+        return self._confirmed or not self.alive
+
+    def start(self, selector, now):
+        self._selector = selector
+        self._spawn(now)
+
+    def _spawn(self, now):
         package_parent = os.path.dirname(os.path.dirname(zkprefork.__file__))
         env = dict(os.environ)
         env['PYTHONPATH'] = os.pathsep.join(filter(None, [package_parent, env.get('PYTHONPATH')]))
@@ -45,9 +82,14 @@ class RegistrarLink:
             [sys.executable, '-m', 'zkprefork.registrar'],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
             preexec_fn=_ignore_group_signals)
-        os.set_blocking(self.process.stdout.fileno(), False)
+        stdout = self.process.stdout
+        os.set_blocking(stdout.fileno(), False)
+        self._events = LineReader(lambda size: os.read(stdout.fileno(), size))
+        self._selector.register(stdout, selectors.EVENT_READ, self._on_events)
+        self._started = now
+        self._node_data = None  # a new registrar registers again
+        self._confirmed = False
         self._send(self._config())
-        self._buffer = b''
 
     def _config(self):
         """The registrar's first line. Secrets travel as a file path or an
@@ -69,9 +111,6 @@ class RegistrarLink:
             'zookeeper_check_hostname': settings.zookeeper_check_hostname,
         }
 
-    def fileno(self):
-        return self.process.stdout.fileno()
-
     def _send(self, message):
         try:
             self.process.stdin.write(json.dumps(message).encode() + b'\n')
@@ -79,40 +118,102 @@ class RegistrarLink:
         except (BrokenPipeError, ValueError):
             log.error('the registrar (pid %d) is gone; it will be restarted', self.process.pid)
 
-    def register(self, endpoints, data):
-        """Register every (host, port) endpoint, in the configured node format."""
-        self.registered = True
-        self._send({'op': 'register', 'endpoints': endpoints, 'data': data})
+    def _decode(self, lines):
+        return [json.loads(line) for line in lines]
+
+    # -- what the master asks --------------------------------------------
+
+    def register(self, data, endpoints):
+        """Have the node(s) say `data` (a dict) at `endpoints()` ((host, port)
+        pairs), in the configured node format. Sent only when `data` changed
+        or the registrar is new."""
+        if not self.alive or data == self._node_data:
+            return
+        self._node_data = data
+        self._send({'op': 'register', 'endpoints': endpoints(), 'data': data})
 
     def unregister(self):
-        self.registered = False
+        """Ask for the node(s) to be deleted; `unregistered` tells when they are."""
+        self._node_data = None
+        self._wanted = UNREGISTER
         self._send({'op': 'unregister'})
+
+    def stand_down(self):
+        """The master is stopping: no more restarts."""
+        self._wanted = STOP
+        self.backoff.cancel()
 
     def close(self):
         """End of file for the registrar: it closes the session and exits."""
+        self._wanted = STOP
+        self._close_stdin()
+
+    def _close_stdin(self):
         if self.process and not self.process.stdin.closed:
             try:
                 self.process.stdin.close()
             except BrokenPipeError:
                 pass
 
-    def events(self):
-        """The events the registrar has written since the last call; None at
-        end of file (the registrar exited)."""
-        try:
-            chunk = os.read(self.fileno(), 65536)
-        except BlockingIOError:
-            return []
-        if not chunk:
-            return None
-        lines = (self._buffer + chunk).split(b'\n')
-        self._buffer = lines.pop()
-        return [json.loads(line) for line in lines if line.strip()]
+    def kill(self):
+        log.error('the registrar did not exit in time: killing it')
+        self.signal(signal.SIGKILL)
 
-    def exited(self, status):
+    def signal(self, signum):
+        if self.alive:
+            os.kill(self.process.pid, signum)
+
+    # -- watching and restarting -----------------------------------------
+
+    def _on_events(self):
+        if self.process.stdout.closed:
+            return
+        lines = self._events.lines()
+        if lines is None:
+            self._stop_watching()
+            return
+        for event in self._decode(lines):
+            kind = event.pop('event')
+            if kind == 'unregistered':
+                self.registration['nodes'] = []
+                self._confirmed = True
+            else:
+                self.registration.update(event)
+
+    def _stop_watching(self):
+        if not self.process.stdout.closed:
+            self._selector.unregister(self.process.stdout)
+            self.process.stdout.close()
+
+    def reap(self, pid, status, now):
+        """The master reaped `pid`: True if it was the registrar. While the
+        master serves, a registrar that exited is restarted (`tend`) after
+        its back-off."""
+        if pid != self.pid:
+            return False
+        self._on_events()  # what it said last
+        self._stop_watching()
         self.process.returncode = os.waitstatus_to_exitcode(status)
-        self.process.stdout.close()
-        self.close()
+        self._close_stdin()
+        if self._wanted == UNREGISTER:
+            log.warning('the registrar (pid %d) exited while unregistering: %s; its session, '
+                        'and the node with it, is closed', pid, describe_exit(status))
+        elif self._wanted == RUN:
+            if now - self._started > REGISTRAR_STEADY:
+                self.backoff.reset()
+            delay = self.backoff.failed(now)
+            self.registration = {'state': 'restarting', 'nodes': []}  # its session is gone
+            log.error('the registrar (pid %d) exited: %s; restarting it in %.1f s',
+                      pid, describe_exit(status), delay)
+        return True
+
+    def tend(self, now):
+        """Restart an exited registrar once its back-off is over."""
+        if self._wanted == RUN and not self.alive and self.backoff.take(now):
+            self._spawn(now)
+
+    def next_deadline(self, now):
+        return self.backoff.deadline(now)
 
     def child_fds(self):
         """The fds a forked worker must close so that only the master holds
@@ -120,3 +221,71 @@ class RegistrarLink:
         if not self.process:
             return []
         return [f.fileno() for f in (self.process.stdin, self.process.stdout) if not f.closed]
+
+    # -- what the link tells ---------------------------------------------
+
+    def settled(self):
+        """Registered, as far as the master can tell."""
+        return bool(self.registration['nodes'])
+
+    def describe(self):
+        nodes = self.registration['nodes']
+        return 'registered as ' + ', '.join(nodes) if nodes else 'not registered'
+
+
+class NoRegistrar:
+    """The link without a zookeeper option: nothing to start, register or wait for."""
+
+    pid = None
+    alive = registered = False
+    unregistered = True
+
+    def __init__(self):
+        self.registration = {'state': 'off', 'nodes': []}
+        self._warned = False
+
+    def register(self, data, endpoints):
+        if not self._warned:
+            self._warned = True
+            log.warning('no zookeeper option: serving unregistered')
+
+    def start(self, selector, now):
+        pass
+
+    def tend(self, now):
+        pass
+
+    def unregister(self):
+        pass
+
+    def stand_down(self):
+        pass
+
+    def close(self):
+        pass
+
+    def kill(self):
+        pass
+
+    def signal(self, signum):
+        pass
+
+    def _stop_watching(self):
+        if not self.process.stdout.closed:
+            self._selector.unregister(self.process.stdout)
+            self.process.stdout.close()
+
+    def reap(self, pid, status, now):
+        return False
+
+    def next_deadline(self, now):
+        return NEVER
+
+    def child_fds(self):
+        return []
+
+    def settled(self):
+        return True
+
+    def describe(self):
+        return 'no ZooKeeper'

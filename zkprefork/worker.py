@@ -13,6 +13,7 @@ import traceback
 import psutil
 
 from zkprefork import inifile, logsetup, proctitle
+from zkprefork.worker_protocol import BootFailed, Heartbeat, Ready, RetireRequest, encode
 
 log = logging.getLogger('zkprefork.worker')
 
@@ -71,7 +72,7 @@ class Worker:
         if app is None:
             return BOOT_FAILED
         server, dispatcher = self._start_server(app)
-        self._tell_master(f'ready {os.getpid()}')
+        self._tell_master(Ready(os.getpid()))
         log.info('worker %d (pid %d) serving', self.slot, os.getpid())
         self._serve(server)
         self._drain(server)
@@ -88,7 +89,7 @@ class Worker:
             log.error('worker %d (pid %d) cannot load the application: %s\n%s',
                       self.slot, os.getpid(), error, traceback.format_exc().rstrip())
             summary = traceback.format_exception_only(error)[-1].strip()
-            self._tell_master(f'boot-failed {summary}')
+            self._tell_master(BootFailed(summary))
             return None
 
     def _start_server(self, app):
@@ -121,7 +122,7 @@ class Worker:
 
     def _tell_master(self, message):
         try:
-            self.link.sendall(message.encode() + b'\n')
+            self.link.sendall(encode(message))
         except OSError:
             self._master_gone()
 
@@ -143,7 +144,7 @@ class Worker:
 
         The master replaces a worker before retiring it, so recycling never
         leaves a slot without a serving worker."""
-        self._tell_master(f'hb {server.requests}')
+        self._tell_master(Heartbeat(server.requests))
         if self.retire_asked:
             return
         reason = None
@@ -155,7 +156,7 @@ class Worker:
                 reason = f'resident memory {rss // 1048576} MB > max_memory'
         if reason:
             self.retire_asked = True
-            self._tell_master(f'retire {reason}')
+            self._tell_master(RetireRequest(reason))
 
     def _drain(self, server):
         """Stop accepting, then let in-flight requests finish (bounded)."""

@@ -1,0 +1,34 @@
+"""Forking a worker: the socketpair between master and worker, and in the
+child, dropping everything that is the master's alone before it serves."""
+import gc
+import os
+import socket
+
+from zkprefork import systemd, worker_protocol
+from zkprefork.worker import reset_signals
+
+
+def fork_worker(serve, selector, masters_fds, handled_signals):
+    """Fork. In the child: reset `handled_signals`, close `selector` and
+    `masters_fds` (so that end of file on those pipes keeps meaning 'the
+    master died'), then `serve(link socket)`, which never returns. In the
+    master: return (pid, worker_protocol.Link)."""
+    master_end, worker_end = socket.socketpair()
+    # Neither garbage collector writes to what the worker inherits, so
+    # those pages (a preloaded application above all) stay shared; the
+    # master makes little garbage and never unfreezes.
+    gc.freeze()
+    pid = os.fork()
+    if pid == 0:
+        master_end.close()
+        reset_signals(handled_signals)
+        systemd.forget_notify_socket()
+        selector.close()
+        for fd in masters_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        serve(worker_end)
+    worker_end.close()
+    return pid, worker_protocol.Link(master_end)

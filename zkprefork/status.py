@@ -1,0 +1,110 @@
+"""What the master tells about itself: the data of its ZooKeeper node(s),
+the monitor's status and workers table, the monitor's built-in commands,
+and the state and status line it reports to systemd."""
+import json
+import os
+import signal
+import time
+
+import psutil
+
+import zkprefork
+from zkprefork import listener
+
+# The master's phases, in the order it goes through them (as status reports them).
+BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
+    'booting', 'running', 'unregistering', 'draining', 'closing', 'done')
+
+
+def node_data(master):
+    """What the node(s) say: a dict, compact JSON in ZooKeeper."""
+    return {'pid': os.getpid(), 'instance': master.instance, 'workers': master.pool.count,
+            'generation': master.pool.generation, **master.monitor.node_data()}
+
+
+def endpoints(master):
+    """(host, port) for each node: where clients reach the server (never a wildcard host)."""
+    return [(host, master.port) for host in listener.advertised_hosts(master.settings.host)]
+
+
+def status(master):
+    """The master and every worker, as a JSON-ready dict (the `status` command)."""
+    now = time.monotonic()
+    return {
+        'version': zkprefork.__version__,
+        'pid': os.getpid(),
+        'config_file': master.settings.config_file,
+        'uptime': round(now - master.started_at, 3),
+        'phase': master.phase,
+        'listening': master.url(),
+        'generation': master.pool.generation,
+        'workers_wanted': master.pool.count,
+        'registration': master.link.registration,
+        'workers': [_worker_status(w, now) for w in
+                    sorted(master.pool.workers.values(), key=lambda w: (w.slot, w.started))],
+    }
+
+
+def _worker_status(worker, now):
+    try:
+        rss = psutil.Process(worker.pid).memory_info().rss
+    except psutil.Error:
+        rss = None
+    state = 'retiring' if worker.retiring else 'ready' if worker.ready else 'booting'
+    return {'slot': worker.slot, 'pid': worker.pid, 'age': round(now - worker.started, 3),
+            'requests': worker.requests, 'rss': rss, 'state': state,
+            'generation': worker.generation}
+
+
+def workers_table(connection):
+    """The `workers` command: one line per worker, rss in MB."""
+    connection.write(f'{"slot":>4} {"pid":>7} {"state":<8} {"gen":>3} {"age s":>9} '
+                     f'{"requests":>9} {"rss MB":>7}\n')
+    for w in connection.status()['workers']:
+        rss = f'{w["rss"] / 1048576:.1f}' if w['rss'] is not None else '-'
+        connection.write(f'{w["slot"]:>4} {w["pid"]:>7} {w["state"]:<8} {w["generation"]:>3} '
+                         f'{w["age"]:>9.1f} {w["requests"]:>9} {rss:>7}\n')
+
+
+def monitor_commands(master):
+    """The monitor's built-in commands: name -> (function(connection), help)."""
+    def queue(signum):
+        return lambda connection: (master.signals.append(signum),
+                                   connection.write(f'{signal.Signals(signum).name} queued\n'))
+    return {
+        'help': (lambda c: master.monitor.help(c), 'the commands, one line each'),
+        'status': (lambda c: c.write(json.dumps(c.status(), indent=1) + '\n'),
+                   'the master and every worker, as JSON'),
+        'workers': (workers_table, 'the workers, as a table'),
+        'reload': (queue(signal.SIGHUP), 'rolling reload, as SIGHUP'),
+        'ttin': (queue(signal.SIGTTIN), 'one worker more, as SIGTTIN'),
+        'ttou': (queue(signal.SIGTTOU), 'one worker less, as SIGTTOU'),
+    }
+
+
+def systemd_state(master, now):
+    """'starting', 'ready', 'reloading' or 'stopping' (systemd.Notifier's states).
+
+    Ready means serving and registered, or serving for boot_timeout
+    without ZooKeeper's answer: systemd must not wait for ZooKeeper forever."""
+    if master.phase == BOOTING:
+        return 'starting'
+    if master.phase != RUNNING:
+        return 'stopping'
+    if master.pool.reloading():
+        return 'reloading'
+    settled = master.link.settled() or now >= systemd_ready_by(master)
+    return 'ready' if settled or master.notifier.state != 'starting' else 'starting'
+
+
+def systemd_ready_by(master):
+    """When the master says READY=1 at the latest (monotonic seconds)."""
+    if master.phase != RUNNING or master.notifier.state != 'starting':
+        return float('inf')
+    return master.running_since + master.settings.boot_timeout
+
+
+def status_line(master):
+    """systemd's STATUS= line."""
+    return (f'{master.phase}: {master.pool.serving()} worker(s) serving {master.url()}; '
+            f'{master.link.describe()}')
