@@ -214,6 +214,20 @@ def test_unreadable_credentials_are_named_without_a_restart_loop(servers, tmp_pa
     assert PASSWORD not in server.log()
 
 
+def test_a_malformed_secret_is_named_by_the_registrar_alone(servers, tmp_path, zookeeper, zk, zk_path):
+    credentials = tmp_path / 'credentials'
+    credentials.write_text(PASSWORD + '\n')  # no user: not of the form user:password
+    server = start(servers, tmp_path, zookeeper.hosts, zk_path,
+                   f'zookeeper_credentials_file = {credentials}\n').wait_serving()
+    server.wait_for_log(re.escape(f'cannot read the ZooKeeper credentials: {credentials} does not hold '
+                                  'credentials of the form user:password; not registering'))
+    assert server.request('/')[0] == 200
+    time.sleep(0.5)
+    assert server.log().count('cannot read the ZooKeeper credentials') == 1
+    assert zk.exists(zk_path) is None
+    assert PASSWORD not in server.log()
+
+
 def test_sasl_digest_md5(servers, tmp_path, own_zookeeper, kazoo_client):
     pytest.importorskip('puresasl', reason='SASL needs the pure-sasl package')
     jaas = tmp_path / 'jaas.conf'
