@@ -17,6 +17,7 @@ from support import (ZOOKEEPER_TLS_CLASSPATH, registrar_of, secure_port,
                      tls_zookeeper_config, wait_until, write_ini)
 from zkprefork import zksecurity
 from zkprefork.registrar_link import RegistrarLink
+from zkprefork.registrar_protocol import CredentialsSource, RegistrarConfig, TLSOptions
 from zkprefork.settings import Settings
 
 PASSWORD = 'pw-' + secrets.token_hex(8)
@@ -55,17 +56,16 @@ def test_log_records_are_cleaned_as_they_are_made(caplog):
 def test_credentials_from_a_file_or_the_environment(tmp_path, monkeypatch):
     path = tmp_path / 'credentials'
     path.write_text(f'app:{PASSWORD}\n')
-    from_file = zksecurity.read_credentials({'zookeeper_credentials_file': str(path)})
+    from_file = zksecurity.read_credentials(CredentialsSource(file=str(path)))
     assert from_file == ('app', PASSWORD, 'digest')
     assert PASSWORD not in repr(from_file)
     monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', f'svc:{PASSWORD}')
-    from_env = zksecurity.read_credentials({'zookeeper_credentials_env': 'ZKPF_TEST_CREDENTIALS',
-                                            'zookeeper_auth': 'sasl'})
+    from_env = zksecurity.read_credentials(CredentialsSource(env='ZKPF_TEST_CREDENTIALS', scheme='sasl'))
     assert from_env == ('svc', PASSWORD, 'sasl')
-    assert zksecurity.read_credentials({}) is None
+    assert zksecurity.read_credentials(None) is None
     monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', PASSWORD)
     with pytest.raises(ValueError, match='ZKPF_TEST_CREDENTIALS does not hold credentials') as raised:
-        zksecurity.read_credentials({'zookeeper_credentials_env': 'ZKPF_TEST_CREDENTIALS'})
+        zksecurity.read_credentials(CredentialsSource(env='ZKPF_TEST_CREDENTIALS'))
     assert PASSWORD not in str(raised.value)
 
 
@@ -75,8 +75,8 @@ def test_acls_and_client_options():
     path_acl, node_acl = zksecurity.acls(digest)
     assert path_acl == node_acl == [zksecurity.make_acl('world', 'anyone', read=True),
                                     make_digest_acl('app', PASSWORD, all=True)]
-    assert zksecurity.client_options({}, digest) == {'auth_data': [('digest', f'app:{PASSWORD}')]}
-    sasl = zksecurity.client_options({'zookeeper_ca_file': '/ca'}, digest._replace(scheme='sasl'))
+    assert zksecurity.client_options(None, digest) == {'auth_data': [('digest', f'app:{PASSWORD}')]}
+    sasl = zksecurity.client_options(TLSOptions('/ca'), digest._replace(scheme='sasl'))
     assert sasl['sasl_options'] == {'mechanism': 'DIGEST-MD5', 'username': 'app', 'password': PASSWORD}
     assert sasl['use_ssl'] and sasl['verify_certs'] and sasl['check_hostname']
     assert zksecurity.open_to_anyone(OPEN_ACL_UNSAFE) and not zksecurity.open_to_anyone(path_acl)
@@ -94,10 +94,10 @@ def test_the_registrar_is_told_where_secrets_are_not_what_they_are():
                                   zookeeper_credentials_env='ZKPF_TEST_CREDENTIALS',
                                   zookeeper_ca_file='/ca.pem', properties=(('dc', 'east'),)))
     config = link._config()
-    assert config['zookeeper_credentials_env'] == 'ZKPF_TEST_CREDENTIALS'
-    assert config['zookeeper_check_hostname'] is True
-    assert config['properties'] == [['dc', 'east']]
-    assert json.loads(json.dumps(config)) == config
+    assert config.credentials == CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'digest')
+    assert config.tls.check_hostname is True  # Settings' default, carried over
+    assert config.properties == (('dc', 'east'),)
+    assert RegistrarConfig.read(config.line()) == config
 
 
 # -- against real ZooKeepers ---------------------------------------------------

@@ -3,7 +3,6 @@
 The master never imports kazoo: it starts the registrar as a fresh
 interpreter and talks JSON lines to it over two pipes.
 """
-import json
 import logging
 import os
 import signal
@@ -11,6 +10,7 @@ import subprocess
 import sys
 
 import zkprefork
+from zkprefork.registrar_protocol import RegistrarConfig, Register, Unregister, read_event
 
 log = logging.getLogger('zkprefork.master')
 
@@ -46,35 +46,20 @@ class RegistrarLink:
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
             preexec_fn=_ignore_group_signals)
         os.set_blocking(self.process.stdout.fileno(), False)
-        self._send(self._config())
+        self._send(self._config().line())
         self._buffer = b''
 
     def _config(self):
         """The registrar's first line. Secrets travel as a file path or an
         environment variable's name: the registrar reads them itself."""
-        settings = self.settings
-        return {
-            'zookeeper': settings.zookeeper,
-            'path': settings.path,
-            'session_timeout': settings.session_timeout,
-            'loggers': settings.loggers,
-            'node_format': settings.node_format,
-            'properties': [list(pair) for pair in settings.properties],
-            'zookeeper_credentials_file': settings.zookeeper_credentials_file,
-            'zookeeper_credentials_env': settings.zookeeper_credentials_env,
-            'zookeeper_auth': settings.zookeeper_auth,
-            'zookeeper_ca_file': settings.zookeeper_ca_file,
-            'zookeeper_cert_file': settings.zookeeper_cert_file,
-            'zookeeper_key_file': settings.zookeeper_key_file,
-            'zookeeper_check_hostname': settings.zookeeper_check_hostname,
-        }
+        return RegistrarConfig.from_settings(self.settings)
 
     def fileno(self):
         return self.process.stdout.fileno()
 
-    def _send(self, message):
+    def _send(self, line):
         try:
-            self.process.stdin.write(json.dumps(message).encode() + b'\n')
+            self.process.stdin.write(line.encode())
             self.process.stdin.flush()
         except (BrokenPipeError, ValueError):
             log.error('the registrar (pid %d) is gone; it will be restarted', self.process.pid)
@@ -82,11 +67,11 @@ class RegistrarLink:
     def register(self, endpoints, data):
         """Register every (host, port) endpoint, in the configured node format."""
         self.registered = True
-        self._send({'op': 'register', 'endpoints': endpoints, 'data': data})
+        self._send(Register(endpoints, data).line())
 
     def unregister(self):
         self.registered = False
-        self._send({'op': 'unregister'})
+        self._send(Unregister().line())
 
     def close(self):
         """End of file for the registrar: it closes the session and exits."""
@@ -107,7 +92,7 @@ class RegistrarLink:
             return None
         lines = (self._buffer + chunk).split(b'\n')
         self._buffer = lines.pop()
-        return [json.loads(line) for line in lines if line.strip()]
+        return [read_event(line) for line in lines if line.strip()]
 
     def exited(self, status):
         self.process.returncode = os.waitstatus_to_exitcode(status)
