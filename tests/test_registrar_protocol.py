@@ -98,7 +98,8 @@ def test_config_defaults_are_settings_defaults():
 @pytest.mark.parametrize('path, chroot, service_path', [
     ('/', '', '/'), ('/', '/c', '/c'), ('/a/b', '', '/a/b'), ('/a', '/c/d', '/c/d/a')])
 def test_service_path(path, chroot, service_path):
-    assert RegistrarConfig('h', (('h', 2181),), chroot, path, 1, 'zk').service_path == service_path
+    config = RegistrarConfig('h', (('h', 2181),), chroot, path, 1, 'zk', (), None, None, None)
+    assert config.service_path == service_path
 
 
 def test_bad_config_line():

@@ -56,16 +56,16 @@ def test_log_records_are_cleaned_as_they_are_made(caplog):
 def test_credentials_from_a_file_or_the_environment(tmp_path, monkeypatch):
     path = tmp_path / 'credentials'
     path.write_text(f'app:{PASSWORD}\n')
-    from_file = zksecurity.read_credentials(CredentialsSource(file=str(path)))
+    from_file = zksecurity.read_credentials(CredentialsSource(str(path), None, 'digest'))
     assert from_file == ('app', PASSWORD, 'digest')
     assert PASSWORD not in repr(from_file)
     monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', f'svc:{PASSWORD}')
-    from_env = zksecurity.read_credentials(CredentialsSource(env='ZKPF_TEST_CREDENTIALS', scheme='sasl'))
+    from_env = zksecurity.read_credentials(CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'sasl'))
     assert from_env == ('svc', PASSWORD, 'sasl')
     assert zksecurity.read_credentials(None) is None
     monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', PASSWORD)
     with pytest.raises(ValueError, match='ZKPF_TEST_CREDENTIALS does not hold credentials') as raised:
-        zksecurity.read_credentials(CredentialsSource(env='ZKPF_TEST_CREDENTIALS'))
+        zksecurity.read_credentials(CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'digest'))
     assert PASSWORD not in str(raised.value)
 
 
@@ -76,7 +76,7 @@ def test_acls_and_client_options():
     assert path_acl == node_acl == [zksecurity.make_acl('world', 'anyone', read=True),
                                     make_digest_acl('app', PASSWORD, all=True)]
     assert zksecurity.client_options(None, digest) == {'auth_data': [('digest', f'app:{PASSWORD}')]}
-    sasl = zksecurity.client_options(TLSOptions('/ca'), digest._replace(scheme='sasl'))
+    sasl = zksecurity.client_options(TLSOptions('/ca', None, None, True), digest._replace(scheme='sasl'))
     assert sasl['sasl_options'] == {'mechanism': 'DIGEST-MD5', 'username': 'app', 'password': PASSWORD}
     assert sasl['use_ssl'] and sasl['verify_certs'] and sasl['check_hostname']
     assert zksecurity.open_to_anyone(OPEN_ACL_UNSAFE) and not zksecurity.open_to_anyone(path_acl)

@@ -124,20 +124,22 @@ def read_event(line):
 
 # -- the configuration (the first line) -------------------------------------------
 
+# No defaults below: Settings holds them, and from_settings copies them.
+
 @dataclasses.dataclass(frozen=True)
 class CredentialsSource:
     """Where the registrar reads user:password; never the secret itself."""
-    file: str = None  # a file holding user:password
-    env: str = None  # or the name of an environment variable holding it
-    scheme: str = 'digest'  # 'digest' or 'sasl'
+    file: str  # a file holding user:password, or None
+    env: str  # or the name of an environment variable holding it
+    scheme: str  # 'digest' or 'sasl'
 
 
 @dataclasses.dataclass(frozen=True)
 class TLSOptions:
     ca_file: str  # PEM CA bundle; TLS is on when this is set
-    cert_file: str = None  # client certificate (PEM), with key_file
-    key_file: str = None
-    check_hostname: bool = True
+    cert_file: str  # client certificate (PEM) and its key, or None
+    key_file: str
+    check_hostname: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,10 +151,10 @@ class RegistrarConfig:
     path: str  # the service path, under the chroot
     session_timeout: int  # milliseconds
     node_format: str  # one of nodeformat.FORMATS
-    properties: tuple = ()  # ((key, value), ...)
-    loggers: str = None  # the loggers option
-    credentials: CredentialsSource = None
-    tls: TLSOptions = None
+    properties: tuple  # ((key, value), ...)
+    loggers: str  # the loggers option, or None
+    credentials: CredentialsSource  # or None
+    tls: TLSOptions  # or None: no TLS
 
     @classmethod
     def from_settings(cls, settings):
@@ -184,7 +186,7 @@ class RegistrarConfig:
         value = _load(line)
         try:
             value['addresses'] = tuple((host, port) for host, port in value['addresses'])
-            value['properties'] = tuple((key, item) for key, item in value.get('properties', ()))
+            value['properties'] = tuple((key, item) for key, item in value['properties'])
             if value.get('credentials'):
                 value['credentials'] = CredentialsSource(**value['credentials'])
             if value.get('tls'):

@@ -305,7 +305,7 @@ class Settings:
     properties: tuple = option((), _properties, restart_only=True)
 
     def __post_init__(self):
-        # Made directly (tests, pserve) rather than by make_settings: the
+        # Made directly (as tests do) rather than by make_settings: the
         # connection string still arrives parsed downstream.
         if self.zookeeper is not None and not isinstance(self.zookeeper, ConnectionString):
             object.__setattr__(self, 'zookeeper', ConnectionString(self.zookeeper))
