@@ -3,23 +3,13 @@
 It is started by the master (``python -m zkprefork.registrar``, a fresh
 interpreter: kazoo is not fork-safe and must never be shared) and never
 forks. Its first stdin line is its configuration (a RegistrarConfig;
-secrets are named by file or environment variable, never passed). Then it
-reads commands and writes events, one JSON line each, as
-registrar_protocol.py defines them:
-
-    {"op": "register", "endpoints": [[host, port], ...], "data": {...}}
-    {"op": "unregister"}
+secrets are named by file or environment variable, never passed); then it
+reads commands (register, unregister) and writes events (state,
+unregistered), one JSON line each, as registrar_protocol.py defines them.
 
 End of file on stdin means the master is gone or done: the registrar closes
 the session, which deletes its ephemeral nodes at once (not after the session
 timeout), and exits.
-
-Its events, on stdout:
-
-    {"event": "state", "state": "connected", "session": "0x10000a2b3c0001",
-     "nodes": ["/svc/127.0.0.1:8080"], "since": 1700000000.123, "problems": [],
-     "error": null}
-    {"event": "unregistered"}
 
 ``state`` is ``connecting`` (no session yet), ``connected``, ``suspended``
 (connection lost, the session may still be alive), ``lost`` (the session is
