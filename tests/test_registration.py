@@ -13,7 +13,8 @@ import time
 
 from support import (dead_pid, ensemble_hosts, free_port, read_curator_instance,
                      read_serverset_member, read_synapse_backend, registrar_of, wait_until)
-from zkprefork.registrar import split_connection_string
+from zkprefork.registrar_protocol import RegistrarConfig
+from zkprefork.settings import make_settings
 
 
 def start_registered(servers, ini, hosts, path, options='', port=0):
@@ -32,13 +33,6 @@ def wait_owned(zk, node, other_than=None, timeout=10.0):
         found = owner(zk, node)
         return found if found and found != other_than else None
     return wait_until(owned, timeout, interval=0.01, message=f'{node} to be registered')
-
-
-def test_split_connection_string():
-    assert split_connection_string('h1:2181,h2:2182/app/zk') == (
-        'h1:2181,h2:2182', [('h1', 2181), ('h2', 2182)], '/app/zk')
-    assert split_connection_string('h1') == ('h1', [('h1', 2181)], '')
-    assert split_connection_string('[::1]:2181/') == ('[::1]:2181', [('::1', 2181)], '')
 
 
 def test_expired_session_is_replaced_and_the_node_recreated_at_once(servers, ini, zookeeper, zk, zk_path):
@@ -271,7 +265,8 @@ def test_the_registrar_speaks_json_lines(zookeeper, zk, zk_path, tmp_path):
         assert events.select(timeout), 'no event in time'
         return json.loads(registrar.stdout.readline())
     try:
-        send({'zookeeper': zookeeper.hosts, 'path': zk_path, 'session_timeout': 4000})
+        config = make_settings({'zookeeper': zookeeper.hosts, 'path': zk_path, 'session_timeout': '4000'})
+        registrar.stdin.write(RegistrarConfig.from_settings(config).line().encode())
         data = {'pid': os.getpid(), 'instance': 'i1', 'workers': 1, 'generation': 0}
         send({'op': 'register', 'endpoints': [['127.0.0.1', 8080], ['::1', 8080]], 'data': data})
         seen = [next_event()]

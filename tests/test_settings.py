@@ -7,7 +7,8 @@ import os
 import pytest
 from kazoo.hosts import collect_hosts
 
-from zkprefork.settings import OPTIONS, ConfigError, Settings, make_settings
+from zkprefork.nodeformat import FORMATS
+from zkprefork.settings import OPTIONS, RESTART_ONLY, ConfigError, Settings, make_settings
 
 
 def rejected(option, value, **others):
@@ -169,6 +170,39 @@ def test_good_zookeeper_strings(value):
     assert all(host and 0 < port < 65536 for host, port in hosts)
 
 
+@pytest.mark.parametrize('value, hosts, addresses, chroot', [
+    ('h1:2181,h2:2182/app/zk', 'h1:2181,h2:2182', (('h1', 2181), ('h2', 2182)), '/app/zk'),
+    ('h1', 'h1', (('h1', 2181),), ''),  # ZooKeeper's port when none is given
+    (' [::1]:2181,127.0.0.1/a ', '[::1]:2181,127.0.0.1', (('::1', 2181), ('127.0.0.1', 2181)), '/a'),
+    ('zk1:2181, zk2:2181', 'zk1:2181, zk2:2181', (('zk1', 2181), ('zk2', 2181)), ''),
+])
+def test_zookeeper_string_is_parsed_once(value, hosts, addresses, chroot):
+    servers = make_settings({'zookeeper': value, 'path': '/p'}).zookeeper
+    assert servers == value.strip()
+    assert (servers.hosts, servers.addresses, servers.chroot) == (hosts, addresses, chroot)
+    assert collect_hosts(servers.hosts) == (list(addresses), None)  # kazoo reads the same servers
+
+
+def test_settings_made_directly_carry_the_parsed_form_too():
+    assert Settings(zookeeper='zk:2182/c').zookeeper.addresses == (('zk', 2182),)
+    with pytest.raises(ConfigError, match='^zookeeper: '):
+        Settings(zookeeper='zk:x')
+
+
+def test_option_facts_come_from_the_fields():
+    fields = {field.name: field for field in dataclasses.fields(Settings)}
+    assert set(OPTIONS) == {name for name, field in fields.items() if 'check' in field.metadata}
+    assert {'config_file', 'app_name'}.isdisjoint(OPTIONS)
+    assert {'host', 'port', 'zookeeper', 'path', 'node_format'} <= set(RESTART_ONLY) <= set(OPTIONS)
+    assert {'workers', 'threads', 'timeout', 'name'}.isdisjoint(RESTART_ONLY)
+
+
+def test_node_formats_are_nodeformats():
+    for node_format in FORMATS:
+        assert make_settings({'node_format': node_format.upper()}).node_format == node_format
+    assert ', '.join(FORMATS) in rejected('node_format', 'json')
+
+
 def test_zookeeper_string_with_ipv6_and_chroot_as_kazoo_reads_it():
     value = make_settings({'zookeeper': '[::1]:2181,127.0.0.1:2182/a/b', 'path': '/p'}).zookeeper
     assert collect_hosts(value) == ([('::1', 2181), ('127.0.0.1', 2182)], '/a/b')
@@ -304,3 +338,26 @@ def test_hostname_checking_alone_is_refused_without_tls():
 def test_whitespace_in_host_is_refused():
     with pytest.raises(ConfigError, match=r"^host: '127.0.0.1\\nloggers = x'"):
         make_settings({'host': '127.0.0.1\nloggers = x'})
+
+
+# -- credentials: where they are, never what they are ----------------------------------------------
+
+def test_credentials_are_checked_for_presence_without_being_read(tmp_path, monkeypatch):
+    secret = tmp_path / 'credentials'
+    secret.write_text('not even of the form user:password')  # the registrar checks the form
+    settings = make_settings({'zookeeper_credentials_file': str(secret)})
+    assert settings.zookeeper_credentials_file == str(secret)
+    monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', 'x')
+    assert make_settings({'zookeeper_credentials_env': 'ZKPF_TEST_CREDENTIALS'}).zookeeper_credentials_env \
+        == 'ZKPF_TEST_CREDENTIALS'
+
+
+def test_missing_or_empty_credentials_are_refused(tmp_path, monkeypatch):
+    empty = tmp_path / 'empty'
+    empty.write_text('')
+    assert 'is empty' in rejected('zookeeper_credentials_file', str(empty))
+    assert 'not a readable file' in rejected('zookeeper_credentials_file', str(tmp_path / 'missing'))
+    monkeypatch.delenv('ZKPF_TEST_CREDENTIALS', raising=False)
+    assert 'not set' in rejected('zookeeper_credentials_env', 'ZKPF_TEST_CREDENTIALS')
+    monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', '  ')
+    assert 'not set' in rejected('zookeeper_credentials_env', 'ZKPF_TEST_CREDENTIALS')

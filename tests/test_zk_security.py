@@ -17,6 +17,7 @@ from support import (ZOOKEEPER_TLS_CLASSPATH, registrar_of, secure_port,
                      tls_zookeeper_config, wait_until, write_ini)
 from zkprefork import zksecurity
 from zkprefork.registrar_link import RegistrarLink
+from zkprefork.registrar_protocol import CredentialsSource, RegistrarConfig, TLSOptions
 from zkprefork.settings import Settings
 
 PASSWORD = 'pw-' + secrets.token_hex(8)
@@ -55,17 +56,16 @@ def test_log_records_are_cleaned_as_they_are_made(caplog):
 def test_credentials_from_a_file_or_the_environment(tmp_path, monkeypatch):
     path = tmp_path / 'credentials'
     path.write_text(f'app:{PASSWORD}\n')
-    from_file = zksecurity.read_credentials({'zookeeper_credentials_file': str(path)})
+    from_file = zksecurity.read_credentials(CredentialsSource(str(path), None, 'digest'))
     assert from_file == ('app', PASSWORD, 'digest')
     assert PASSWORD not in repr(from_file)
     monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', f'svc:{PASSWORD}')
-    from_env = zksecurity.read_credentials({'zookeeper_credentials_env': 'ZKPF_TEST_CREDENTIALS',
-                                            'zookeeper_auth': 'sasl'})
+    from_env = zksecurity.read_credentials(CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'sasl'))
     assert from_env == ('svc', PASSWORD, 'sasl')
-    assert zksecurity.read_credentials({}) is None
+    assert zksecurity.read_credentials(None) is None
     monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', PASSWORD)
     with pytest.raises(ValueError, match='ZKPF_TEST_CREDENTIALS does not hold credentials') as raised:
-        zksecurity.read_credentials({'zookeeper_credentials_env': 'ZKPF_TEST_CREDENTIALS'})
+        zksecurity.read_credentials(CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'digest'))
     assert PASSWORD not in str(raised.value)
 
 
@@ -75,8 +75,8 @@ def test_acls_and_client_options():
     path_acl, node_acl = zksecurity.acls(digest)
     assert path_acl == node_acl == [zksecurity.make_acl('world', 'anyone', read=True),
                                     make_digest_acl('app', PASSWORD, all=True)]
-    assert zksecurity.client_options({}, digest) == {'auth_data': [('digest', f'app:{PASSWORD}')]}
-    sasl = zksecurity.client_options({'zookeeper_ca_file': '/ca'}, digest._replace(scheme='sasl'))
+    assert zksecurity.client_options(None, digest) == {'auth_data': [('digest', f'app:{PASSWORD}')]}
+    sasl = zksecurity.client_options(TLSOptions('/ca', None, None, True), digest._replace(scheme='sasl'))
     assert sasl['sasl_options'] == {'mechanism': 'DIGEST-MD5', 'username': 'app', 'password': PASSWORD}
     assert sasl['use_ssl'] and sasl['verify_certs'] and sasl['check_hostname']
     assert zksecurity.open_to_anyone(OPEN_ACL_UNSAFE) and not zksecurity.open_to_anyone(path_acl)
@@ -94,10 +94,10 @@ def test_the_registrar_is_told_where_secrets_are_not_what_they_are():
                                   zookeeper_credentials_env='ZKPF_TEST_CREDENTIALS',
                                   zookeeper_ca_file='/ca.pem', properties=(('dc', 'east'),)))
     config = link._config()
-    assert config['zookeeper_credentials_env'] == 'ZKPF_TEST_CREDENTIALS'
-    assert config['zookeeper_check_hostname'] is True
-    assert config['properties'] == [['dc', 'east']]
-    assert json.loads(json.dumps(config)) == config
+    assert config.credentials == CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'digest')
+    assert config.tls.check_hostname is True  # Settings' default, carried over
+    assert config.properties == (('dc', 'east'),)
+    assert RegistrarConfig.read(config.line()) == config
 
 
 # -- against real ZooKeepers ---------------------------------------------------
@@ -211,6 +211,20 @@ def test_unreadable_credentials_are_named_without_a_restart_loop(servers, tmp_pa
     assert server.log().count('cannot read the ZooKeeper credentials') == 1
     assert registrar_of(server).pid != old.pid
     assert server.request('/')[0] == 200
+    assert PASSWORD not in server.log()
+
+
+def test_a_malformed_secret_is_named_by_the_registrar_alone(servers, tmp_path, zookeeper, zk, zk_path):
+    credentials = tmp_path / 'credentials'
+    credentials.write_text(PASSWORD + '\n')  # no user: not of the form user:password
+    server = start(servers, tmp_path, zookeeper.hosts, zk_path,
+                   f'zookeeper_credentials_file = {credentials}\n').wait_serving()
+    server.wait_for_log(re.escape(f'cannot read the ZooKeeper credentials: {credentials} does not hold '
+                                  'credentials of the form user:password; not registering'))
+    assert server.request('/')[0] == 200
+    time.sleep(0.5)
+    assert server.log().count('cannot read the ZooKeeper credentials') == 1
+    assert zk.exists(zk_path) is None
     assert PASSWORD not in server.log()
 
 

@@ -6,7 +6,6 @@ interpreter and talks JSON lines to it over two pipes. Without a zookeeper
 option the master gets a NoRegistrar, which has the same interface and
 does nothing, so that the master never asks which one it has.
 """
-import json
 import logging
 import os
 import selectors
@@ -16,6 +15,7 @@ import sys
 
 import zkprefork
 from zkprefork.lines import LineReader
+from zkprefork.registrar_protocol import RegistrarConfig, Register, Unregister, read_event
 from zkprefork.supervision import NEVER, Backoff, describe_exit
 
 log = logging.getLogger('zkprefork.master')
@@ -89,37 +89,19 @@ class RegistrarLink:
         self._started = now
         self._node_data = None  # a new registrar registers again
         self._confirmed = False
-        self._send(self._config())
+        self._send(self._config().line())
 
     def _config(self):
         """The registrar's first line. Secrets travel as a file path or an
         environment variable's name: the registrar reads them itself."""
-        settings = self.settings
-        return {
-            'zookeeper': settings.zookeeper,
-            'path': settings.path,
-            'session_timeout': settings.session_timeout,
-            'loggers': settings.loggers,
-            'node_format': settings.node_format,
-            'properties': [list(pair) for pair in settings.properties],
-            'zookeeper_credentials_file': settings.zookeeper_credentials_file,
-            'zookeeper_credentials_env': settings.zookeeper_credentials_env,
-            'zookeeper_auth': settings.zookeeper_auth,
-            'zookeeper_ca_file': settings.zookeeper_ca_file,
-            'zookeeper_cert_file': settings.zookeeper_cert_file,
-            'zookeeper_key_file': settings.zookeeper_key_file,
-            'zookeeper_check_hostname': settings.zookeeper_check_hostname,
-        }
+        return RegistrarConfig.from_settings(self.settings)
 
-    def _send(self, message):
+    def _send(self, line):
         try:
-            self.process.stdin.write(json.dumps(message).encode() + b'\n')
+            self.process.stdin.write(line.encode())
             self.process.stdin.flush()
         except (BrokenPipeError, ValueError):
             log.error('the registrar (pid %d) is gone; it will be restarted', self.process.pid)
-
-    def _decode(self, lines):
-        return [json.loads(line) for line in lines]
 
     # -- what the master asks --------------------------------------------
 
@@ -130,13 +112,13 @@ class RegistrarLink:
         if not self.alive or data == self._node_data:
             return
         self._node_data = data
-        self._send({'op': 'register', 'endpoints': endpoints(), 'data': data})
+        self._send(Register(endpoints(), data).line())
 
     def unregister(self):
         """Ask for the node(s) to be deleted; `unregistered` tells when they are."""
         self._node_data = None
         self._wanted = UNREGISTER
-        self._send({'op': 'unregister'})
+        self._send(Unregister().line())
 
     def stand_down(self):
         """The master is stopping: no more restarts."""
@@ -172,7 +154,7 @@ class RegistrarLink:
         if lines is None:
             self._stop_watching()
             return
-        for event in self._decode(lines):
+        for event in map(read_event, lines):
             kind = event.pop('event')
             if kind == 'unregistered':
                 self.registration['nodes'] = []

@@ -17,7 +17,12 @@ class ConfigError(Exception):
     """A bad option or file: reported as one line, exit status 2."""
 
 
-def _integer(option, value, low, high=None):
+def _integer(low, high=None):
+    """A check of integers from `low` (to `high`)."""
+    return lambda option, value: _integer_in(option, value, low, high)
+
+
+def _integer_in(option, value, low, high):
     try:
         number = int(str(value).strip())
     except ValueError:
@@ -35,6 +40,13 @@ def _seconds(option, value):
         raise ConfigError(f'{option}: {value!r} is not a number of seconds') from None
     if not number >= 0 or number == float('inf'):
         raise ConfigError(f'{option}: {value!r} must be zero or more seconds')
+    return number
+
+
+def _positive_seconds(option, value):
+    number = _seconds(option, value)
+    if number == 0:
+        raise ConfigError(f'{option}: {value!r} must be more than zero seconds')
     return number
 
 
@@ -66,25 +78,41 @@ def _split_host_port(option, value, port_required, whole=None):
     return host, port
 
 
-def _zookeeper(value):
-    """Check a kazoo connection string: host[:port],...[/chroot]."""
-    value = value.strip()
-    hosts, slash, chroot = value.partition('/')
-    if slash and ('//' in '/' + chroot or chroot.endswith('/') or not chroot):
-        raise ConfigError(f'zookeeper: {value!r}: the chroot {"/" + chroot!r} is not a valid '
+class ConnectionString(str):
+    """A ZooKeeper connection string, ``host[:port],...[/chroot]``, parsed
+    once: the string itself (as the user wrote it, stripped), ``hosts`` (for
+    kazoo, without the chroot), ``addresses`` (((host, port), ...), port 2181
+    where none is given) and ``chroot`` ('' or '/a/b'). Raises ConfigError."""
+
+    def __new__(cls, text):
+        self = super().__new__(cls, text.strip())
+        self.hosts, slash, chroot = self.partition('/')
+        self.chroot = _chroot(self, chroot) if slash else ''
+        self.addresses = tuple(_zookeeper_server(self, member) for member in self.hosts.split(','))
+        return self
+
+
+def _chroot(whole, chroot):
+    if '//' in '/' + chroot or chroot.endswith('/') or not chroot:
+        raise ConfigError(f'zookeeper: {whole!r}: the chroot {"/" + chroot!r} is not a valid '
                           'ZooKeeper path (no empty parts, no trailing slash)')
-    if slash:
-        _znode_path('zookeeper', '/' + chroot)
-    for member in hosts.split(','):
-        host, port = _split_host_port('zookeeper', member.strip(), False, whole=value)
-        if not host or port == 0:
-            raise ConfigError(
-                f'zookeeper: {value!r} is not a connection string '
-                '(expected HOST:PORT[,HOST:PORT...][/chroot])')
-    return value
+    return _znode_path('zookeeper', '/' + chroot)
+
+
+def _zookeeper_server(whole, member):
+    host, port = _split_host_port('zookeeper', member.strip(), False, whole=whole)
+    if not host or port == 0:
+        raise ConfigError(f'zookeeper: {whole!r} is not a connection string '
+                          '(expected HOST:PORT[,HOST:PORT...][/chroot])')
+    return host, 2181 if port is None else port  # ZooKeeper's port
+
+
+def _zookeeper(option, value):
+    return ConnectionString(value)
 
 
 def _znode_path(option, value):
+    value = value.strip()
     parts = value.split('/')
     if (not value.startswith('/') or value != '/' and value.endswith('/')
             or any(part in ('', '.', '..') for part in parts[1:] if value != '/')):
@@ -92,14 +120,26 @@ def _znode_path(option, value):
     return value
 
 
-def _host(value):
+def _host(option, value):
     host = value.strip()
     if any(character.isspace() for character in host):
-        raise ConfigError(f'host: {value!r} is not a host name or address')
+        raise ConfigError(f'{option}: {value!r} is not a host name or address')
     return host
 
 
-def _loggers(value):
+def _host_and_port(option, value):
+    return _split_host_port(option, value.strip(), True)
+
+
+def _text(option, value):
+    return value.strip() or None
+
+
+def _absolute_path(option, value):
+    return os.path.abspath(value.strip()) if value.strip() else None
+
+
+def _loggers(option, value):
     """A level name (any case) or a ZConfig <logger> definition.
 
     ``$$(`` stands for ``%(`` because PasteDeploy's ini parser would
@@ -108,14 +148,14 @@ def _loggers(value):
     text = value.strip()
     if not text.startswith('<'):
         if not isinstance(logging.getLevelName(text.upper()), int):
-            raise ConfigError(f'loggers: {value!r} is neither a level name nor a ZConfig logger definition')
+            raise ConfigError(f'{option}: {value!r} is neither a level name nor a ZConfig logger definition')
         return text.upper()
     text = text.replace('$$(', '%(')
     try:
         _parse_zconfig_loggers(text)
     except Exception as error:  # ZConfig raises several unrelated types
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f'loggers: not a valid ZConfig logger definition: {first_line}') from None
+        raise ConfigError(f'{option}: not a valid ZConfig logger definition: {first_line}') from None
     return text
 
 
@@ -135,54 +175,13 @@ def _installed(module):
         return False
 
 
-def _zservertracelog(value):
-    enabled = _boolean('zservertracelog', value)
+def _zservertracelog(option, value):
+    enabled = _boolean(option, value)
     if enabled and not _installed('zc.zservertracelog'):
         raise ConfigError(
-            'zservertracelog: true, but zc.zservertracelog is not installed '
+            f'{option}: true, but zc.zservertracelog is not installed '
             "(pip install 'zkprefork[tracelog]')")
     return enabled
-
-
-@dataclasses.dataclass(frozen=True)
-class Settings:
-    """Everything the master, its workers and the registrar need to know."""
-
-    config_file: str = None
-    app_name: str = 'main'
-    zookeeper: str = None
-    path: str = None
-    host: str = ''
-    port: int = 0
-    threads: int = 1
-    workers: int = 1
-    session_timeout: int = 10000  # milliseconds, as zc.zkzopeserver documents
-    monitor_server: tuple = None  # (host, port)
-    loggers: str = None
-    zservertracelog: bool = False
-    name: str = None
-    graceful_timeout: float = 30.0
-    pidfile: str = None
-    boot_timeout: float = 30.0
-    timeout: float = 30.0  # heartbeat; 0 = off
-    max_requests: int = 0  # 0 = never recycle
-    max_requests_jitter: int = 0
-    max_memory: int = 0  # MB of resident memory; 0 = no limit
-    preload: bool = False
-    access_log: str = None  # a file, or '-' for standard output
-    zookeeper_credentials_file: str = None  # a file holding user:password
-    zookeeper_credentials_env: str = None  # an environment variable holding user:password
-    zookeeper_auth: str = 'digest'  # how credentials are used: digest or sasl
-    zookeeper_ca_file: str = None  # TLS is on when this is set
-    zookeeper_cert_file: str = None
-    zookeeper_key_file: str = None
-    zookeeper_check_hostname: bool = True
-    node_format: str = 'zk'
-    properties: tuple = ()  # ((key, value), ...) added to the node data
-
-    @property
-    def registered(self):
-        return self.zookeeper is not None
 
 
 def _readable_file(option, value):
@@ -192,38 +191,144 @@ def _readable_file(option, value):
     return path
 
 
-def _credentials_file(value):
-    path = _readable_file('zookeeper_credentials_file', value)
-    with open(path) as file:
-        _check_credentials('zookeeper_credentials_file', value, file.read().strip())
+# The secret is the registrar's to read (zksecurity.read_credentials checks
+# its form there): the master, whose memory every worker inherits, only
+# checks that there is something to read.
+
+def _credentials_file(option, value):
+    path = _readable_file(option, value)
+    if os.path.getsize(path) == 0:
+        raise ConfigError(f'{option}: {value!r} is empty (it must hold user:password)')
     return path
 
 
-def _credentials_env(value):
+def _credentials_env(option, value):
     name = value.strip()
-    _check_credentials('zookeeper_credentials_env', value, os.environ.get(name, ''))
+    if not os.environ.get(name, '').strip():
+        raise ConfigError(f'{option}: {value!r} is not set in the environment '
+                          '(it must hold user:password)')
     return name
 
 
-def _check_credentials(option, value, secret):
-    # The secret itself never goes into a message.
-    user, colon, password = secret.partition(':')
-    if not (user and colon and password):
-        raise ConfigError(f'{option}: {value!r} does not hold credentials of the form user:password')
-
-
-def _access_log(value):
+def _access_log(option, value):
     value = value.strip()
     if value in ('', '-'):
         return value or None
     path = os.path.abspath(value)
     if not os.access(os.path.dirname(path), os.W_OK) or (
             os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise ConfigError(f'access_log: {value!r} is not writable')
+        raise ConfigError(f'{option}: {value!r} is not writable')
     return path
 
 
-def _check_zookeeper_security(checked):
+def _choice(*choices):
+    """A check of one of `choices`, in any case."""
+    def check(option, value):
+        value = value.strip().lower()
+        if value not in choices:
+            raise ConfigError(f'{option}: {value!r} is not one of {", ".join(choices)}')
+        return value
+    return check
+
+
+def _node_format(option, value):
+    # Imported here: nodeformat imports listener, which imports this module.
+    from zkprefork.nodeformat import FORMATS
+    return _choice(*FORMATS)(option, value)
+
+
+RESERVED_DATA = ('pid', 'workers', 'generation', 'instance', 'monitor')
+
+
+def _properties(option, value):
+    """`key = value` pairs, one per line."""
+    pairs = []
+    for item in value.strip().splitlines():
+        if not item.strip():
+            continue
+        key, equals, val = item.partition('=')
+        key = key.strip()
+        if not equals or not key:
+            raise ConfigError(f'{option}: {item.strip()!r} is not of the form key = value')
+        if key in RESERVED_DATA:
+            raise ConfigError(f'{option}: {key!r} is reserved for zkprefork\'s own node data')
+        pairs.append((key, val.strip()))
+    return tuple(pairs)
+
+
+def option(default, check, restart_only=False):
+    """A Settings field that is a user option: `check(option, raw string)`
+    returns the checked value or raises ConfigError; a reload cannot change
+    a `restart_only` option (it is the socket, the session or the master's
+    own set-up): a HUP that changes one keeps the old value and says so."""
+    return dataclasses.field(default=default, metadata={'check': check, 'restart_only': restart_only})
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Everything the master, its workers and the registrar need to know."""
+
+    config_file: str = None
+    app_name: str = 'main'
+    zookeeper: ConnectionString = option(None, _zookeeper, restart_only=True)
+    path: str = option(None, _znode_path, restart_only=True)
+    host: str = option('', _host, restart_only=True)
+    port: int = option(0, _integer(0, 65535), restart_only=True)
+    threads: int = option(1, _integer(1, 10000))
+    workers: int = option(1, _integer(1, 1000))
+    # milliseconds, as zc.zkzopeserver documents
+    session_timeout: int = option(10000, _integer(1), restart_only=True)
+    monitor_server: tuple = option(None, _host_and_port, restart_only=True)  # (host, port)
+    loggers: str = option(None, _loggers, restart_only=True)
+    zservertracelog: bool = option(False, _zservertracelog)
+    name: str = option(None, _text)
+    graceful_timeout: float = option(30.0, _seconds)
+    pidfile: str = option(None, _absolute_path, restart_only=True)
+    boot_timeout: float = option(30.0, _positive_seconds)
+    timeout: float = option(30.0, _seconds)  # heartbeat; 0 = off
+    max_requests: int = option(0, _integer(0))  # 0 = never recycle
+    max_requests_jitter: int = option(0, _integer(0))
+    max_memory: int = option(0, _integer(0))  # MB of resident memory; 0 = no limit
+    preload: bool = option(False, _boolean, restart_only=True)
+    access_log: str = option(None, _access_log, restart_only=True)  # a file, or '-' for stdout
+    # A file, or an environment variable, holding user:password.
+    zookeeper_credentials_file: str = option(None, _credentials_file, restart_only=True)
+    zookeeper_credentials_env: str = option(None, _credentials_env, restart_only=True)
+    # How credentials are used: digest or sasl.
+    zookeeper_auth: str = option('digest', _choice('digest', 'sasl'), restart_only=True)
+    zookeeper_ca_file: str = option(None, _readable_file, restart_only=True)  # TLS is on when set
+    zookeeper_cert_file: str = option(None, _readable_file, restart_only=True)
+    zookeeper_key_file: str = option(None, _readable_file, restart_only=True)
+    zookeeper_check_hostname: bool = option(True, _boolean, restart_only=True)
+    node_format: str = option('zk', _node_format, restart_only=True)
+    # ((key, value), ...) added to the node data
+    properties: tuple = option((), _properties, restart_only=True)
+
+    def __post_init__(self):
+        # Made directly (as tests do) rather than by make_settings: the
+        # connection string still arrives parsed downstream.
+        if self.zookeeper is not None and not isinstance(self.zookeeper, ConnectionString):
+            object.__setattr__(self, 'zookeeper', ConnectionString(self.zookeeper))
+
+    @property
+    def registered(self):
+        return self.zookeeper is not None
+
+
+_CHECKS = {field.name: field.metadata['check'] for field in dataclasses.fields(Settings)
+           if 'check' in field.metadata}
+OPTIONS = tuple(_CHECKS)
+RESTART_ONLY = tuple(field.name for field in dataclasses.fields(Settings)
+                     if field.metadata.get('restart_only'))
+
+
+def _check_together(checked):
+    """What no option's value says on its own."""
+    if checked.get('zookeeper') and not checked.get('path'):
+        raise ConfigError('path: required when zookeeper is set')
+    if checked.get('zookeeper_credentials_file') and checked.get('zookeeper_credentials_env'):
+        raise ConfigError('zookeeper_credentials_env: give credentials in a file or in the '
+                          'environment, not both')
     if bool(checked.get('zookeeper_cert_file')) != bool(checked.get('zookeeper_key_file')):
         raise ConfigError('zookeeper_cert_file: a client certificate needs zookeeper_key_file too')
     # TLS is on only with a CA file: without one these would silently do nothing.
@@ -237,76 +342,6 @@ def _check_zookeeper_security(checked):
                           "(pip install 'zkprefork[sasl]')")
 
 
-def _choice(option, value, choices):
-    value = value.strip().lower()
-    if value not in choices:
-        raise ConfigError(f'{option}: {value!r} is not one of {", ".join(choices)}')
-    return value
-
-
-RESERVED_DATA = ('pid', 'workers', 'generation', 'instance', 'monitor')
-
-
-def _properties(value):
-    """`key = value` pairs, one per line."""
-    pairs = []
-    for item in value.strip().splitlines():
-        if not item.strip():
-            continue
-        key, equals, val = item.partition('=')
-        key = key.strip()
-        if not equals or not key:
-            raise ConfigError(f'properties: {item.strip()!r} is not of the form key = value')
-        if key in RESERVED_DATA:
-            raise ConfigError(f'properties: {key!r} is reserved for zkprefork\'s own node data')
-        pairs.append((key, val.strip()))
-    return tuple(pairs)
-
-
-# option name -> function(value) returning the checked value
-_CHECKS = {
-    'zookeeper': _zookeeper,
-    'path': lambda v: _znode_path('path', v.strip()),
-    'host': _host,
-    'port': lambda v: _integer('port', v, 0, 65535),
-    'threads': lambda v: _integer('threads', v, 1, 10000),
-    'workers': lambda v: _integer('workers', v, 1, 1000),
-    'session_timeout': lambda v: _integer('session_timeout', v, 1),
-    'monitor_server': lambda v: _split_host_port('monitor_server', v.strip(), True),
-    'loggers': _loggers,
-    'zservertracelog': _zservertracelog,
-    'name': lambda v: v.strip() or None,
-    'graceful_timeout': lambda v: _seconds('graceful_timeout', v),
-    'pidfile': lambda v: os.path.abspath(v.strip()) if v.strip() else None,
-    'boot_timeout': lambda v: _seconds('boot_timeout', v),
-    'timeout': lambda v: _seconds('timeout', v),
-    'max_requests': lambda v: _integer('max_requests', v, 0),
-    'max_requests_jitter': lambda v: _integer('max_requests_jitter', v, 0),
-    'max_memory': lambda v: _integer('max_memory', v, 0),
-    'preload': lambda v: _boolean('preload', v),
-    'access_log': _access_log,
-    'zookeeper_credentials_file': _credentials_file,
-    'zookeeper_credentials_env': _credentials_env,
-    'zookeeper_auth': lambda v: _choice('zookeeper_auth', v, ('digest', 'sasl')),
-    'zookeeper_ca_file': lambda v: _readable_file('zookeeper_ca_file', v),
-    'zookeeper_cert_file': lambda v: _readable_file('zookeeper_cert_file', v),
-    'zookeeper_key_file': lambda v: _readable_file('zookeeper_key_file', v),
-    'zookeeper_check_hostname': lambda v: _boolean('zookeeper_check_hostname', v),
-    'node_format': lambda v: _choice('node_format', v, ('zk', 'serverset', 'curator')),
-    'properties': _properties,
-}
-
-# Options a reload cannot change: they are the socket, the session or the
-# master's own set-up. A HUP that changes them keeps the old values and says so.
-RESTART_ONLY = ('host', 'port', 'zookeeper', 'path', 'session_timeout', 'monitor_server',
-                'loggers', 'access_log', 'pidfile', 'preload', 'zookeeper_credentials_file',
-                'zookeeper_credentials_env', 'zookeeper_auth', 'zookeeper_ca_file',
-                'zookeeper_cert_file', 'zookeeper_key_file', 'zookeeper_check_hostname',
-                'node_format', 'properties')
-
-OPTIONS = tuple(_CHECKS)
-
-
 def make_settings(options, **fixed):
     """Check raw option strings (ini and command line merged) into Settings.
 
@@ -316,14 +351,7 @@ def make_settings(options, **fixed):
     unknown = sorted(set(options) - set(_CHECKS))
     if unknown:
         raise ConfigError(f'{unknown[0]}: unknown option (known options: {", ".join(sorted(OPTIONS))})')
-    checked = {name: _CHECKS[name](value) for name, value in options.items()
+    checked = {name: _CHECKS[name](name, value) for name, value in options.items()
                if value is not None}
-    if checked.get('zookeeper') and not checked.get('path'):
-        raise ConfigError('path: required when zookeeper is set')
-    if checked.get('zookeeper_credentials_file') and checked.get('zookeeper_credentials_env'):
-        raise ConfigError('zookeeper_credentials_env: give credentials in a file or in the '
-                          'environment, not both')
-    _check_zookeeper_security(checked)
-    if checked.get('boot_timeout') == 0:
-        raise ConfigError("boot_timeout: '0' must be more than zero seconds")
+    _check_together(checked)
     return Settings(**fixed, **checked)

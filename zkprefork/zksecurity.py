@@ -35,23 +35,23 @@ class Credentials(typing.NamedTuple):
         return f'{"SASL" if self.scheme == "sasl" else "digest"} user {self.user!r}'
 
 
-def read_credentials(config):
-    """The credentials named by the config (a file or an environment
-    variable holding user:password), or None. Raises OSError or ValueError
-    if they cannot be had."""
-    if config.get('zookeeper_credentials_file'):
-        with open(config['zookeeper_credentials_file']) as file:
-            secret = file.read().strip()
-    elif config.get('zookeeper_credentials_env'):
-        secret = os.environ.get(config['zookeeper_credentials_env'], '').strip()
-    else:
+def read_credentials(source):
+    """The credentials named by `source` (a registrar_protocol.CredentialsSource:
+    a file or an environment variable holding user:password), or None
+    without one. Raises OSError or ValueError if they cannot be had; the
+    only reader of the secret."""
+    if source is None:
         return None
+    if source.file:
+        with open(source.file) as file:
+            secret = file.read().strip()
+    else:
+        secret = os.environ.get(source.env, '').strip()
     user, colon, password = secret.partition(':')
     if not (user and colon and password):
         # The secret itself never goes into a message.
-        source = config.get('zookeeper_credentials_file') or config['zookeeper_credentials_env']
-        raise ValueError(f'{source} does not hold credentials of the form user:password')
-    return Credentials(user, password, config.get('zookeeper_auth') or 'digest')
+        raise ValueError(f'{source.file or source.env} does not hold credentials of the form user:password')
+    return Credentials(user, password, source.scheme)
 
 
 def missing_support(credentials):
@@ -62,19 +62,18 @@ def missing_support(credentials):
     return None
 
 
-def client_options(config, credentials):
-    """KazooClient keyword arguments for authentication and TLS."""
+def client_options(tls, credentials):
+    """KazooClient keyword arguments for authentication and TLS (`tls`: a
+    registrar_protocol.TLSOptions, or None)."""
     options = {}
     if credentials and credentials.scheme == 'sasl':
         options['sasl_options'] = {'mechanism': 'DIGEST-MD5', 'username': credentials.user,
                                    'password': credentials.password}
     elif credentials:
         options['auth_data'] = [('digest', f'{credentials.user}:{credentials.password}')]
-    if config.get('zookeeper_ca_file'):
-        options.update(use_ssl=True, verify_certs=True, ca=config['zookeeper_ca_file'],
-                       certfile=config.get('zookeeper_cert_file'),
-                       keyfile=config.get('zookeeper_key_file'),
-                       check_hostname=config.get('zookeeper_check_hostname', True))
+    if tls:
+        options.update(use_ssl=True, verify_certs=True, ca=tls.ca_file, certfile=tls.cert_file,
+                       keyfile=tls.key_file, check_hostname=tls.check_hostname)
     return options
 
 
@@ -142,23 +141,23 @@ def redact_logs(credentials):
 
 # -- TLS --------------------------------------------------------------------
 
-def tls_context(config):
+def tls_context(tls):
     """The context kazoo builds from the same options (kazoo.handlers.utils)."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    context.check_hostname = config.get('zookeeper_check_hostname', True)
+    context.check_hostname = tls.check_hostname
     context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(config['zookeeper_ca_file'])
-    if config.get('zookeeper_cert_file'):
-        context.load_cert_chain(config['zookeeper_cert_file'], config.get('zookeeper_key_file'))
+    context.load_verify_locations(tls.ca_file)
+    if tls.cert_file:
+        context.load_cert_chain(tls.cert_file, tls.key_file)
     return context
 
 
-def tls_problem(addresses, config, timeout=2.0):
+def tls_problem(addresses, tls, timeout=2.0):
     """Why no TLS session with ZooKeeper can be had, in one line; None when
     a server completes the handshake or none answers at all (that is not a
     TLS problem: ZooKeeper is down)."""
-    context = tls_context(config)
+    context = tls_context(tls)
     problems = []
     for host, port in addresses:
         try:

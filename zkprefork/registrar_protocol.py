@@ -1,0 +1,196 @@
+"""The master<->registrar protocol: JSON lines over the registrar's pipes.
+
+The one definition both ends use (registrar_link.py writes commands and
+reads events, registrar.py the reverse). Pure: it imports neither kazoo nor
+the master, so that each end may import it.
+
+On the registrar's stdin, first its configuration (a RegistrarConfig), then
+commands::
+
+    {"op": "register", "endpoints": [[host, port], ...], "data": {...}}
+    {"op": "unregister"}
+
+On its stdout, events::
+
+    {"event": "state", "state": "connected", "session": "0x10000a2b3c0001",
+     "nodes": ["/svc/127.0.0.1:8080"], "since": 1700000000.123, "problems": [],
+     "error": null}
+    {"event": "unregistered"}
+
+Secrets never travel here: the configuration names the file or environment
+variable that holds them (CredentialsSource), and the registrar reads it.
+"""
+import dataclasses
+import json
+import typing
+
+# The registrar's states, as events report them (see registrar.py).
+STATES = ('connecting', 'connected', 'suspended', 'lost', 'failed')
+
+
+class ProtocolError(ValueError):
+    """A line that is not a message of this protocol."""
+
+
+def _line(**message):
+    return json.dumps(message) + '\n'
+
+
+def _load(line):
+    try:
+        message = json.loads(line)
+    except ValueError as error:
+        raise ProtocolError(f'not a JSON line: {error}') from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f'not a JSON object: {line!r}')
+    return message
+
+
+# -- commands (master -> registrar) -------------------------------------------
+
+class Register(typing.NamedTuple):
+    """Register every (host, port) endpoint with zkprefork's node data."""
+    endpoints: tuple  # ((host, port), ...)
+    data: dict  # pid, instance, workers, generation, monitor
+
+    def line(self):
+        return _line(op='register', endpoints=[list(e) for e in self.endpoints], data=self.data)
+
+
+class Unregister(typing.NamedTuple):
+    """Delete every node this registrar made; answered by Unregistered."""
+
+    def line(self):
+        return _line(op='unregister')
+
+
+def read_command(line):
+    """A command line -> Register or Unregister; ProtocolError otherwise."""
+    message = _load(line)
+    op = message.get('op')
+    if op == 'register':
+        try:
+            endpoints = tuple((str(host), int(port)) for host, port in message['endpoints'])
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError(f'register: bad endpoints in {line!r}') from None
+        if not isinstance(message.get('data'), dict):
+            raise ProtocolError(f'register: no data object in {line!r}')
+        return Register(endpoints, message['data'])
+    if op == 'unregister':
+        return Unregister()
+    raise ProtocolError(f'unknown command {op!r}')
+
+
+# -- events (registrar -> master) ------------------------------------------------
+
+class State(typing.NamedTuple):
+    """Every field, every time: the master keeps the last value of each."""
+    state: str  # one of STATES
+    session: str  # '0x...', or None without a session
+    nodes: list  # full paths (chroot included) owned by the current session
+    since: float  # when `state` last changed, seconds since the epoch
+    problems: list  # registrations held back, one line each
+    error: str  # why the state is 'failed', or None
+
+    def line(self):
+        return _line(event='state', **self._asdict())
+
+
+class Unregistered(typing.NamedTuple):
+    """The answer to Unregister: the nodes are deleted (or go with the session)."""
+
+    def line(self):
+        return _line(event='unregistered')
+
+
+_EVENTS = {'state': State, 'unregistered': Unregistered}
+
+
+def read_event(line):
+    """An event line -> {'event': name, **fields} (the master keeps plain
+    dicts); ProtocolError for anything else."""
+    message = _load(line)
+    name = message.pop('event', None)
+    if name not in _EVENTS:
+        raise ProtocolError(f'unknown event {name!r}')
+    try:
+        event = _EVENTS[name](**message)
+    except TypeError as error:
+        raise ProtocolError(f'{name}: {error}') from None
+    if name == 'state' and event.state not in STATES:
+        raise ProtocolError(f'state: unknown state {event.state!r}')
+    return {'event': name, **event._asdict()}
+
+
+# -- the configuration (the first line) -------------------------------------------
+
+# No defaults below: Settings holds them, and from_settings copies them.
+
+@dataclasses.dataclass(frozen=True)
+class CredentialsSource:
+    """Where the registrar reads user:password; never the secret itself."""
+    file: str  # a file holding user:password, or None
+    env: str  # or the name of an environment variable holding it
+    scheme: str  # 'digest' or 'sasl'
+
+
+@dataclasses.dataclass(frozen=True)
+class TLSOptions:
+    ca_file: str  # PEM CA bundle; TLS is on when this is set
+    cert_file: str  # client certificate (PEM) and its key, or None
+    key_file: str
+    check_hostname: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class RegistrarConfig:
+    """What the registrar needs of Settings, checked there already."""
+    hosts: str  # kazoo's hosts string, without the chroot
+    addresses: tuple  # ((host, port), ...): the servers of `hosts`
+    chroot: str  # '' or '/chroot': created like any other missing parent
+    path: str  # the service path, under the chroot
+    session_timeout: int  # milliseconds
+    node_format: str  # one of nodeformat.FORMATS
+    properties: tuple  # ((key, value), ...)
+    loggers: str  # the loggers option, or None
+    credentials: CredentialsSource  # or None
+    tls: TLSOptions  # or None: no TLS
+
+    @classmethod
+    def from_settings(cls, settings):
+        servers = settings.zookeeper  # a settings.ConnectionString, parsed there
+        credentials = tls = None
+        if settings.zookeeper_credentials_file or settings.zookeeper_credentials_env:
+            credentials = CredentialsSource(settings.zookeeper_credentials_file,
+                                            settings.zookeeper_credentials_env,
+                                            settings.zookeeper_auth)
+        if settings.zookeeper_ca_file:
+            tls = TLSOptions(settings.zookeeper_ca_file, settings.zookeeper_cert_file,
+                             settings.zookeeper_key_file, settings.zookeeper_check_hostname)
+        return cls(servers.hosts, servers.addresses, servers.chroot, settings.path,
+                   settings.session_timeout, settings.node_format, settings.properties,
+                   settings.loggers, credentials, tls)
+
+    @property
+    def service_path(self):
+        """The path as the registrar uses it: kazoo is given no chroot."""
+        if self.path == '/':
+            return self.chroot or '/'
+        return self.chroot + self.path
+
+    def line(self):
+        return json.dumps(dataclasses.asdict(self)) + '\n'
+
+    @classmethod
+    def read(cls, line):
+        value = _load(line)
+        try:
+            value['addresses'] = tuple((host, port) for host, port in value['addresses'])
+            value['properties'] = tuple((key, item) for key, item in value['properties'])
+            if value.get('credentials'):
+                value['credentials'] = CredentialsSource(**value['credentials'])
+            if value.get('tls'):
+                value['tls'] = TLSOptions(**value['tls'])
+            return cls(**value)
+        except (KeyError, TypeError, ValueError) as error:
+            raise ProtocolError(f'not a registrar configuration: {error!r}') from None

@@ -1,0 +1,174 @@
+"""The registrar's ZooKeeper session: one KazooClient, its states, the TLS
+check, and the failures that retrying cannot fix.
+
+Everything here runs in the registrar's loop, except kazoo's state listener
+and the TLS check's thread, which only pass news on with `post(kind, value)`.
+"""
+import logging
+import threading
+
+from kazoo.client import KazooClient, KazooState, KeeperState
+from kazoo.exceptions import KazooException, NoNodeError, RolledBackError
+from kazoo.retry import KazooRetry
+
+from zkprefork import zksecurity
+
+log = logging.getLogger('zkprefork.registrar')
+
+# Seconds between reconnection attempts at most, before kazoo's ±40% jitter
+# (so 2.8 s at worst); KazooClient's default back-off would grow to an hour.
+RECONNECT_MAX_DELAY = 2.0
+TLS_CHECK_AFTER = 1.5  # seconds without a connection before checking the TLS handshake
+TLS_CHECK_EVERY = 5.0
+
+
+class Session:
+    """The client, and what the registrar knows of its session.
+
+    `state` is 'connecting' (no session yet), 'connected', 'suspended'
+    (connection lost, the session may still be alive) or 'lost' (the session
+    is gone; kazoo seeks a new one); `id` is the session id while there is
+    one; `failure` a problem that retrying cannot fix (one line), or None.
+    """
+
+    def __init__(self, config, credentials, post, timers):
+        """`config`: a RegistrarConfig; `credentials`: zksecurity.Credentials
+        or None; `post(kind, value)`: hands news to the loop from any thread;
+        `timers`: the loop's Timers."""
+        self.config = config
+        self.credentials = credentials
+        self.post = post
+        self.timers = timers
+        self.state = 'connecting'
+        self.id = None
+        self.failure = None
+        self.running = False
+        self.op_timeout = max(config.session_timeout / 1000.0, 2.0)
+        self.client = KazooClient(
+            hosts=config.hosts,
+            timeout=config.session_timeout / 1000.0,
+            connection_retry=KazooRetry(max_tries=-1, max_delay=RECONNECT_MAX_DELAY),
+            **zksecurity.client_options(config.tls, credentials))
+        # Listeners run on kazoo's connection thread and must not block: they
+        # only pass the news (read there, while it is still true) on.
+        self.client.add_listener(lambda state: post(
+            'state', (state, self.client.client_state, self.client.client_id)))
+
+    @property
+    def connected(self):
+        return self.state == 'connected'
+
+    def start(self):
+        """Connect whenever ZooKeeper answers. Returns a problem (one line)
+        if connecting cannot even be tried, else None."""
+        missing = zksecurity.missing_support(self.credentials)
+        if missing:
+            return missing
+        self.client.start_async()
+        self.running = True
+        if self.config.tls:
+            self.timers.at(TLS_CHECK_AFTER, self.check_tls)
+        return None
+
+    def stop(self):
+        self.running = False
+        self.timers.cancel(self.check_tls)
+        try:
+            self.client.stop()
+        except KazooException as error:
+            log.warning('stopping the ZooKeeper client: %r', error)
+
+    def close(self):
+        """End the session: ZooKeeper deletes its ephemeral nodes at once."""
+        try:
+            self.client.stop()
+            self.client.close()
+        except KazooException as error:
+            log.warning('closing the ZooKeeper session: %r', error)
+
+    def on_state(self, state, keeper_state, client_id):
+        """Kazoo's news, in the loop. Returns a problem that retrying cannot
+        fix, or None."""
+        if state == KazooState.CONNECTED:
+            self.id = client_id[0] if client_id else None
+            self.state = 'connected'
+            self.timers.cancel(self.check_tls)
+            return None
+        if state == KazooState.LOST:
+            self.id = None
+            self.state = 'lost'
+            if keeper_state == KeeperState.AUTH_FAILED:
+                return self.rejected_credentials()
+        else:
+            self.state = 'suspended'
+        if self.config.tls and self.running and not self.timers.pending(self.check_tls):
+            self.timers.at(TLS_CHECK_AFTER, self.check_tls)
+        return None
+
+    def check_tls(self):
+        # On a thread of its own: a host that drops packets would otherwise
+        # keep the loop (and the master's commands) waiting.
+        if not self.connected and self.running:
+            threading.Thread(target=lambda: self.post(
+                'tls', zksecurity.tls_problem(self.config.addresses, self.config.tls)),
+                daemon=True).start()
+
+    def on_tls_checked(self, problem):
+        """The check's result, in the loop. Returns a failed handshake as a
+        problem that retrying cannot fix, or None."""
+        if self.connected or not self.running:
+            return None
+        if problem:
+            return f'TLS handshake with ZooKeeper failed: {problem}'
+        self.timers.at(TLS_CHECK_EVERY, self.check_tls)
+        return None
+
+    def fail(self, message):
+        """A problem that retrying cannot fix: say it once, and stop a client
+        that is not connected (it would only retry) until retry()."""
+        if self.failure is None:
+            log.error('%s; not retrying before the next reload or restart', message)
+        self.failure = message
+        if not self.connected and self.running:
+            self.stop()
+
+    def retry(self):
+        """Try again after a failure. Returns a problem if connecting cannot
+        even be tried, else None."""
+        self.failure = None
+        return None if self.running else self.start()
+
+    def rejected_credentials(self):
+        return f'ZooKeeper rejected the credentials of {self.credentials.identity} (authentication failed)'
+
+    # -- requests --------------------------------------------------------
+
+    def call(self, request, *args, **kwargs):
+        """KazooClient's `request` ('get', 'exists', 'create'...), answered
+        within the operation timeout: unanswered requests wait for a
+        reconnection forever otherwise. Raises what kazoo raises, or
+        KazooTimeoutError."""
+        return getattr(self.client, request + '_async')(*args, **kwargs).get(timeout=self.op_timeout)
+
+    def get_many(self, paths):
+        """[(path, data, stat)] of those `paths` that exist, asked all at once."""
+        pending = [(path, self.client.get_async(path)) for path in paths]
+        found = []
+        for path, result in pending:
+            try:
+                found.append((path, *result.get(timeout=self.op_timeout)))
+            except NoNodeError:
+                pass  # gone since it was listed
+        return found
+
+    def transaction(self):
+        return self.client.transaction()
+
+    def commit(self, transaction):
+        """The results of `transaction`; its first real error raised if any
+        operation failed (the others then only say RolledBack)."""
+        results = transaction.commit_async().get(timeout=self.op_timeout)
+        errors = [result for result in results if isinstance(result, Exception)]
+        if errors:
+            raise next((e for e in errors if not isinstance(e, RolledBackError)), errors[0])
+        return results
