@@ -64,7 +64,7 @@ def _listen(settings, reload_settings):
     if sock is None:
         return listener.bind(settings.host, settings.port), settings, reload_settings
     host, port = sock.getsockname()[:2]
-    actual = {'host': '' if host in ('0.0.0.0', '::') else host, 'port': port}
+    actual = {'host': '' if listener.is_wildcard(host) else host, 'port': port}
     log.info('serving the socket passed by systemd (%s)', listener.format_address(host, port))
     reload_actual = reload_settings and (lambda: dataclasses.replace(reload_settings(), **actual))
     return sock, dataclasses.replace(settings, **actual), reload_actual

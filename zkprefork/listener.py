@@ -12,6 +12,11 @@ BACKLOG = 2048
 _ANY = ('', '0.0.0.0', '::')
 
 
+def is_wildcard(host):
+    """Whether `host` means every address of the machine ('' too)."""
+    return host in _ANY
+
+
 def _resolve(host, port):
     if host in ('', '0.0.0.0'):
         return socket.AF_INET, ('0.0.0.0', port)
@@ -66,7 +71,7 @@ def advertised_hosts(host):
     A wildcard host means every non-loopback IPv4 address of the machine (as
     zc.zkzopeserver registers), never 0.0.0.0; 127.0.0.1 when there is none.
     """
-    if host not in _ANY:
+    if not is_wildcard(host):
         return [host]
     found = sorted({
         address.address

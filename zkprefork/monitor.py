@@ -124,9 +124,7 @@ class Monitor:
         """HOST:PORT as a client elsewhere reaches it (never a wildcard host)."""
         from zkprefork import listener
         host, port = self.sock.getsockname()[:2]
-        if host in ('0.0.0.0', '::'):
-            host = listener.advertised_hosts(host)[0]
-        return listener.format_address(host, port)
+        return listener.format_address(listener.advertised_hosts(host)[0], port)
 
     def node_data(self):
         """What the registered node(s) say about the monitor."""

@@ -16,7 +16,7 @@ import sys
 import zkprefork
 from zkprefork.lines import LineReader
 from zkprefork.registrar_protocol import RegistrarConfig, Register, Unregister, read_event
-from zkprefork.supervision import NEVER, Backoff, describe_exit
+from zkprefork.supervision import MASTER_ONLY_SIGNALS, NEVER, Backoff, describe_exit
 
 log = logging.getLogger('zkprefork.master')
 
@@ -30,10 +30,8 @@ RUN, UNREGISTER, STOP = 'run', 'unregister', 'stop'
 def _ignore_group_signals():
     """In the child, before exec (ignored signals stay ignored through exec):
     from its first instruction on, the registrar survives a signal sent to
-    the whole process group. Ctrl-C must not close the session before the
-    master has deleted the node, `pkill -HUP zkprefork` must not kill it, nor
-    TTIN freeze it; USR1 stays ignored until it can reopen its logs."""
-    for signum in (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1):
+    the whole process group; USR1 stays ignored until it can reopen its logs."""
+    for signum in MASTER_ONLY_SIGNALS + (signal.SIGUSR1,):
         signal.signal(signum, signal.SIG_IGN)
 
 

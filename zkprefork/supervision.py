@@ -6,6 +6,13 @@ import signal
 
 NEVER = float('inf')
 
+# Signals the master alone acts on. Children ignore them, so that one sent to
+# the whole process group (Ctrl-C, `pkill -HUP zkprefork`) reaches them as
+# nothing: Ctrl-C must not close the session before the master has deleted
+# the node, nor HUP kill a worker while it loads the application, nor TTIN
+# freeze anything.
+MASTER_ONLY_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+
 
 def describe_exit(status):
     """A wait status as 'exit status N' or 'killed by SIGNAME'."""

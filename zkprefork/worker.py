@@ -13,6 +13,7 @@ import traceback
 import psutil
 
 from zkprefork import inifile, logsetup, proctitle
+from zkprefork.supervision import MASTER_ONLY_SIGNALS
 from zkprefork.worker_protocol import BootFailed, Heartbeat, Ready, RetireRequest, encode
 
 log = logging.getLogger('zkprefork.worker')
@@ -22,10 +23,6 @@ POLL_SECONDS = 1.0      # longest sleep of the serving loop (heartbeat period)
 DRAIN_IDLE_SECONDS = 0.5  # an idle keep-alive channel this old is closed on drain
 
 
-# The master alone decides on Ctrl-C (so that the node goes first), reloads
-# and resizing; `pkill -HUP zkprefork` must not kill a worker, not even while
-# it loads the application.
-IGNORED_SIGNALS = (signal.SIGINT, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
 _reopen_logs = []  # SIGUSR1 seen, not yet acted on (it may come while the app loads)
 
 
@@ -34,7 +31,7 @@ def reset_signals(inherited):
     a worker's. Until it serves, a worker dies of SIGTERM and SIGQUIT."""
     signal.set_wakeup_fd(-1)
     for signum in inherited:
-        signal.signal(signum, signal.SIG_IGN if signum in IGNORED_SIGNALS else signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_IGN if signum in MASTER_ONLY_SIGNALS else signal.SIG_DFL)
     signal.signal(signal.SIGUSR1, lambda signum, frame: _reopen_logs.append(signum))
 
 
