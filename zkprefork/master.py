@@ -4,8 +4,8 @@ socket, tells the registrar when to (un)register, and stops in order.
 It sleeps in one place, `selector.select()`, woken by signals (through
 signal.set_wakeup_fd), by worker messages and by registrar events; a timeout
 is only ever the next deadline (a respawn back-off, a boot or heartbeat
-limit, a stop step). It never imports kazoo or zope.server and never calls
-the application.
+limit, a stop step). It never imports kazoo and never calls the application;
+zope.server is imported (spawn.py) but never run here.
 
 Its rooms: the pool (pool.py) decides about workers and the master carries
 out its actions (fork, signals); the link (registrar_link.py) supervises the

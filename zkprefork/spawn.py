@@ -4,7 +4,12 @@ import gc
 import os
 import socket
 
-from zkprefork import systemd, worker_protocol
+# The serving stack, imported here, before any fork, so that its pages are
+# shared by every worker and a new worker serves at once. The master never
+# runs it: no zope.server socket, thread or loop exists in the master, and
+# each worker replaces the wake-up pipe and socket map zope.server makes at
+# import (zopeserver.fresh_wakeup) before it serves.
+from zkprefork import systemd, worker_protocol, zopeserver  # noqa: F401
 from zkprefork.worker import reset_signals
 
 

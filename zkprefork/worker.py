@@ -90,8 +90,7 @@ class Worker:
             return None
 
     def _start_server(self, app):
-        # zope.server only now, after fork (see zopeserver's docstring).
-        from zkprefork import zopeserver, wakeup
+        from zkprefork import wakeup, zopeserver  # already imported by the master (spawn.py)
         zopeserver.fresh_wakeup()
         self._install_signals(wakeup)
         wakeup.LinkWatcher(self.link, self._master_gone)

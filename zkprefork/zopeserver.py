@@ -1,10 +1,9 @@
 """zope.server, adapted to serve a socket bound by another process.
 
-Import this module only in a worker, after fork: zope.server creates a
-module-global wake-up pipe at import, and workers sharing one would steal
-each other's wake-ups (requests stall until the poll timeout).
-`fresh_wakeup()` replaces it all the same, for when the application
-imported zope.server before fork (preload).
+The master imports it before forking (spawn.py), so that workers share its
+pages, but zope.server creates a module-global wake-up pipe at import, and
+workers sharing one would steal each other's wake-ups (requests stall until
+the poll timeout): every worker calls `fresh_wakeup()` before it serves.
 """
 import asyncore
 import itertools
