@@ -10,6 +10,7 @@ process started is stopped by pid (and by process group, so that no orphan
 survives a test that kills its master).
 """
 import collections
+import datetime
 import http.client
 import json
 import os
@@ -38,6 +39,35 @@ def write_ini(directory, server_options='', app='egg:zkprefork#demo', extra=''):
 
 # The master under test, as the tests have always called it.
 Server = ZkpreforkMaster
+
+
+def log_times(server, text):
+    """The times (epoch s, from the log's millisecond stamps) of the log lines containing text."""
+    times = []
+    for line in server.log().splitlines():
+        stamp = re.match(r'(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ', line)
+        if stamp and text in line:
+            seconds = datetime.datetime.strptime(stamp.group(1), '%Y-%m-%d %H:%M:%S').timestamp()
+            times.append(seconds + int(stamp.group(2)) / 1000)
+    return times
+
+
+def worker_connections(server):
+    """The TCP connections (psutil) that the server's workers hold, the listening socket aside."""
+    found = []
+    for pid in server.worker_pids():
+        try:
+            found += [c for c in psutil.Process(pid).net_connections('tcp') if c.status != psutil.CONN_LISTEN]
+        except psutil.Error:
+            pass
+    return found
+
+
+def wait_accepted(server, sock):
+    """Wait until a worker has accepted the connection of the client socket sock."""
+    port = sock.getsockname()[1]
+    wait_until(lambda: any(c.raddr and c.raddr.port == port for c in worker_connections(server)),
+               message=f'a worker to accept the connection from port {port}')
 
 
 def node_data(zk, node):
