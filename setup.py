@@ -21,7 +21,9 @@ setup(
     packages=find_packages(include=['zkprefork', 'zkprefork.*']),
     python_requires='>=3.11',
     install_requires=[
-        'zope.server >= 5.0',
+        # zkprefork/zopeserver.py subclasses and patches zope.server's internals:
+        # only the releases the tests cover.
+        'zope.server >= 5.0, < 5.1',
         'pyasyncore; python_version >= "3.12"',
         'kazoo >= 2.9',
         'PasteDeploy >= 3.0',
@@ -32,6 +34,9 @@ setup(
     extras_require={
         'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography',
                  'docutils'],
+        # bench/: the peer servers, the reload plot and the profiler (wrk and
+        # ZooKeeper come from Debian: apt-get install -y wrk zookeeper).
+        'bench': ['gunicorn', 'waitress', 'pyuwsgi', 'granian', 'matplotlib', 'py-spy'],
         'sasl': ['pure-sasl'],
         'tracelog': ['zc.zservertracelog'],
     },

@@ -3,7 +3,7 @@
 
 1. starts a local ZooKeeper (Debian's ``zookeeper`` package) in the
    foreground, with etc/zoo.cfg's settings but a fresh temporary dataDir and
-   a free port on 127.0.0.1, and waits until it answers ``ruok``;
+   a free port on 127.0.0.1, and waits until it serves (``srvr``);
 2. starts ``zkprefork etc/demo.ini --workers 4 --zookeeper 127.0.0.1:PORT``;
 3. waits for its node under /demo/providers and shows it (name and JSON
    data), also as ZooKeeper's own client (zkCli.sh) lists it;
@@ -19,13 +19,11 @@ pid, whatever happens. Everything listens on 127.0.0.1 only.
 import argparse
 import collections
 import configparser
-import http.client
 import logging
 import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -33,16 +31,16 @@ import time
 
 import psutil
 
-from zkprefork.testing import free_port, kill_tree, wait_until
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 CHECKOUT = os.path.dirname(HERE)
+sys.path.insert(0, CHECKOUT)  # this checkout's zkprefork, as the server it starts (cwd=CHECKOUT)
+
+from zkprefork.testing import ZkpreforkMaster, ZooKeeperServer, http_get, kill_tree, wait_until  # noqa: E402
+
 ZOO_CFG = os.path.join(HERE, 'zoo.cfg')
 DEMO_INI = os.path.join(HERE, 'demo.ini')
 ZOOKEEPER_JAR = '/usr/share/java/zookeeper.jar'
-ZOOKEEPER_CLASSPATH = ZOOKEEPER_JAR + ':/usr/share/java/slf4j-simple.jar'
 ZKCLI = '/usr/share/zookeeper/bin/zkCli.sh'
-HOST = '127.0.0.1'
 
 
 class DemoError(Exception):
@@ -86,146 +84,58 @@ def indented(text, prefix='    '):
     return '\n'.join(prefix + line for line in text.rstrip().splitlines())
 
 
-def read_log(path):
+def start_zookeeper(directory):
+    """etc/zoo.cfg's ZooKeeper, with a fresh dataDir and a free port on 127.0.0.1."""
+    if not os.path.exists(ZOOKEEPER_JAR):
+        raise DemoError(f'{ZOOKEEPER_JAR} is missing: apt-get install -y zookeeper')
+    zookeeper = ZooKeeperServer.from_config(ZOO_CFG, directory=directory)
+    with signals_deferred():
+        zookeeper.start(wait=False)
+    started = time.monotonic()
     try:
-        with open(path, encoding='utf-8', errors='replace') as file:
-            return file.read()
-    except OSError:
-        return ''
+        zookeeper.wait_serving()
+    except AssertionError as error:
+        raise DemoError(str(error)) from None
+    say(f'ZooKeeper (pid {zookeeper.process.pid}) serves at {zookeeper.hosts}, '
+        f'{time.monotonic() - started:.2f} s after start')
+    return zookeeper
 
 
-def stop_process(process, name, timeout, signum=signal.SIGTERM):
-    """Stop a child (and, if it must be killed, its descendants) by pid;
-    return its exit status. With signum None, only wait (it was signalled)."""
-    if process.poll() is not None:
-        return process.returncode
-    try:
-        descendants = psutil.Process(process.pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        descendants = []
-    if signum is not None:
-        process.send_signal(signum)
-    try:
-        return process.wait(timeout)
-    except subprocess.TimeoutExpired:
-        say(f'{name} (pid {process.pid}) did not stop within {timeout:g} s: killing it')
-    kill_tree(process.pid, [child.pid for child in descendants])
-    return process.wait()
-
-
-class ZooKeeper:
-    """A standalone ZooKeeper server, a child process in the foreground."""
-
-    def __init__(self, directory):
-        self.directory = directory
-        self.port = free_port()
-        self.config = os.path.join(directory, 'zoo.cfg')
-        self.log_path = os.path.join(directory, 'zookeeper.log')
-        self.process = None
-
-    @property
-    def hosts(self):
-        return f'{HOST}:{self.port}'
-
-    def write_config(self):
-        """etc/zoo.cfg, but with a fresh dataDir and our port, on 127.0.0.1 only."""
-        overrides = {'dataDir': os.path.join(self.directory, 'data'),
-                     'clientPort': str(self.port),
-                     'clientPortAddress': HOST}
-        lines = []
-        with open(ZOO_CFG, encoding='utf-8') as file:
-            for line in file:
-                key = line.partition('=')[0].strip()
-                if line.strip() and not line.lstrip().startswith('#') and key not in overrides:
-                    lines.append(line.rstrip('\n'))
-        lines += [f'{key}={value}' for key, value in overrides.items()]
-        with open(self.config, 'w', encoding='utf-8') as file:
-            file.write('\n'.join(lines) + '\n')
-
-    def start(self):
-        if not os.path.exists(ZOOKEEPER_JAR):
-            raise DemoError(f'{ZOOKEEPER_JAR} is missing: apt-get install -y zookeeper')
-        self.write_config()
-        with open(self.log_path, 'wb') as log, signals_deferred():
-            self.process = subprocess.Popen(
-                ['java', '-cp', ZOOKEEPER_CLASSPATH,
-                 'org.apache.zookeeper.server.ZooKeeperServerMain', self.config],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                start_new_session=True)  # Ctrl-C is the demo's to handle, in order
-        started = time.monotonic()
-
-        def ready():
-            if self.process.poll() is not None:
-                raise DemoError(f'ZooKeeper exited ({self.process.returncode}) at start:\n'
-                                + indented(read_log(self.log_path)[-3000:]))
-            return self.ruok()
-        wait_until(ready, 30, message='ZooKeeper to answer ruok')
-        say(f'ZooKeeper (pid {self.process.pid}) answers ruok with imok at {self.hosts}, '
-            f'{time.monotonic() - started:.2f} s after start')
-        return self
-
-    def ruok(self):
-        try:
-            with socket.create_connection((HOST, self.port), timeout=1) as sock:
-                sock.sendall(b'ruok')
-                return sock.recv(4) == b'imok'
-        except OSError:
-            return False
-
-    def stop(self):
-        if self.process is None:
-            return None
-        return stop_process(self.process, 'ZooKeeper', 10)
-
-
-class Zkprefork:
+def start_zkprefork(directory, zookeeper_hosts, workers):
     """``zkprefork etc/demo.ini --workers N --zookeeper HOSTS`` as a child."""
+    args = ['--workers', str(workers), '--zookeeper', zookeeper_hosts]
+    server = ZkpreforkMaster([DEMO_INI, *args], directory, cwd=CHECKOUT)
+    with signals_deferred():
+        server.start()
+    shown = ['zkprefork', os.path.relpath(DEMO_INI, CHECKOUT), *args]
+    say(f'started `{" ".join(shown)}` (master pid {server.pid})')
+    return server
 
-    def __init__(self, directory, zookeeper_hosts, workers):
-        self.args = [sys.executable, '-m', 'zkprefork.cli', DEMO_INI,
-                     '--workers', str(workers), '--zookeeper', zookeeper_hosts]
-        self.log_path = os.path.join(directory, 'zkprefork.log')
-        self.process = None
 
-    @property
-    def pid(self):
-        return self.process.pid
+def check_running(server):
+    if not server.alive():
+        raise DemoError(f'zkprefork exited ({server.process.returncode}) unexpectedly:\n'
+                        + indented(server.log()))
 
-    def start(self):
-        with open(self.log_path, 'wb') as log, signals_deferred():
-            self.process = subprocess.Popen(
-                self.args, cwd=CHECKOUT, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
-        shown = ['zkprefork', os.path.relpath(DEMO_INI, CHECKOUT)] + self.args[4:]
-        say(f'started `{" ".join(shown)}` (master pid {self.pid})')
-        return self
 
-    def check_running(self):
-        if self.process.poll() is not None:
-            raise DemoError(f'zkprefork exited ({self.process.returncode}) unexpectedly:\n'
-                            + indented(self.log()))
-
-    def log(self):
-        return read_log(self.log_path)
-
-    def processes(self):
-        """(pid, title) of the master's children: its workers and registrar."""
-        found = []
+def titles(server):
+    """(pid, title) of the master's children: its workers and registrar."""
+    found = []
+    for child in server.children():
         try:
-            children = psutil.Process(self.pid).children()
+            found.append((child.pid, ' '.join(child.cmdline())))
         except psutil.NoSuchProcess:
-            return found
-        for child in children:
-            try:
-                found.append((child.pid, ' '.join(child.cmdline())))
-            except psutil.NoSuchProcess:
-                pass
-        return sorted(found)
+            pass
+    return sorted(found)
 
-    def stop(self, signum=signal.SIGTERM):
-        if self.process is None:
-            return None
-        return stop_process(self.process, 'zkprefork', 60, signum)
+
+def stop_child(process, name, timeout, signum=signal.SIGTERM):
+    """Stop a child by pid (killing it and its descendants after timeout s);
+    its exit status."""
+    status = process.stop(signum, timeout)
+    if status == -signal.SIGKILL:
+        say(f'{name} (pid {process.pid}) did not stop within {timeout:g} s: killed it')
+    return status
 
 
 def service_path():
@@ -260,21 +170,11 @@ def show_zkcli(zookeeper, path):
     say(indented('\n'.join(answer) or stdout or stderr or f'nothing (exit status {process.returncode})'))
 
 
-def get(address, port, target='/'):
-    """One request on a connection of its own."""
-    connection = http.client.HTTPConnection(address, port, timeout=10)
-    try:
-        connection.request('GET', target, headers={'Connection': 'close'})
-        response = connection.getresponse()
-        return response.status, response.read().decode('utf-8', errors='replace')
-    finally:
-        connection.close()
-
-
 def make_requests(address, port, count):
     answered_by = collections.Counter()
     for _ in range(count):
-        status, body = get(address, port)
+        status, body = http_get(port, host=address, headers={'Connection': 'close'})
+        body = body.decode('utf-8', errors='replace')
         match = re.search(r'\(pid (\d+)\)', body)
         if status != 200 or not match:
             raise DemoError(f'unexpected answer: {status} {body!r}')
@@ -291,19 +191,17 @@ def run(args, directory):
     kazoo_log = logging.getLogger('kazoo')
     kazoo_log.addHandler(logging.FileHandler(os.path.join(directory, 'kazoo-client.log')))
     kazoo_log.propagate = False
-    zookeeper = ZooKeeper(directory)
-    server = client = None
+    zookeeper = server = client = None
     try:
-        zookeeper.start()
+        zookeeper = start_zookeeper(directory)
         started = time.monotonic()
-        server = Zkprefork(directory, zookeeper.hosts, args.workers)
-        server.start()
+        server = start_zkprefork(directory, zookeeper.hosts, args.workers)
         path = service_path()
         client = KazooClient(hosts=zookeeper.hosts)
         client.start(15)
 
         def registered():
-            server.check_running()
+            check_running(server)
             return client.exists(path) and client.get_children(path)
         nodes = wait_until(registered, 60, message=f'a node under {path}')
         say(f'registered {time.monotonic() - started:.2f} s after start:')
@@ -317,7 +215,7 @@ def run(args, directory):
         show_zkcli(zookeeper, path)
 
         say(f'the master (pid {server.pid}) and its children:')
-        for pid, title in server.processes():
+        for pid, title in titles(server):
             say(f'    pid {pid}: {title}')
 
         # A client's view: the address comes from ZooKeeper.
@@ -335,7 +233,7 @@ def run(args, directory):
             say('press Ctrl-C to stop')
             try:
                 while True:
-                    server.check_running()
+                    check_running(server)
                     time.sleep(0.5)
             except Stop:
                 say()
@@ -354,11 +252,11 @@ def run(args, directory):
                 client.close()
             except Exception:  # noqa: BLE001 - the cleanup must go on
                 pass
-        if server is not None and server.process and server.process.poll() is None:
+        if server is not None and server.alive():
             say(f'stopping zkprefork (pid {server.pid}) with SIGTERM')
-            server.stop()
-        status = zookeeper.stop()
-        if status is not None:
+            stop_child(server, 'zkprefork', 60)
+        if zookeeper is not None:
+            stop_child(zookeeper.process, 'ZooKeeper', 10)
             say(f'ZooKeeper (pid {zookeeper.process.pid}) stopped')
 
 
@@ -366,11 +264,11 @@ def stop_and_show(server, client, path):
     """SIGTERM to the master: the node goes first, then the master exits 0."""
     say(f'sending SIGTERM to the master (pid {server.pid})')
     sent = time.monotonic()
-    server.process.send_signal(signal.SIGTERM)
+    server.signal(signal.SIGTERM)
     wait_until(lambda: not client.get_children(path), 30, message='the node to go')
     say(f'    the node is gone after {time.monotonic() - sent:.2f} s: '
         f'{path} has children {client.get_children(path)}')
-    status = server.stop(signum=None)  # only wait: it has had its SIGTERM
+    status = stop_child(server, 'zkprefork', 60, signum=None)  # only wait: it has had its SIGTERM
     say(f'    zkprefork exited with status {status} after {time.monotonic() - sent:.2f} s')
     say('zkprefork\'s log:')
     say(indented(server.log()))

@@ -3,7 +3,7 @@ import itertools
 import pytest
 from kazoo.client import KazooClient
 
-from support import Server, ZooKeeperServer, write_ini
+from support import Processes, Server, ZooKeeperServer, write_ini
 
 _paths = itertools.count(1)
 
@@ -34,15 +34,9 @@ def zk_path(request):
 @pytest.fixture
 def servers(tmp_path):
     """Start zkprefork masters; every one is killed (with its children) at the end."""
-    started = []
-
-    def start(*args, env=None):
-        server = Server(args, str(tmp_path), env=env).start()
-        started.append(server)
-        return server
-    yield start
-    for server in started:
-        server.stop()
+    started = Processes()
+    yield lambda *args, env=None: started.start(Server(args, str(tmp_path), env=env))
+    started.kill_all()
 
 
 @pytest.fixture

@@ -1,26 +1,28 @@
-"""Real processes for the tests: zkprefork masters, load, ZooKeeper
-ensembles, TLS material, and readers of each node format.
+"""What only the tests need: ini files, load, ZooKeeper ensembles, TLS
+material, and readers of each node format; and, re-exported, the processes
+under test that the tests share with the demo and the bench
+(zkprefork.testing: ZooKeeperServer, ZkpreforkMaster as Server,
+ProcessUnderTest, wait_until ...).
 
-Nothing here is a mock: ZooKeeper is Debian's (zkprefork.testing), started
-on 127.0.0.1 with a free port and a temporary data dir; zkprefork runs as
-its own command. Every process started here is stopped by pid (and by
-process group, so that no orphan survives a test that kills its master).
+Nothing here is a mock: ZooKeeper is Debian's, started on 127.0.0.1 with a
+free port and a temporary data dir; zkprefork runs as its own command. Every
+process started is stopped by pid (and by process group, so that no orphan
+survives a test that kills its master).
 """
 import collections
+import datetime
 import http.client
 import json
 import os
 import re
-import signal
 import subprocess
-import sys
 import textwrap
-import time
 
 import psutil
 
 from zkprefork.testing import (  # noqa: F401 (re-exported for the tests)
-    ZOOKEEPER_CLASSPATH, ZooKeeperServer, free_port, kill_tree, wait_until)
+    ZOOKEEPER_CLASSPATH, Processes, ProcessUnderTest, ZkpreforkMaster, ZooKeeperServer, free_port,
+    kill_tree, wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,100 +37,37 @@ def write_ini(directory, server_options='', app='egg:zkprefork#demo', extra=''):
     return path
 
 
-class Server:
-    """A zkprefork master started as `python -m zkprefork.cli ARGS`."""
+# The master under test, as the tests have always called it.
+Server = ZkpreforkMaster
 
-    def __init__(self, args, directory, env=None):
-        self.args = [str(arg) for arg in args]
-        self.log_path = os.path.join(directory, f'zkprefork-{time.monotonic_ns()}.log')
-        self.env = dict(os.environ, **(env or {}))
-        self.process = None
-        self.seen_pids = set()
 
-    def start(self):
-        self.log_file = open(self.log_path, 'wb')
-        self.process = subprocess.Popen(
-            [sys.executable, '-m', 'zkprefork.cli', *self.args],
-            stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
-            start_new_session=True)
-        return self
+def log_times(server, text):
+    """The times (epoch s, from the log's millisecond stamps) of the log lines containing text."""
+    times = []
+    for line in server.log().splitlines():
+        stamp = re.match(r'(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ', line)
+        if stamp and text in line:
+            seconds = datetime.datetime.strptime(stamp.group(1), '%Y-%m-%d %H:%M:%S').timestamp()
+            times.append(seconds + int(stamp.group(2)) / 1000)
+    return times
 
-    @property
-    def pid(self):
-        return self.process.pid
 
-    def log(self):
-        with open(self.log_path, encoding='utf-8', errors='replace') as file:
-            return file.read()
-
-    def wait_for_log(self, pattern, timeout=15.0):
-        regex = re.compile(pattern)
-
-        def found():
-            match = regex.search(self.log())
-            if not match and self.process.poll() is not None:
-                raise AssertionError(f'zkprefork exited ({self.process.returncode}) before '
-                                     f'logging {pattern!r}:\n{self.log()}')
-            return match
-        return wait_until(found, timeout, message=f'{pattern!r} in the log')
-
-    def wait_serving(self, timeout=15.0):
-        self.wait_for_log(r'worker\(s\) ready, serving at', timeout)
-        self.port = int(self.wait_for_log(r'listening at http://\S+:(\d+)').group(1))
-        self.remember_children()
-        return self
-
-    def remember_children(self):
-        for child in self.children():
-            self.seen_pids.add(child.pid)
-
-    def children(self):
+def worker_connections(server):
+    """The TCP connections (psutil) that the server's workers hold, the listening socket aside."""
+    found = []
+    for pid in server.worker_pids():
         try:
-            return psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return []
-
-    def worker_pids(self):
-        """Pids of the live workers (children titled 'zkprefork: worker')."""
-        pids = set()
-        for child in self.children():
-            try:
-                cmdline = child.cmdline()
-            except psutil.NoSuchProcess:
-                continue
-            if ' '.join(cmdline).startswith('zkprefork: worker'):
-                pids.add(child.pid)
-        self.seen_pids |= pids
-        return pids
-
-    def request(self, path='/', timeout=10.0, host='127.0.0.1'):
-        connection = http.client.HTTPConnection(host, self.port, timeout=timeout)
-        try:
-            connection.request('GET', path)
-            response = connection.getresponse()
-            return response.status, response.read()
-        finally:
-            connection.close()
-
-    def signal(self, signum):
-        os.kill(self.pid, signum)
-
-    def wait(self, timeout=30.0):
-        return self.process.wait(timeout)
-
-    def stop(self):
-        """Kill whatever is left: the master, its children, every pid seen."""
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.remember_children()
-        kill_tree(self.pid, self.seen_pids)
-        try:
-            os.killpg(self.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
+            found += [c for c in psutil.Process(pid).net_connections('tcp') if c.status != psutil.CONN_LISTEN]
+        except psutil.Error:
             pass
-        self.process.wait(10)
-        self.log_file.close()
+    return found
+
+
+def wait_accepted(server, sock):
+    """Wait until a worker has accepted the connection of the client socket sock."""
+    port = sock.getsockname()[1]
+    wait_until(lambda: any(c.raddr and c.raddr.port == port for c in worker_connections(server)),
+               message=f'a worker to accept the connection from port {port}')
 
 
 def node_data(zk, node):

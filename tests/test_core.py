@@ -1,4 +1,5 @@
 """The core: N workers on one port, one registration, clean stops."""
+import http.client
 import json
 import os
 import signal
@@ -7,7 +8,7 @@ import time
 
 import psutil
 
-from support import free_port, wait_until
+from support import free_port, log_times, wait_accepted, wait_until
 
 
 def test_registers_one_node_and_spreads_requests_over_workers(servers, ini, zookeeper, zk, zk_path):
@@ -62,14 +63,18 @@ def test_sigterm_finishes_in_flight_request_after_node_is_gone(servers, ini, zoo
     server = servers(config).wait_serving()
     wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), message='the node')
     result = {}
+    connection = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+    connection.connect()
 
     def slow_request():
-        result['response'] = server.request('/sleep?s=2')
+        connection.request('GET', '/sleep?s=2')
+        response = connection.getresponse()
+        result['response'] = response.status, response.read()
         result['node_at_completion'] = zk.get_children(zk_path)
 
     client = threading.Thread(target=slow_request)
     client.start()
-    time.sleep(0.5)  # the request is in flight
+    wait_accepted(server, connection.sock)  # the request is in flight
     server.signal(signal.SIGTERM)
     wait_until(lambda: zk.get_children(zk_path) == [], timeout=2, message='the node to go')
     assert client.is_alive(), 'the slow request finished before the node was gone'
@@ -113,9 +118,10 @@ def test_a_registrar_that_dies_at_start_is_backed_off(servers, ini, zookeeper, z
     (tmp_path / 'kazoo' / '__init__.py').write_text('raise ImportError("kazoo is broken here")\n')
     config = ini(f'zookeeper = {zookeeper.hosts}\npath = {zk_path}\nhost = 127.0.0.1\n')
     server = servers(config, env={'PYTHONPATH': str(tmp_path)}).wait_serving()
-    time.sleep(4)
-    restarts = server.log().count('the registrar (pid')
-    assert 2 <= restarts <= 4  # 0.5, 1, 2 s apart: not a loop
+    wait_until(lambda: len(log_times(server, 'the registrar (pid')) >= 3, message='three registrar deaths')
+    first, second, third = log_times(server, 'the registrar (pid')[:3]
+    # Restarted 0.5 s, then 1 s after each death (plus its start): not a loop.
+    assert second - first >= 0.45 and third - second >= 0.95, (first, second, third)
     assert server.request('/')[0] == 200
     server.signal(signal.SIGTERM)
     assert server.wait(15) == 0
@@ -135,6 +141,6 @@ def test_sigterm_while_zookeeper_is_unreachable(servers, ini, zk_path):
     # Registered in intent, never in fact: the stop must not wait for ZooKeeper.
     config = ini(f'zookeeper = 127.0.0.1:{free_port()}\npath = {zk_path}\nhost = 127.0.0.1\n')
     server = servers(config).wait_serving()
-    time.sleep(1.5)  # the registrar has tried and failed to connect
+    server.wait_for_log('Connection dropped: socket connection error')  # tried and failed to connect
     server.signal(signal.SIGTERM)
     assert server.wait(15) == 0

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from zkprefork.settings import OPTIONS
+from support import wait_until
 
 CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMO_COMMAND = ('apt-get update -q && apt-get install -y -q zookeeper && pip install -e . '
@@ -124,9 +125,12 @@ def test_demo_runs_end_to_end_and_leaves_nothing_behind(tmp_path):
         pytest.fail(f'the demo did not finish within {DEMO_TIMEOUT} s:\n{error.output}')
 
     # Everything it started is gone (give the kernel a moment to reap).
-    deadline = time.monotonic() + 3
-    while (left := _started_by_the_demo(marker, directory, since)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+    try:
+        wait_until(lambda: not _started_by_the_demo(marker, directory, since), timeout=3,
+                   message='the processes the demo started to be gone')
+    except AssertionError:
+        pass  # named below
+    left = _started_by_the_demo(marker, directory, since)
     described = []
     for process in left:
         try:

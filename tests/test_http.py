@@ -19,7 +19,7 @@ import uuid
 import pytest
 
 import httpapp
-from support import wait_until
+from support import wait_until, worker_connections
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -255,11 +255,11 @@ def test_pipelined_requests_split_at_odd_places(http_server):
         reader = Reader(sock)
         for offset in range(0, len(data), 7):
             sock.sendall(data[offset:offset + 7])
-            time.sleep(0.001)
+            time.sleep(0.001)  # the scenario: the pieces arrive apart
         for i in range(6):
             assert reader.response().body == str(i).encode()
         sock.sendall(get('/say?text=slow&ms=300'))
-        time.sleep(0.1)  # the slow request is running
+        time.sleep(0.1)  # the scenario: the next request arrives 100 ms into the slow one's 300
         sock.sendall(get('/say?text=next'))
         assert reader.response().body == b'slow'
         assert reader.response().body == b'next'
@@ -277,7 +277,7 @@ def test_large_response_to_a_slow_reader(http_server, size):
     with connect(server.port, rcvbuf=16384) as sock:
         start = time.monotonic()
         sock.sendall(get(f'/big?n={size}&ms=50'))
-        time.sleep(0.3)  # let the server fill the socket and buffer the rest
+        time.sleep(0.3)  # the scenario: a slow reader; the server fills the socket and buffers the rest
         reader = Reader(sock)
         while b'\r\n\r\n' not in reader.buffer:
             assert reader._more(4096), 'closed before the headers'
@@ -289,7 +289,7 @@ def test_large_response_to_a_slow_reader(http_server, size):
             chunk = sock.recv(32768)
             assert chunk, f'closed after {len(body)} of {len(expected)} body bytes'
             body += chunk
-            time.sleep(0.001)
+            time.sleep(0.001)  # the scenario: a slow reader
         assert body == expected, 'the big body is corrupted'
         elapsed = time.monotonic() - start
         assert elapsed < 10.0, f'{size} bytes to a slow reader took {elapsed:.2f} s'
@@ -305,7 +305,7 @@ def test_pipelined_large_responses_to_a_slow_reader(http_server):
     with connect(server.port, rcvbuf=16384) as sock:
         sock.sendall(get(f'/big?n={sizes[0]}&ms=50') + get('/say?text=a') + get(f'/big?n={sizes[1]}&ms=50')
                      + get('/say?text=b&ms=50') + get(f'/big?n={sizes[2]}') + get('/say?text=c'))
-        time.sleep(0.3)
+        time.sleep(0.3)  # the scenario: a slow reader; the server fills the socket and buffers the rest
         reader = Reader(sock)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:  # read slowly, in small pieces
@@ -313,7 +313,7 @@ def test_pipelined_large_responses_to_a_slow_reader(http_server):
             assert chunk, 'closed in the middle of the responses'
             if reader.buffer.endswith(b'\r\n\r\nc'):
                 break
-            time.sleep(0.001)
+            time.sleep(0.001)  # the scenario: a slow reader
         for size, text in zip(sizes, 'abc'):
             big = reader.response()
             assert big.status == 200 and big.body == httpapp.big(size), size
@@ -339,7 +339,7 @@ def test_request_body_is_echoed_intact(http_server, size):
         data = request('/echo', method='POST', body=payload)
         for offset in range(0, len(data), 100_000):
             sock.sendall(data[offset:offset + 100_000])
-            time.sleep(0.01)
+            time.sleep(0.01)  # the scenario: the body arrives slowly
         response = reader.response()
         assert response.status == 200 and response.body == payload, 'the slow echo differs'
         assert_reusable(sock, reader)
@@ -355,7 +355,7 @@ def test_large_request_headers(http_server):
         assert len(data) > 100_000
         for offset in range(0, len(data), 16384):  # in pieces, the way they may arrive
             sock.sendall(data[offset:offset + 16384])
-            time.sleep(0.002)
+            time.sleep(0.002)  # the scenario: the pieces arrive apart
         response = reader.response()
         assert response.status == 200
         received = json.loads(response.body)
@@ -422,7 +422,7 @@ def test_a_client_that_half_closes_gets_its_whole_response(http_server, path):
     with connect(server.port) as sock:
         sock.sendall(get(path))
         sock.shutdown(socket.SHUT_WR)
-        time.sleep(0.3)  # the end of file reaches the server first
+        time.sleep(0.3)  # the scenario: the client reads late, the end of file reaches the server first
         reader = Reader(sock)
         response = reader.response()
         assert response.status == 200
@@ -452,7 +452,8 @@ def test_clients_that_disconnect_mid_request(http_server, goodbye):
         if resets(i):
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
         sock.close()
-    time.sleep(0.5)  # the sleeping requests finish, their responses fail
+    # The sleeping requests finish, their responses fail, the connections close.
+    wait_until(lambda: not worker_connections(server), message='the workers to close every connection')
     with connect(server.port) as sock:
         reader = Reader(sock)
         for i in range(20):
@@ -544,26 +545,26 @@ def test_close_of_the_app_iterable_is_called_when_the_client_is_gone(http_server
             sock.sendall(get(f'/closing?id={token}&size=3000000&ms=100'))
             if goodbye == 'RST':
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, RST)
-        time.sleep(0.3)
+        wait_until(lambda: token in closed_tokens(server), message=f'close() for {token}')
     assert_closed_once(server, tokens)
     assert server.request('/')[0] == 200
     assert_healthy(server)
 
 
+def closed_tokens(server):
+    """The tokens whose close() httpapp has recorded, in order."""
+    try:
+        with open(server.close_log) as file:
+            return file.read().split()
+    except FileNotFoundError:
+        return []
+
+
 def assert_closed_once(server, tokens):
     """httpapp's close() was called once for each token (in time)."""
-    def closed():
-        try:
-            with open(server.close_log) as file:
-                return file.read().split()
-        except FileNotFoundError:
-            return []
-    deadline = time.monotonic() + 5
-    while not set(tokens) <= set(closed()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(0.2)
-    assert sorted(set(tokens) - set(closed())) == [], 'close() not called for these'
-    assert sorted(closed()) == sorted(tokens), 'close() called more than once'
+    wait_until(lambda: set(tokens) <= set(closed_tokens(server)), timeout=5, message=f'close() of each of {tokens}')
+    time.sleep(0.2)  # the scenario: no second close() may come meanwhile
+    assert sorted(closed_tokens(server)) == sorted(tokens), 'close() called more than once'
 
 
 def test_an_app_that_raises_gets_a_500_and_the_worker_survives(http_server):
@@ -576,7 +577,7 @@ def test_an_app_that_raises_gets_a_500_and_the_worker_survives(http_server):
         except (EOFError, ConnectionResetError) as error:
             pytest.fail(f'no response to a request whose app raised: {error}')
         assert response.status == 500, response
-    time.sleep(0.2)
+    # The 500 is the error handled: the same (one) worker answers on.
     assert server.request('/')[0] == 200
     assert_healthy(server, tracebacks_allowed=True)
 
@@ -595,7 +596,7 @@ def test_an_app_that_raises_in_its_body_ends_the_connection(http_server):
                 reader.response()
         except socket.timeout:
             pytest.fail(f'the connection stays open after 7 of 100 body bytes: {reader.buffer[-60:]!r}')
-    time.sleep(0.2)
+    # The close is the error handled: the same (one) worker answers on.
     assert server.request('/')[0] == 200
     assert_healthy(server, tracebacks_allowed=True)
 

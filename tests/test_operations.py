@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -13,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from support import free_port, node_data, wait_until
+from support import ProcessUnderTest, free_port, node_data, wait_until
 
 
 def ask(address, command, timeout=10):
@@ -265,10 +264,8 @@ def test_socket_activation(tmp_path, ini):
         pytest.skip('systemd-socket-activate is not installed')
     port = free_port()
     config = ini('workers = 2\nport = 1\n')  # the passed socket wins over port
-    log = open(tmp_path / 'activate.log', 'wb')
-    process = subprocess.Popen([tool, '-l', f'127.0.0.1:{port}', sys.executable, '-m',
-                                'zkprefork.cli', config], stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+    process = ProcessUnderTest([tool, '-l', f'127.0.0.1:{port}', sys.executable, '-m', 'zkprefork.cli', config],
+                               str(tmp_path)).start()
     try:
         wait_until(lambda: _connects(port), message='systemd-socket-activate to listen')
         responses = []
@@ -276,18 +273,12 @@ def test_socket_activation(tmp_path, ini):
         client.start()  # the first connection makes it exec zkprefork
         client.join(20)
         assert responses and responses[0].startswith(b'HTTP/1.1 200')
-        wait_until(lambda: 'serving the socket passed by systemd' in (tmp_path / 'activate.log').read_text(),
-                   message='the log line')
+        process.wait_for_log('serving the socket passed by systemd')
         assert psutil.Process(process.pid).cmdline()[0].startswith('zkprefork: master')
-        os.kill(process.pid, signal.SIGTERM)
+        process.signal(signal.SIGTERM)
         assert process.wait(15) == 0
     finally:
-        for child in psutil.Process(process.pid).children(recursive=True) if process.poll() is None else []:
-            child.kill()
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        log.close()
+        process.kill()
 
 
 def _connects(port):

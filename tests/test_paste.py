@@ -8,14 +8,13 @@ import json
 import re
 import signal
 import socket
-import subprocess
 import sys
 import textwrap
 
 import pytest
 from paste.deploy import loadserver
 
-from support import Server, free_port, wait_until
+from support import Processes, Server, free_port, wait_until
 from zkprefork.testing import four_letter_word
 from test_bad_input import assert_not_registered, assert_one_line_error, run_zkprefork, session_processes
 
@@ -32,34 +31,22 @@ server(loadapp(uri))
 
 
 class Command(Server):
-    """support.Server, but for any command line (not only zkprefork's)."""
+    """A zkprefork master started by any command line (pserve, a script)."""
 
-    def start(self):
-        self.log_file = open(self.log_path, 'wb')
-        self.process = subprocess.Popen(
-            self.args, stdout=self.log_file, stderr=subprocess.STDOUT, env=self.env,
-            stdin=subprocess.DEVNULL, start_new_session=True)
-        return self
+    command = ()
 
-    def stop(self):
-        """As Server.stop, plus whatever else is left in its session."""
-        if self.process is None:
-            return
-        self.seen_pids |= set(session_processes(self.pid))
-        super().stop()
+    def kill(self):
+        """As Server.kill, plus whatever else is left in its session."""
+        if self.process is not None:
+            self.seen_pids |= set(session_processes(self.pid))
+        super().kill()
 
 
 @pytest.fixture
 def commands(tmp_path):
-    started = []
-
-    def start(*command):
-        command = Command([str(part) for part in command], str(tmp_path)).start()
-        started.append(command)
-        return command
-    yield start
-    for command in started:
-        command.stop()
+    started = Processes()
+    yield lambda *command: started.start(Command(command, str(tmp_path)))
+    started.kill_all()
 
 
 @pytest.fixture
@@ -102,7 +89,7 @@ def check_serving_and_registered(server, zk, zk_path, port, workers):
 
 
 def check_stops_on_sigterm(server, zk, zk_path):
-    server.remember_children()
+    server.children()  # its pids, for the teardown to kill should this fail
     server.signal(signal.SIGTERM)
     assert server.wait(20) == 0, server.log()
     assert zk.get_children(zk_path) == []

@@ -119,7 +119,7 @@ def test_stale_node_of_an_earlier_incarnation_is_taken_over(servers, ini, zookee
     assert json.loads(zk.get(node)[0])['pid'] == server.pid
     server.wait_for_log(r'took over %s from an earlier session \(0x%x\)' % (node, earlier.client_id[0]))
     earlier.stop()  # the old session ends: our node stays
-    time.sleep(0.3)
+    zk.sync(zk_path)  # stop() returned once the session was closed: our client sees that now
     assert owner(zk, node) == ours
 
 
@@ -133,7 +133,7 @@ def test_restarted_registrar_takes_over_without_a_gap(servers, ini, zookeeper, z
         while not watching.is_set():
             if not zk.exists(node):
                 gaps.append(time.monotonic())
-            time.sleep(0.005)
+            time.sleep(0.005)  # the scenario: a watcher that samples every 5 ms
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:

@@ -6,7 +6,7 @@ import time
 import psutil
 import pytest
 
-from support import Load, node_data, wait_until
+from support import Load, log_times, node_data, wait_until
 
 APP = '''\
 import os
@@ -18,7 +18,7 @@ VERSION = {version!r}
 def factory(global_conf, **local):
     def app(environ, start_response):
         if environ['PATH_INFO'] == '/sleep':
-            time.sleep(0.2)
+            time.sleep(0.2)  # the app's own work: a slow request, on purpose
         body = ('%s %d' % (VERSION, os.getpid())).encode()
         start_response('200 OK', [('Content-Type', 'text/plain'),
                                   ('Content-Length', str(len(body)))])
@@ -84,7 +84,7 @@ def test_hup_twice_under_load_drops_nothing(start, app_module, zk, zk_path):
         load.wait_for(500)
         app_module('v2')
         server.signal(signal.SIGHUP)
-        time.sleep(0.3)
+        wait_until(lambda: server.worker_pids() - old, message='the rolling reload to start')
         server.signal(signal.SIGHUP)  # a second HUP during the rolling restarts it
         new = wait_all_replaced(server, old, 4)
         wait_until(lambda: server.log().count('ready') >= 8, message='the new workers')
@@ -125,7 +125,7 @@ def test_broken_config_on_hup_keeps_running_config(start, ini, app_module):
     ini('workers = 0\n', app='call:versioned_app:factory')
     server.signal(signal.SIGHUP)
     server.wait_for_log(r"configuration is not valid, keeping the running one: workers: '0'")
-    time.sleep(0.5)
+    time.sleep(0.5)  # the scenario: nothing may happen now (a replacement would start within this)
     assert server.worker_pids() == old
     assert server.request('/')[0] == 200
 
@@ -136,9 +136,10 @@ def test_ttin_and_ttou_change_workers_and_node_data(start, zk, zk_path):
     server.signal(signal.SIGTTIN)
     wait_until(lambda: len(server.worker_pids()) == 3, message='three workers')
     wait_until(lambda: node_data(zk, node)['workers'] == 3, message='workers 3 in the node')
-    for _ in range(3):
+    for handled in (1, 2, 3):
         server.signal(signal.SIGTTOU)
-        time.sleep(0.2)
+        # One at a time: two signals sent at once may be delivered as one.
+        wait_until(lambda: server.log().count('SIGTTOU: now') >= handled, message=f'TTOU {handled} handled')
     wait_until(lambda: len(server.worker_pids()) == 1, message='one worker (never fewer)')
     wait_until(lambda: node_data(zk, node)['workers'] == 1, message='workers 1 in the node')
     assert server.request('/')[0] == 200
@@ -184,10 +185,10 @@ def test_worker_that_always_fails_at_boot_is_backed_off(start, app_module):
     app_module(boot='raise ImportError("no such module")')
     [victim] = server.worker_pids()
     os.kill(victim, signal.SIGKILL)
-    time.sleep(6)
-    failures = server.log().count('failed to boot')
-    # Back-off 0.5, 1, 2, 4 s: at most 5 forks in 6 s (not hundreds).
-    assert 2 <= failures <= 5
+    wait_until(lambda: len(log_times(server, 'failed to boot')) >= 3, message='three failed boots')
+    first, second, third = log_times(server, 'failed to boot')[:3]
+    # Forked again 0.5 s, then 1 s after each failure (plus its boot): not a loop.
+    assert second - first >= 0.45 and third - second >= 0.95, (first, second, third)
     assert server.process.poll() is None
     app_module('v4')
     wait_until(lambda: server.worker_pids() and server.log().count('ready') >= 2, timeout=20,
@@ -246,9 +247,10 @@ def test_signals_to_the_whole_process_group_kill_no_worker(start):
     # `pkill -HUP zkprefork` or systemd's KillMode reach every process.
     server = start('workers = 2\n', registered=False)
     old = server.worker_pids()
-    for signum in (signal.SIGUSR1, signal.SIGTTIN, signal.SIGHUP):
+    for signum, handled in ((signal.SIGUSR1, 'SIGUSR1: reopening'), (signal.SIGTTIN, 'SIGTTIN: now'),
+                            (signal.SIGHUP, 'SIGHUP: reloading')):
         os.killpg(server.pid, signum)
-        time.sleep(0.2)
+        server.wait_for_log(handled)  # in this order
     wait_all_replaced(server, old, 3)
     assert 'killed by' not in server.log()
     assert 'exited unexpectedly' not in server.log()

@@ -133,7 +133,7 @@ def assert_reported_once(server, text, quiet_for=1.5):
     """One error line, and no more attempts after it."""
     server.wait_for_log(re.escape(text))
     connects = server.log().count('Connecting to')
-    time.sleep(quiet_for)
+    time.sleep(quiet_for)  # the scenario: no further attempt may come meanwhile
     assert len(error_lines(server, text)) == 1, server.log()
     assert server.log().count('Connecting to') == connects, 'still retrying'
     assert 'not retrying before the next reload or restart' in error_lines(server, text)[0]
@@ -207,7 +207,7 @@ def test_unreadable_credentials_are_named_without_a_restart_loop(servers, tmp_pa
     old = registrar_of(server)
     old.kill()  # the master starts another, which cannot read the file
     server.wait_for_log('cannot read the ZooKeeper credentials: .* not registering')
-    time.sleep(1.0)
+    time.sleep(1.0)  # the scenario: no further attempt may come meanwhile
     assert server.log().count('cannot read the ZooKeeper credentials') == 1
     assert registrar_of(server).pid != old.pid
     assert server.request('/')[0] == 200

@@ -19,11 +19,11 @@ import tempfile
 import time
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, BENCH)
+sys.path[:0] = [BENCH, os.path.dirname(BENCH)]  # bench's modules, this checkout's zkprefork
 
 import apps  # noqa: E402
-import run  # noqa: E402
-from procs import Procs  # noqa: E402
+from servers import Server  # noqa: E402
+from zkprefork.testing import Processes  # noqa: E402
 
 
 def read_response(sock, buffer=b''):
@@ -158,13 +158,13 @@ def check_concurrency(port):
 def main():
     kind = 'zkprefork'
     workdir = tempfile.mkdtemp(prefix='zkprefork-check-')
-    procs = Procs(workdir)
+    processes = Processes()
     failures = 0
     try:
         for workers, checks in ((2, (check_round_trips, check_pipelining, check_big_slow_reader, check_body,
                                      check_close, check_disconnects)),
                                 (1, (check_concurrency,))):
-            server = run.Server(kind, procs, workdir, workers=workers, threads=4).start().wait_ready()
+            server = Server(kind, processes, workdir, workers=workers, threads=4).start().wait_ready()
             for check in checks:
                 try:
                     print(f'ok    {check.__name__}: {check(server.port)}')
@@ -179,7 +179,7 @@ def main():
             else:
                 print(f'ok    no traceback in the log ({workers} worker(s))')
     finally:
-        procs.stop_all()
+        processes.stop_all()
     print(f'{kind}: {"all checks passed" if not failures else f"{failures} FAILED"}')
     return 1 if failures else 0
 

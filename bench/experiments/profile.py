@@ -4,8 +4,8 @@
 
 Starts zkprefork (2 workers x 4 threads),
 runs `wrk -t2 -c64` on 127.0.0.1, records worker 0 with
-`py-spy record --nonblocking --threads --format raw` (pip install py-spy if
-missing) and prints the share of samples per thread kind, per function
+`py-spy record --nonblocking --threads --format raw` (py-spy comes with
+`pip install -e '.[bench]'`) and prints the share of samples per thread kind, per function
 (inclusive) and per top frame.  Everything started is stopped by pid.
 """
 import argparse
@@ -19,10 +19,10 @@ import tempfile
 import time
 
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, BENCH)
+sys.path[:0] = [BENCH, os.path.dirname(BENCH)]  # bench's modules, this checkout's zkprefork
 
-import run  # noqa: E402
-from procs import Procs  # noqa: E402
+from servers import Server  # noqa: E402
+from zkprefork.testing import Processes, ProcessUnderTest  # noqa: E402
 
 
 def summarize(raw_path, top=45):
@@ -58,25 +58,25 @@ def main():
     parser.add_argument('--out')
     args = parser.parse_args()
     if shutil.which('py-spy') is None:
-        subprocess.check_call([sys.executable, '-m', 'pip', 'install', '-q', 'py-spy'])
+        sys.exit("profile.py needs py-spy: pip install -e '.[bench]'")
     kind = 'zkprefork'
     workdir = tempfile.mkdtemp(prefix='zkprefork-profile-')
-    procs = Procs(workdir)
+    processes = Processes()
     raw = os.path.join(workdir, 'profile.raw')
     try:
-        server = run.Server(kind, procs, workdir).start().wait_ready()
+        server = Server(kind, processes, workdir).start().wait_ready()
         worker = sorted(server.worker_pids())[0]
-        load = procs.start('wrk', ['wrk', '-t2', '-c64', f'-d{args.seconds + 4}s',
-                                   f'http://127.0.0.1:{server.port}/'])
+        load = processes.start(ProcessUnderTest(['wrk', '-t2', '-c64', f'-d{args.seconds + 4}s',
+                                                 f'http://127.0.0.1:{server.port}/'], workdir))
         time.sleep(2)
         subprocess.run(['py-spy', 'record', '-p', str(worker), '-d', str(args.seconds), '-r', '200',
                         '--nonblocking', '--threads', '--format', 'raw', '-o', raw],
                        check=True, capture_output=True)
-        load.popen.wait(args.seconds + 30)
+        load.wait(args.seconds + 30)
         print(f'{kind}: wrk {load.log().split("Requests/sec:")[-1].strip().splitlines()[0]} req/s')
         text = summarize(raw)
     finally:
-        procs.stop_all()
+        processes.stop_all()
     print(text)
     if args.out:
         with open(args.out, 'w') as file:

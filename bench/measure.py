@@ -1,0 +1,302 @@
+"""What the bench measures, each a function that starts what it needs
+through a zkprefork.testing.Processes and returns plain data (JSON-able):
+
+    throughput            interleaved rounds of wrk (and of loadgen, for
+                          fairness) against every server, every load
+    summarize             the medians of those rounds, per server and load
+    memory_preload        zkprefork's memory per worker, with and without preload
+    reload_under_load     zkprefork's rolling reload (SIGHUP) under load
+    zookeeper_latencies   start -> registered, SIGTERM/SIGKILL -> node gone
+
+`log` prints progress lines with the time.
+"""
+import datetime
+import json
+import logging
+import os
+import re
+import signal
+import statistics
+import threading
+import time
+
+import psutil
+
+from loads import LOADS, loadgen_result, run_fairness, run_wrk, start_loadgen
+from servers import THREADS, WORKERS, Server
+from zkprefork.testing import ZooKeeperServer, free_port, wait_until
+
+IDEAL_SLEEP10 = WORKERS * THREADS / 0.010  # req/s of the 10 ms app, 800 on 2 workers × 4 threads
+
+
+def log(message):
+    print(f'[{time.strftime("%H:%M:%S")}] {message}', flush=True)
+
+
+# -- throughput --------------------------------------------------------------
+
+def throughput(processes, workdir, servers, loads, rounds, duration, wrk_threads=2, fairness_duration=0,
+               memory_after=True):
+    """Interleaved: every round starts every server afresh, then for each
+    load runs wrk against A, B, C, ... in turn (each followed, with
+    fairness_duration > 0, by a loadgen cell of that many seconds).
+    Returns ({server: {load: [cell per round]}}, {server: memory rows})."""
+    cells = {server: {load: [] for load in loads} for server in servers}
+    memory = {}
+    for rnd in range(rounds):
+        log(f'round {rnd + 1}/{rounds}: starting {", ".join(servers)}')
+        running = {name: Server(name, processes, workdir).start() for name in servers}
+        try:
+            for server in running.values():
+                server.wait_ready()
+            time.sleep(0.5)  # let the servers settle after their start
+            for load in loads:
+                for name in servers:
+                    result = run_cell(processes, workdir, running[name].port, load, duration, wrk_threads,
+                                      fairness_duration)
+                    cells[name][load].append(result)
+                    log(f'  {load:14s} {name:18s} ' + describe_cell(result))
+            if memory_after and rnd == rounds - 1:
+                for name, server in running.items():
+                    memory[name] = memory_of(server.worker_pids())
+        finally:
+            for server in running.values():
+                server.stop()
+    return cells, memory
+
+
+def run_cell(processes, workdir, port, load, duration, wrk_threads, fairness_duration):
+    result = run_wrk(port, load, duration, wrk_threads)
+    pause = 1.0 if LOADS[load].conns >= 1000 else 0.3  # the previous cell's connections close
+    time.sleep(pause)
+    if fairness_duration:
+        result['fairness'] = run_fairness(processes, workdir, port, load, fairness_duration)
+        time.sleep(pause)
+    return result
+
+
+def describe_cell(result):
+    text = (f'{result["rps"]:9.0f} req/s  p99 {result["p99_ms"]} ms  errors {result["errors"]}  '
+            f'other CPU {result["other_cpu_pct"]:.0f}%')
+    fairness = result.get('fairness')
+    if fairness:
+        text += (f'  per connection: min {fairness["conn_min"]}, '
+                 f'{fairness["conns_unserved"]}/{fairness["conns"]} unserved')
+    if 'wrk_error' in result:
+        text += '  WRK: ' + result['wrk_error'][-200:]
+    return text
+
+
+def memory_of(pids):
+    """RSS, USS and PSS (bytes) of each pid."""
+    rows = []
+    for pid in pids:
+        try:
+            info = psutil.Process(pid).memory_full_info()
+        except psutil.Error:
+            continue
+        rows.append({'pid': pid, 'rss': info.rss, 'uss': info.uss, 'pss': info.pss})
+    return rows
+
+
+def summarize(cells):
+    """{server: {load: medians over rounds, ranges, summed errors, fairness}}."""
+    summary = {}
+    for server, loads in cells.items():
+        summary[server] = {}
+        for load, runs in loads.items():
+            if runs:
+                summary[server][load] = _summarize_runs(runs)
+    return summary
+
+
+def _summarize_runs(runs):
+    rps = [r['rps'] for r in runs]
+    summary = {
+        'rps': statistics.median(rps),
+        'rps_min': min(rps), 'rps_max': max(rps),
+        'p50_ms': _median([r['p50_ms'] for r in runs]),
+        'p99_ms': _median([r['p99_ms'] for r in runs]),
+        'p99_max_ms': max((r['p99_ms'] for r in runs if r['p99_ms'] is not None), default=None),
+        'errors': sum(r['errors'] for r in runs),
+        'socket_errors': {k: sum(r[k] for r in runs) for k in ('connect', 'read', 'write', 'timeout')},
+        'non2xx': sum(r['non2xx'] for r in runs),
+        'rounds': len(runs),
+        'other_cpu_pct': _median([r.get('other_cpu_pct') for r in runs]),
+        'other_cpu_max_pct': max((r.get('other_cpu_pct') or 0 for r in runs), default=None),
+    }
+    fairness = [r['fairness'] for r in runs if r.get('fairness')]
+    if fairness:  # the worst round: one unfair round is what a client would see
+        summary['fairness'] = {'conn_min': min(f['conn_min'] for f in fairness),
+                               'conns_unserved': max(f['conns_unserved'] for f in fairness),
+                               'conns': fairness[0]['conns'],
+                               'failed': sum(f['failed'] for f in fairness)}
+    return summary
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+# -- memory with and without preload ------------------------------------------
+
+def memory_preload(processes, workdir, warm_seconds):
+    return {label: _memory(processes, workdir, warm_seconds, extra)
+            for label, extra in (('preload = false', ''), ('preload = true', 'preload = true\n'))}
+
+
+def _memory(processes, workdir, warm_seconds, extra):
+    server = Server('zkprefork', processes, workdir, ini_extra=extra).start()
+    try:
+        server.wait_ready()
+        run_wrk(server.port, 'hello-ka16', warm_seconds)
+        run_wrk(server.port, 'sleep10-ka16', 1)
+        time.sleep(0.3)  # the last responses are flushed and the workers idle
+        return {'workers': memory_of(server.worker_pids()),
+                'master': memory_of([server.proc.pid])}
+    finally:
+        server.stop()
+
+
+# -- rolling reload under load -------------------------------------------------
+
+def reload_under_load(processes, workdir, duration, hup_at):
+    """zkprefork 4 × 4 under bench/loadgen.py (48 connections for duration s),
+    SIGHUP at each of hup_at (s after the load started)."""
+    server = Server('zkprefork', processes, workdir, workers=4, threads=4).start()
+    try:
+        server.wait_ready()
+        load = start_loadgen(processes, workdir, server.port, 48, duration)
+        started = time.monotonic()
+        hups = []
+        for at in hup_at:
+            time.sleep(max(0.0, started + at - time.monotonic()))  # the scenario's schedule
+            hups.append((time.monotonic(), time.time()))
+            server.proc.signal(signal.SIGHUP)
+        data = loadgen_result(load, duration + 60)
+        text = server.proc.log()
+    finally:
+        server.stop()
+    retired = [_log_time(line) for line in text.splitlines()
+               if 'retiring worker' in line and 'reloaded' in line]
+    completions = []
+    for _, wall in hups:
+        after = sorted(t for t in retired if t is not None and t >= wall - 0.01)[:4]
+        completions.append(round(after[-1] - wall, 3) if len(after) == 4 else None)
+    hup_offsets = [round(mono - data['start'], 3) for mono, _ in hups]
+    per_second = [c / data['bucket'] for c in data['per_bucket']]
+    steady = [v for i, v in enumerate(per_second) if 1.0 <= i * data['bucket'] < hup_offsets[0] - 0.1]
+    return {
+        'ok': data['ok'], 'failed': len(data['failures']), 'failures': data['failures'][:20],
+        'failure_offsets_s': [round(t - data['start'], 3) for t, _ in data['failures'][:1000]],
+        'bucket': data['bucket'], 'per_bucket': data['per_bucket'],
+        'reconnects': data['reconnects'], 'hups_at_s': hup_offsets,
+        'reload_completed_s': completions, 'duration_s': duration,
+        'steady_rps': statistics.median(steady) if steady else None,
+        'min_bucket_rps_after_hup': min(per_second[int(hup_offsets[0] / data['bucket']):
+                                                   int(duration / data['bucket']) - 1] or [0]),
+    }
+
+
+def _log_time(line):
+    match = re.match(r'(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})', line)
+    if not match:
+        return None
+    stamp = datetime.datetime.strptime(match.group(1), '%Y-%m-%d %H:%M:%S')
+    return stamp.timestamp() + int(match.group(2)) / 1000
+
+
+# -- ZooKeeper: registration and deregistration latencies ---------------------
+
+def zookeeper_latencies(processes, workdir, trials):
+    from kazoo.client import KazooClient
+    logging.getLogger('kazoo').setLevel(logging.ERROR)  # its reconnect chatter is not a result
+    # ZooKeeper's own default tick (2 s): the 10 s session below is not capped.
+    zk = ZooKeeperServer(tick_time=2000, directory=workdir)
+    client = KazooClient(hosts=zk.hosts)
+    results = {'start_registered_s': [], 'sigterm_gone_s': [], 'sigkill_gone_s': [],
+               'workers_gone_after_sigkill_s': [], 'workers_in_node': []}
+    try:
+        zk.start()
+        client.start(30)
+        # A fresh server may drop its very first sessions while it finishes
+        # starting: make sure it takes writes before timing anything.
+        client.ensure_path('/bench')
+        client.create('/bench/warm-up', ephemeral=True, sequence=True)
+        time.sleep(0.5)
+        for trial, how in enumerate(['SIGTERM', 'SIGKILL'] * trials):
+            _zookeeper_trial(processes, workdir, zk, client, trial, how, results)
+    finally:
+        client.stop()
+        client.close()
+        zk.stop()
+    return results
+
+
+def _zookeeper_trial(processes, workdir, zk, client, trial, how, results):
+    port = free_port()
+    path = f'/bench/run-{os.getpid()}-{trial}/providers'
+    node = f'{path}/127.0.0.1:{port}'
+    client.ensure_path(path)
+    created, deleted = _watch_event(), _watch_event()
+    if client.exists(node, watch=created):
+        raise RuntimeError(f'{node} exists before the start')
+    server = Server('zkprefork', processes, workdir, port=port, workers=4, threads=4,
+                    ini_extra=f'zookeeper = {zk.hosts}\npath = {path}\nsession_timeout = 10000\n')
+    t0 = time.monotonic()
+    server.start()
+    try:
+        if not created.event.wait(30):
+            raise RuntimeError(f'zkprefork did not register:\n{server.proc.log()[-2000:]}')
+        results['start_registered_s'].append(created.at - t0)
+        results['workers_in_node'].append(json.loads(client.get(node)[0]).get('workers'))
+        wait_until(lambda: len(server.worker_pids()) == 4, 10, message='4 workers')
+        time.sleep(0.3)  # all four idle, as a server would be when it is stopped
+        if not client.exists(node, watch=deleted):
+            raise RuntimeError('the node went away by itself')
+        workers = server.worker_pids()
+        server.proc.children()  # remember every pid before the kill
+        t0 = time.monotonic()
+        server.proc.signal(signal.SIGTERM if how == 'SIGTERM' else signal.SIGKILL)
+        if not deleted.event.wait(30):
+            raise RuntimeError(f'the node stayed after {how}')
+        gone = deleted.at - t0
+        if how == 'SIGTERM':
+            results['sigterm_gone_s'].append(gone)
+            server.proc.wait(30)
+        else:
+            results['sigkill_gone_s'].append(gone)
+            results['workers_gone_after_sigkill_s'].append(_workers_gone_after(workers, t0))
+        log(f'  ZooKeeper trial {trial + 1}: start->registered {results["start_registered_s"][-1] * 1000:.0f} ms, '
+            f'{how}->node gone {gone * 1000:.1f} ms')
+    finally:
+        server.stop()
+
+
+def _watch_event():
+    """A kazoo watch that records when it first fired (.at, .event)."""
+    def watch(event):
+        if not watch.event.is_set():
+            watch.at = time.monotonic()
+            watch.event.set()
+    watch.event = threading.Event()
+    return watch
+
+
+def _workers_gone_after(workers, since):
+    """Seconds from since until every pid of workers has exited (None after 10 s)."""
+    def gone():
+        return not any(_running(pid) for pid in workers)
+    try:
+        wait_until(gone, 10, interval=0.005, message='orphaned workers to exit')
+    except AssertionError:  # timed out
+        return None
+    return time.monotonic() - since
+
+
+def _running(pid):
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE  # kill -0 succeeds on a zombie
+    except psutil.NoSuchProcess:
+        return False

@@ -1,0 +1,393 @@
+"""The report: bench/RESULTS.md (or RESULTS-quick.md), the reload plot, and
+the peer table printed at the end of a run, all from the data of one run
+(bench/results/main.json), so that `run.py --render` can write them again.
+
+    machine_info   what the run was measured on (CPU, versions, commit)
+    write_results  main.json -> RESULTS.md and the reload plot
+    peer_table     the side-by-side table with ratios to each peer (markdown lines)
+    targets        the targets with their measured value and pass/fail
+"""
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+
+from loads import LOADS
+from measure import IDEAL_SLEEP10
+from servers import KINDS
+
+BENCH = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(BENCH)
+EXPERIMENTS = os.path.join(BENCH, 'experiments', 'NOTES.md')
+REFERENCE = 'gunicorn-gthread'
+BUSY_PCT = 5  # other CPU (median of a cell's rounds) above which the machine counts as shared
+VERSIONS_OF = ('zkprefork', 'zope.server', 'gunicorn', 'waitress', 'pyuwsgi', 'granian', 'kazoo', 'psutil',
+               'matplotlib')
+
+
+# -- the machine -------------------------------------------------------------
+
+def machine_info():
+    cpu = 'unknown'
+    with open('/proc/cpuinfo') as file:
+        for line in file:
+            if line.startswith('model name'):
+                cpu = line.split(':', 1)[1].strip()
+                break
+    with open('/proc/meminfo') as file:
+        mem_kb = int(re.search(r'MemTotal:\s+(\d+)', file.read()).group(1))
+    versions = {}
+    for dist in VERSIONS_OF:
+        try:
+            versions[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            versions[dist] = 'not installed'
+    wrk = subprocess.run(['wrk', '--version'], capture_output=True, text=True)
+    versions['wrk'] = (wrk.stdout + wrk.stderr).split('[')[0].replace('wrk', '').strip()
+    zk = subprocess.run(['dpkg-query', '-W', '-f', '${Version}', 'zookeeper'], capture_output=True, text=True)
+    versions['zookeeper (Debian)'] = zk.stdout.strip() or 'not installed'
+    try:
+        commit = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
+                                capture_output=True, text=True).stdout.strip()
+        # What is measured is the working tree: say when it is not the commit.
+        dirty = bool(subprocess.run(['git', '-C', REPO, 'status', '--porcelain', '--', 'zkprefork'],
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        commit, dirty = '', False
+    return {
+        'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
+        'nproc': os.cpu_count(),
+        'cpu': cpu,
+        'memory_gib': round(mem_kb / 1048576, 1),
+        'python': platform.python_version(),
+        'kernel': platform.release(),
+        'os': _os_name(),
+        'versions': versions,
+        'commit': commit,
+        'dirty': dirty,
+    }
+
+
+def _os_name():
+    try:
+        with open('/etc/os-release') as file:
+            return re.search(r'PRETTY_NAME="([^"]+)"', file.read()).group(1)
+    except (OSError, AttributeError):
+        return platform.platform()
+
+
+# -- writing RESULTS.md --------------------------------------------------------
+
+def write_results(out_dir, quick):
+    """Render out_dir/main.json; (path of the RESULTS file, the data)."""
+    main_data = _load(os.path.join(out_dir, 'main.json'))
+    results_md = os.path.join(out_dir if quick else BENCH, 'RESULTS-quick.md' if quick else 'RESULTS.md')
+    png_name = 'reload-quick.png' if quick else 'reload.png'
+    if main_data and main_data.get('reload', {}).get('per_bucket'):
+        plot_reload(main_data['reload'], os.path.join(os.path.dirname(results_md), png_name))
+    render(results_md, main_data, png_name)
+    return results_md, main_data
+
+
+def _load(path):
+    try:
+        with open(path) as file:
+            return json.load(file)
+    except (OSError, ValueError):
+        return None
+
+
+def render(path, main, png_name):
+    lines = ['# zkprefork benchmark results', '']
+    if main:
+        lines += _render_main(main, png_name)
+    # The record of the changes measured on the way (written by hand, not re-measured).
+    with open(EXPERIMENTS) as file:
+        lines += [file.read().strip(), '']
+    with open(path, 'w') as file:
+        file.write('\n'.join(lines) + '\n')
+
+
+def _machine_lines(machine, settings):
+    v = machine['versions']
+    return [
+        f'Measured {machine["date"]} on {machine["nproc"]} CPU(s) `{machine["cpu"]}`, '
+        f'{machine["memory_gib"]} GiB, {machine["os"]} (Linux {machine["kernel"]}), '
+        f'Python {machine["python"]}; zkprefork {v["zkprefork"]} (commit {machine["commit"]}'
+        f'{" + uncommitted changes to zkprefork/" if machine.get("dirty") else ""}), '
+        f'zope.server {v["zope.server"]}, gunicorn {v["gunicorn"]}, waitress {v["waitress"]}, '
+        + ''.join(f'{name} {v[dist]}, ' for name, dist in (('uWSGI (pyuwsgi)', 'pyuwsgi'), ('granian', 'granian'))
+                  if dist in v) +
+        f'kazoo {v["kazoo"]}, wrk {v["wrk"]}, ZooKeeper {v["zookeeper (Debian)"]}.',
+        '',
+        f'Command: `{settings["command"]}` — {settings["rounds"]} interleaved round(s) of '
+        f'{settings["duration"]} s per cell (every round starts each server afresh, then for every load runs '
+        'wrk against each server in turn: A, B, C, A, B, C …). '
+        f'`wrk -t{settings.get("wrk_threads", 2)} -c N -d D --latency` on '
+        '127.0.0.1; req/s is the median over rounds, p50/p99 the median of the rounds\' percentiles, '
+        'errors the sum over rounds of wrk\'s connect/read/write/timeout errors and non-2xx/3xx responses. '
+        '"Other CPU" is the CPU time used during the cell by processes the bench did not start (from /proc/stat '
+        'minus the bench\'s own process tree), in % of all CPUs: anything above a few % means another job '
+        'shared the machine and that cell is noisy.',
+        '',
+    ]
+
+
+def _fmt(value, digits=1):
+    if value is None:
+        return '–'
+    return f'{value:.{digits}f}'
+
+
+def _throughput_table(summary, servers, loads, reference=REFERENCE):
+    lines = ['| load | server | req/s (median) | min–max | p50 ms | p99 ms | errors | × gunicorn gthread '
+             '| other CPU % (median/max) |',
+             '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+    for load in loads:
+        ref = summary.get(reference, {}).get(load)
+        for server in servers:
+            cell = summary.get(server, {}).get(load)
+            if not cell:
+                continue
+            ratio = cell['rps'] / ref['rps'] if ref and ref['rps'] else None
+            errors = str(cell['errors'])
+            if cell['errors']:
+                kinds = {**cell['socket_errors'], 'non2xx': cell['non2xx']}
+                errors += ' (' + ', '.join(f'{k} {n}' for k, n in kinds.items() if n) + ')'
+            name = f'**{server}**' if server.startswith('zkprefork') else server
+            lines.append(f'| {load} | {name} | {cell["rps"]:.0f} | {cell["rps_min"]:.0f}–{cell["rps_max"]:.0f} | '
+                         f'{_fmt(cell["p50_ms"], 2)} | {_fmt(cell["p99_ms"], 2)} | {errors} | {_fmt(ratio, 2)} | '
+                         f'{_fmt(cell.get("other_cpu_pct"), 0)}/{_fmt(cell.get("other_cpu_max_pct"), 0)} |')
+    return lines
+
+
+def _other_cpu_note(summary):
+    """One line on how much the machine was shared during the throughput cells."""
+    cells = [(server, load, cell['other_cpu_pct']) for server, loads in summary.items()
+             for load, cell in loads.items() if cell.get('other_cpu_pct') is not None]
+    if not cells:
+        return []
+    busy = [f'{load} {server} ({pct:.0f}%)' for server, load, pct in cells if pct > BUSY_PCT]
+    worst = max(pct for _, _, pct in cells)
+    if not busy:
+        return ['', f'Other CPU: no cell above {BUSY_PCT}% (median per cell; largest {worst:.0f}%): '
+                'the machine was not shared during the throughput cells.']
+    return ['', f'**The machine was shared**: other CPU above {BUSY_PCT}% (median over rounds) in '
+            f'{len(busy)} of {len(cells)} cells: {", ".join(busy)}. Those cells are noisy.']
+
+
+def _slow_rounds_note(cells):
+    """The rounds of the 10 ms app in which zkprefork fell below 95% of the ideal:
+    the medians can hide them."""
+    slow = [f'{load} round {i + 1}: {run["rps"]:.0f} req/s (other CPU {run.get("other_cpu_pct") or 0:.0f}%)'
+            for load, runs in cells.items() if LOADS[load].path == '/sleep10'
+            for i, run in enumerate(runs) if run['rps'] < 0.95 * IDEAL_SLEEP10]
+    if not slow:
+        return []
+    return ['', f'zkprefork rounds of the 10 ms app below 95% of {IDEAL_SLEEP10:.0f} req/s: {"; ".join(slow)}. '
+            'Near 400 req/s (one worker\'s 4 threads / 10 ms) means that one worker took (nearly) all of '
+            'wrk\'s connections when they opened, and the 10 ms app ran on its threads only: the workers '
+            'accept from one socket, with no balancing between them (see Experiments, `bal`).']
+
+
+def targets(main):
+    s = main['summary']
+    zk, ref = s.get('zkprefork', {}), s.get(REFERENCE, {})
+    rows = []
+
+    def ratio(load):
+        if load in zk and load in ref and ref[load]['rps']:
+            return zk[load]['rps'] / ref[load]['rps']
+        return None
+
+    def add(name, measured, ok):
+        rows.append((name, measured, None if ok is None else bool(ok)))
+    r64, r16 = ratio('hello-ka64'), ratio('hello-ka16')
+    add('hello 2×4, 64 keep-alive: ≥ 2.0× gunicorn gthread req/s', f'{_fmt(r64, 2)}×', r64 and r64 >= 2.0)
+    add('hello 2×4, 16 keep-alive: ≥ 1.5× gunicorn gthread req/s', f'{_fmt(r16, 2)}×', r16 and r16 >= 1.5)
+    for load in ('hello-ka16', 'hello-ka64'):
+        if load in zk and load in ref:
+            a, b = zk[load]['p99_ms'], ref[load]['p99_ms']
+            add(f'{load}: p99 ≤ gunicorn gthread\'s', f'{_fmt(a, 2)} ms vs {_fmt(b, 2)} ms',
+                a is not None and b is not None and a <= b)
+    if 'sleep10-ka64' in zk:
+        rps = zk['sleep10-ka64']['rps']
+        add(f'10 ms app, 64 keep-alive: ≥ 95% of {IDEAL_SLEEP10:.0f} req/s',
+            f'{rps:.0f} req/s ({rps / IDEAL_SLEEP10 * 100:.1f}%)', rps >= 0.95 * IDEAL_SLEEP10)
+    if 'sleep10-ka16' in zk:
+        rps = zk['sleep10-ka16']['rps']
+        add(f'(also) 10 ms app, 16 keep-alive: ≥ 95% of {IDEAL_SLEEP10:.0f} req/s',
+            f'{rps:.0f} req/s ({rps / IDEAL_SLEEP10 * 100:.1f}%)', rps >= 0.95 * IDEAL_SLEEP10)
+    if 'hello-ka1000' in zk:
+        cell = zk['hello-ka1000']
+        add('1000 keep-alive connections on 2 workers all served (no errors, no timeouts)',
+            f'{cell["errors"]} errors ({cell["socket_errors"]["timeout"]} timeouts) in {cell["rounds"]} round(s)',
+            cell['errors'] == 0)
+    reload = main.get('reload')
+    if reload:
+        add('zero failed requests across a HUP under load',
+            f'{reload["failed"]} failed of {reload["ok"] + reload["failed"]}', reload['failed'] == 0)
+    zkl = main.get('zookeeper')
+    if zkl:
+        def worst(key):
+            values = [v for v in zkl[key] if v is not None]
+            return max(values) if values else None
+        w = worst('sigterm_gone_s')
+        add('SIGTERM → node gone ≤ 50 ms (worst trial)', f'{_fmt(w and w * 1000, 1)} ms', w is not None and w <= 0.050)
+        w = worst('sigkill_gone_s')
+        add('master SIGKILL → node gone ≤ 1 s (worst trial)', f'{_fmt(w and w * 1000, 0)} ms', w is not None and w <= 1.0)
+        w = worst('start_registered_s')
+        add('start → registered with 4 workers ≤ 1 s (worst trial)', f'{_fmt(w and w * 1000, 0)} ms',
+            w is not None and w <= 1.0)
+    mem = main.get('memory_preload', {}).get('preload = true')
+    if mem:
+        uss = max(w['uss'] for w in mem['workers']) / 1048576
+        add('per-worker USS with preload ≤ 6 MB (largest worker)', f'{uss:.1f} MiB', uss <= 6.0)
+    return rows
+
+
+def _render_main(main, png_name):
+    lines = ['## Side by side', ''] + _machine_lines(main['machine'], main['settings'])
+    lines += ['Servers, 2 workers × 4 threads each: '
+              + '; '.join(KINDS[server][0] for server in main['settings']['servers'])
+              + '. Apps: bench/apps.py (hello world with Content-Length; `/sleep10` blocks 10 ms in '
+              'time.sleep), the same callable for every server.', '']
+    if any('fairness' in cell for loads in main['summary'].values() for cell in loads.values()):
+        lines += ['### Side by side, with ratios to each peer', ''] + peer_table(main) + ['']
+    lines += ['### Targets', '', '| target | measured | pass |', '|---|---|---|']
+    for name, measured, ok in targets(main):
+        lines.append(f'| {name} | {measured} | {"–" if ok is None else ("PASS" if ok else "**FAIL**")} |')
+    lines += ['', '### Throughput and latency', '']
+    lines += _throughput_table(main['summary'], main['settings']['servers'], main['settings']['loads'])
+    lines += _other_cpu_note(main['summary'])
+    lines += _slow_rounds_note(main.get('cells', {}).get('zkprefork', {}))
+    if main.get('reload'):
+        lines += [''] + _render_reload(main['reload'], png_name)
+    zkl = main.get('zookeeper')
+    if zkl:
+        def ms(values):
+            return ', '.join('–' if v is None else f'{v * 1000:.1f}' for v in values)
+        lines += ['### ZooKeeper', '',
+                  'Debian\'s ZooKeeper on 127.0.0.1; zkprefork 4 workers with `zookeeper` and `path`; a kazoo '
+                  'client watches the node (`exists(watch=...)`) and the time is taken when the watch fires.', '',
+                  '| measure | trials (ms) |', '|---|---|',
+                  f'| Popen → node created (4 workers ready) | {ms(zkl["start_registered_s"])} |',
+                  f'| SIGTERM to the master → node deleted | {ms(zkl["sigterm_gone_s"])} |',
+                  f'| SIGKILL to the master → node deleted | {ms(zkl["sigkill_gone_s"])} |',
+                  f'| SIGKILL to the master → every orphaned worker exited | {ms(zkl["workers_gone_after_sigkill_s"])} |',
+                  f'| `workers` in the node data | {", ".join(str(w) for w in zkl["workers_in_node"])} |', '']
+    if main.get('memory_preload'):
+        lines += _render_memory(main['memory_preload'], main.get('memory_after_load', {}))
+    lines += [f'Total bench time: {main["elapsed_s"] / 60:.1f} min.', '']
+    return lines
+
+
+def _render_reload(reload, png_name):
+    lines = ['### Rolling reload under load', '',
+             'zkprefork 4 workers × 4 threads, hello world, bench/loadgen.py with 48 keep-alive connections '
+             f'for {reload["duration_s"]} s, SIGHUP to the master at '
+             f'{", ".join(f"{t:.1f}" for t in reload["hups_at_s"])} s.',
+             '',
+             f'- responses: {reload["ok"]} ok, **{reload["failed"]} failed**; '
+             f'{reload["reconnects"]} reconnects after `Connection: close` from draining workers',
+             f'- steady state before the HUP: {_fmt(reload["steady_rps"], 0)} req/s (median of 100 ms buckets); '
+             f'lowest 100 ms bucket after it: {_fmt(reload["min_bucket_rps_after_hup"], 0)} req/s',
+             '- all 4 old workers retired (replacement ready) within: '
+             + ', '.join(f'{_fmt(c, 2)} s' for c in reload['reload_completed_s']) + ' of the HUP',
+             '', f'![requests per second across the HUP]({png_name})', '']
+    if reload['failures']:
+        lines += ['First failures (monotonic time, error):', '', '```']
+        lines += [f'{t:.3f} {e}' for t, e in reload['failures']]
+        lines += ['```', '']
+    return lines
+
+
+def _render_memory(mem, after_load):
+    lines = ['### Memory per worker', '',
+             'psutil `memory_full_info()` after a short hello-world and 10 ms load (2 workers × 4 threads). '
+             'USS = memory private to the process; PSS = shared pages split among their users.', '',
+             '| server | process | RSS MiB | PSS MiB | USS MiB |', '|---|---|---:|---:|---:|']
+    for label, rows in mem.items():
+        for role in ('master', 'workers'):
+            for row in rows[role]:
+                lines.append(f'| zkprefork, {label} | {"worker" if role == "workers" else role} {row["pid"]} | '
+                             f'{row["rss"] / 1048576:.1f} | {row["pss"] / 1048576:.1f} | {row["uss"] / 1048576:.1f} |')
+    for server, rows in after_load.items():
+        for row in rows:
+            lines.append(f'| {server} (after the last round) | worker {row["pid"]} | {row["rss"] / 1048576:.1f} | '
+                         f'{row["pss"] / 1048576:.1f} | {row["uss"] / 1048576:.1f} |')
+    lines.append('')
+    return lines
+
+
+
+def plot_reload(reload, png_path):
+    """Responses per second (100 ms buckets) across the HUPs, failures as grey lines."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    bucket = reload['bucket']
+    counts = reload['per_bucket'][:-1]  # the last bucket is cut short by the end of the load
+    xs = [i * bucket for i in range(len(counts))]
+    ys = [c / bucket for c in counts]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    ax.plot(xs, ys, drawstyle='steps-post', linewidth=1.2, label='responses/s (100 ms buckets)')
+    for i, at in enumerate(reload['hups_at_s']):
+        ax.axvline(at, color='red', linestyle='--', label='SIGHUP to the master' if i == 0 else None)
+    for when in reload['failure_offsets_s']:
+        ax.axvline(when, color='black', alpha=0.3, linewidth=0.8)
+    ax.set_xlabel('seconds since the load started')
+    ax.set_ylabel('requests/s')
+    ax.set_ylim(bottom=0)
+    ax.set_title(f'zkprefork, 4 workers x 4 threads, rolling reload under load: '
+                 f'{reload["ok"]} ok, {reload["failed"]} failed')
+    ax.legend(loc='lower right')
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+
+
+# -- the side-by-side table ------------------------------------------------------
+
+def peer_table(main, ours='zkprefork'):
+    """Markdown lines: req/s (p99) per load and server, the fairness of each
+    cell, and zkprefork's req/s as a multiple of each peer's."""
+    summary, settings = main['summary'], main['settings']
+    servers = [server for server in settings['servers'] if server in summary]
+    loads = [load for load in settings['loads'] if any(load in summary[server] for server in servers)]
+    peers = [server for server in servers if server != ours]
+
+    def row(label, cells):
+        return f'| {label} | ' + ' | '.join(cells) + ' |'
+
+    def each(load, text):
+        return [text(summary[server][load]) if load in summary[server] else '–' for server in servers]
+    header = [row('load', servers), '|---|' + '---:|' * len(servers)]
+    lines = ['Median req/s over the rounds (median p99 in ms):', ''] + header
+    lines += [row(load, each(load, lambda cell: f'{cell["rps"]:.0f} ({_fmt(cell["p99_ms"])})'))
+              for load in loads]
+    lines += ['', f'Per connection (bench/loadgen.py, {settings.get("fairness_duration")} s after each wrk cell, '
+              'the worst round): responses completed by the slowest connection / connections that got none:',
+              ''] + header
+    lines += [row(load, each(load, _fairness_cell)) for load in loads]
+    if ours in servers and peers:
+        lines += ['', f'{ours} req/s ÷ each peer\'s:', '', row('load', peers), '|---|' + '---:|' * len(peers)]
+        lines += [row(load, [_ratio(summary[ours].get(load), summary[peer].get(load)) for peer in peers])
+                  for load in loads]
+    return lines
+
+
+def _fairness_cell(cell):
+    fairness = cell.get('fairness')
+    if not fairness:
+        return '–'
+    return f'{fairness["conn_min"]} / {fairness["conns_unserved"]} of {fairness["conns"]}'
+
+
+def _ratio(ours, theirs):
+    if not ours or not theirs or not theirs['rps']:
+        return '–'
+    return f'{ours["rps"] / theirs["rps"]:.2f}×'
