@@ -40,6 +40,6 @@ def test_a_pid_that_is_another_servers_worker_is_stale(servers, ini, tmp_path):
 def test_a_master_killed_outright_leaves_a_stale_pidfile(servers, ini, tmp_path):
     pidfile = tmp_path / 'run.pid'
     first = start_with_pidfile(servers, ini, pidfile)
-    first.stop()  # SIGKILL to the master and its children: the lock dies with them
+    first.kill()  # SIGKILL to the master and its children: the lock dies with them
     assert pidfile.exists()
     start_with_pidfile(servers, ini, pidfile)
