@@ -4,7 +4,8 @@
     run_wrk     req/s, p50/p99 and errors of one cell (wrk --latency), with
                 the CPU that processes the bench did not start used meanwhile
     run_fairness  responses per connection of one cell (bench/loadgen.py):
-                the slowest connection, and the connections that got nothing
+                the slowest connection, the connections that got nothing,
+                Jain's fairness index
 
 All traffic goes to 127.0.0.1.
 """
@@ -131,4 +132,11 @@ def run_fairness(processes, workdir, port, load, duration):
     counts = data['per_connection']
     return {'conn_min': min(counts), 'conn_median': statistics.median(counts), 'conn_max': max(counts),
             'conns_unserved': sum(1 for count in counts if count == 0), 'conns': len(counts),
-            'ok': data['ok'], 'failed': len(data['failures'])}
+            'jain': jain_index(counts), 'ok': data['ok'], 'failed': len(data['failures'])}
+
+
+def jain_index(counts):
+    """Jain's fairness index of the responses per connection: 1 when every
+    connection got as many, 1/n when one got them all (0 when none got any)."""
+    total = sum(counts)
+    return total * total / (len(counts) * sum(c * c for c in counts)) if total else 0.0

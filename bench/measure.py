@@ -81,7 +81,7 @@ def describe_cell(result):
     fairness = result.get('fairness')
     if fairness:
         text += (f'  per connection: min {fairness["conn_min"]}, '
-                 f'{fairness["conns_unserved"]}/{fairness["conns"]} unserved')
+                 f'{fairness["conns_unserved"]}/{fairness["conns"]} unserved, Jain {fairness["jain"]:.2f}')
     if 'wrk_error' in result:
         text += '  WRK: ' + result['wrk_error'][-200:]
     return text
@@ -129,6 +129,7 @@ def _summarize_runs(runs):
     if fairness:  # the worst round: one unfair round is what a client would see
         summary['fairness'] = {'conn_min': min(f['conn_min'] for f in fairness),
                                'conns_unserved': max(f['conns_unserved'] for f in fairness),
+                               'jain': min(f['jain'] for f in fairness),
                                'conns': fairness[0]['conns'],
                                'failed': sum(f['failed'] for f in fairness)}
     return summary

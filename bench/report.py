@@ -370,7 +370,8 @@ def peer_table(main, ours='zkprefork'):
     lines += [row(load, each(load, lambda cell: f'{cell["rps"]:.0f} ({_fmt(cell["p99_ms"])})'))
               for load in loads]
     lines += ['', f'Per connection (bench/loadgen.py, {settings.get("fairness_duration")} s after each wrk cell, '
-              'the worst round): responses completed by the slowest connection / connections that got none:',
+              'the worst round): responses completed by the slowest connection / connections that got none / '
+              'Jain\'s fairness index of the responses per connection (1: all alike; 1/N: one got all):',
               ''] + header
     lines += [row(load, each(load, _fairness_cell)) for load in loads]
     if ours in servers and peers:
@@ -384,7 +385,8 @@ def _fairness_cell(cell):
     fairness = cell.get('fairness')
     if not fairness:
         return '–'
-    return f'{fairness["conn_min"]} / {fairness["conns_unserved"]} of {fairness["conns"]}'
+    jain = f' / {fairness["jain"]:.2f}' if 'jain' in fairness else ''
+    return f'{fairness["conn_min"]} / {fairness["conns_unserved"]} of {fairness["conns"]}{jain}'
 
 
 def _ratio(ours, theirs):

@@ -77,7 +77,7 @@ def parse_args():
     parser.add_argument('--wrk-threads', type=int, help='wrk -t (default 2, --peers 1)')
     parser.add_argument('--fairness', type=float,
                         help='seconds of bench/loadgen.py per cell, after wrk, for the per-connection counts '
-                             '(default 2, --quick 1; 0: none)')
+                             '(default 3, --quick 2; 0: none)')
     parser.add_argument('--servers', help=f'comma separated servers (default: all of {", ".join(KINDS)})')
     parser.add_argument('--loads', help=f'comma separated loads (default: all of {", ".join(LOADS)})')
     parser.add_argument('--render', action='store_true',
@@ -89,7 +89,7 @@ def parse_args():
     args.rounds = args.rounds or (1 if args.quick else preset.get('rounds', 3))
     args.duration = args.duration or (2 if args.quick else preset.get('duration', 5))
     args.wrk_threads = args.wrk_threads or preset.get('wrk_threads', 2)
-    args.fairness = (1 if args.quick else 2) if args.fairness is None else args.fairness
+    args.fairness = (2 if args.quick else 3) if args.fairness is None else args.fairness
     args.servers = args.servers.split(',') if args.servers else preset.get('servers', list(KINDS))
     args.loads = args.loads.split(',') if args.loads else preset.get('loads', list(LOADS))
     args.parts = [part for part in PARTS

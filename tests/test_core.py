@@ -118,8 +118,8 @@ def test_a_registrar_that_dies_at_start_is_backed_off(servers, ini, zookeeper, z
     (tmp_path / 'kazoo' / '__init__.py').write_text('raise ImportError("kazoo is broken here")\n')
     config = ini(f'zookeeper = {zookeeper.hosts}\npath = {zk_path}\nhost = 127.0.0.1\n')
     server = servers(config, env={'PYTHONPATH': str(tmp_path)}).wait_serving()
-    wait_until(lambda: len(log_times(server, 'the registrar (pid')) >= 3, message='three registrar deaths')
-    first, second, third = log_times(server, 'the registrar (pid')[:3]
+    wait_until(lambda: len(log_times(server, 'restarting it in')) >= 3, message='three registrar deaths')
+    first, second, third = log_times(server, 'restarting it in')[:3]
     # Restarted 0.5 s, then 1 s after each death (plus its start): not a loop.
     assert second - first >= 0.45 and third - second >= 0.95, (first, second, third)
     assert server.request('/')[0] == 200
