@@ -81,6 +81,7 @@ class Master:
         self.signals.install(self.selector)
         self.monitor.start(self.selector, status.monitor_commands(self), lambda: status.status(self))
         self.link.start(self.selector, time.monotonic())
+        spawn.import_serving_stack()
         log.info('master (pid %d) listening at %s, starting %d worker(s) of %d thread(s)',
                  os.getpid(), self.url(), self.pool.count, self.settings.threads)
         try:

@@ -4,13 +4,19 @@ import gc
 import os
 import socket
 
-# The serving stack, imported here, before any fork, so that its pages are
-# shared by every worker and a new worker serves at once. The master never
-# runs it: no zope.server socket, thread or loop exists in the master, and
-# each worker replaces the wake-up pipe and socket map zope.server makes at
-# import (zopeserver.fresh_wakeup) before it serves.
-from zkprefork import systemd, worker_protocol, zopeserver  # noqa: F401
+from zkprefork import systemd, worker_protocol
 from zkprefork.worker import reset_signals
+
+
+def import_serving_stack():
+    """Import zope.server (with zkprefork.zopeserver) before the first fork,
+    so that its pages are shared by every worker and a new worker serves at
+    once. The master calls this after starting the registrar, which then
+    boots while the master imports. The master never runs that stack: no
+    zope.server socket, thread or loop exists in it, and each worker replaces
+    the wake-up pipe and socket map zope.server makes at import
+    (zopeserver.fresh_wakeup) before it serves."""
+    import zkprefork.zopeserver  # noqa: F401
 
 
 def fork_worker(serve, selector, masters_fds, handled_signals):
