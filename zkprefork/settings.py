@@ -38,6 +38,13 @@ def _seconds(option, value):
     return number
 
 
+def _positive_seconds(option, value):
+    number = _seconds(option, value)
+    if number == 0:
+        raise ConfigError(f'{option}: {value!r} must be more than zero seconds')
+    return number
+
+
 def _boolean(option, value):
     try:
         return asbool(value)
@@ -179,6 +186,13 @@ class Settings:
     zookeeper_check_hostname: bool = True
     node_format: str = 'zk'
     properties: tuple = ()  # ((key, value), ...) added to the node data
+    # HTTP limits (httprequest.Limits; gunicorn's names where they match)
+    limit_request_line: int = 4094  # bytes -> 414
+    limit_request_fields: int = 200  # header fields -> 431
+    limit_request_field_size: int = 65536  # bytes of one header field -> 431
+    limit_request_header_size: int = 262144  # bytes of the request line and header fields -> 431
+    max_request_body_size: int = 1 << 30  # bytes (1 GiB), de-chunked -> 413
+    request_read_timeout: float = 30.0  # s for the headers, and of silence inside a body -> 408
 
     @property
     def registered(self):
@@ -294,6 +308,13 @@ _CHECKS = {
     'zookeeper_check_hostname': lambda v: _boolean('zookeeper_check_hostname', v),
     'node_format': lambda v: _choice('node_format', v, ('zk', 'serverset', 'curator')),
     'properties': _properties,
+    # HTTP limits
+    'limit_request_line': lambda v: _integer('limit_request_line', v, 64, 1 << 20),
+    'limit_request_fields': lambda v: _integer('limit_request_fields', v, 1, 32768),
+    'limit_request_field_size': lambda v: _integer('limit_request_field_size', v, 64, 1 << 24),
+    'limit_request_header_size': lambda v: _integer('limit_request_header_size', v, 256, 1 << 26),
+    'max_request_body_size': lambda v: _integer('max_request_body_size', v, 0),
+    'request_read_timeout': lambda v: _positive_seconds('request_read_timeout', v),
 }
 
 # Options a reload cannot change: they are the socket, the session or the
