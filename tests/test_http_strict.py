@@ -768,3 +768,25 @@ def test_a_10_gib_content_length_is_413_at_once(strict_server):
 def test_the_server_still_serves_and_no_worker_was_lost(strict_server):
     check(strict_server, req(b''), [200], ['/'])
     assert_workers_kept(strict_server)
+
+
+# -- the options (checked with the others in zkprefork.settings) --
+
+def test_the_limits_default_to_their_documented_values():
+    from zkprefork.httprequest import Limits
+    from zkprefork.settings import make_settings
+    assert Limits.from_settings(make_settings({})) == Limits(
+        limit_request_line=4094, limit_request_fields=200, limit_request_field_size=65536,
+        limit_request_header_size=262144, max_request_body_size=1 << 30, request_read_timeout=30.0)
+
+
+@pytest.mark.parametrize('option,value', [
+    ('limit_request_line', '10'), ('limit_request_line', 'x'), ('limit_request_fields', '0'),
+    ('limit_request_field_size', '-1'), ('limit_request_header_size', '1.5'),
+    ('max_request_body_size', '-1'), ('request_read_timeout', '0'), ('request_read_timeout', 'soon'),
+])
+def test_a_bad_limit_is_a_one_line_error(option, value):
+    from zkprefork.settings import ConfigError, make_settings
+    with pytest.raises(ConfigError, match=f'^{option}: ') as caught:
+        make_settings({option: value})
+    assert '\n' not in str(caught.value)

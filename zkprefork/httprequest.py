@@ -119,9 +119,12 @@ class Request:
             cause = error.__context__
             if isinstance(cause, _Overrun):
                 self.keep_alive = False  # where the next one begins is unknown: end here
+                self._parser = None
                 return size
             self.refuse(cause if isinstance(cause, Refused) else Refused(400, str(error)))
-        if not self.completed:
+        if self.completed:
+            self._parser = None  # it holds our bound methods: no cycle left for the GC
+        else:
             self._tail = (self._tail + data[-3:])[-3:]
         return fed
 

@@ -10,6 +10,7 @@ import asyncore
 import datetime
 import itertools
 import logging
+import operator
 import queue
 import resource
 import socket
@@ -19,6 +20,7 @@ import time
 from zope.server import dualmodechannel, trigger
 from zope.server.adjustments import Adjustments
 from zope.server.http.httpserverchannel import HTTPServerChannel
+from zope.server.http.http_date import build_http_date
 from zope.server.http.httptask import HTTPTask
 from zope.server.http.wsgihttpserver import WSGIHTTPServer, fakeWrite
 from zope.server.serverchannelbase import task_lock
@@ -58,12 +60,20 @@ class TaskDispatcher(ThreadedTaskDispatcher):
         self.queue = queue.SimpleQueue()
 
 
-UNSAFE_IN_HEADERS = ('\r', '\n', '\0')
-
-
 def _check_header_text(text):
-    if any(character in text for character in UNSAFE_IN_HEADERS):
+    if '\r' in text or '\n' in text or '\0' in text:
         raise ValueError(f'CR, LF or NUL in a response header or status: {text!r}')
+
+
+NO_BODY = ('204', '304')  # statuses framed without a body (RFC 9110, 6.4.1)
+_date = [None, '']  # the second and its IMF-fixdate, cached: one response after another asks
+
+
+def http_date(when):
+    second = int(when)
+    if second != _date[0]:
+        _date[:] = second, build_http_date(second)
+    return _date[1]
 
 
 def start_response_for(task):
@@ -132,15 +142,30 @@ class DrainingTask(HTTPTask):
         super().appendResponseHeaders(lst)
 
     def prepareResponseHeaders(self):
-        super().prepareResponseHeaders()
+        """zope.server's choice of keeping the connection, and its Server and
+        Date fields, in one pass over the application's header lines."""
         request = self.request_data
-        # Ends keep-alive once the worker drains, so clients reconnect to a
-        # worker that stays instead of losing their next request.
-        if not self.close_on_finish and (
-                self.channel.server.draining or not request.keep_alive
-                or (request.expect_continue and not request.completed)):
-            self.close_on_finish = 1
-            self.response_headers['Connection'] = 'close'
+        names = {name.lower(): value for name, _, value in map(
+            operator.methodcaller('partition', ':'), self.accumulated_headers or ())}
+        headers = self.response_headers
+        framed = 'content-length' in names or 'Content-Length' in headers or self.status in NO_BODY
+        close = (not request.keep_alive or not framed or names.get('connection', '').strip().lower() == 'close'
+                 # Ends keep-alive once the worker drains, so clients reconnect
+                 # to a worker that stays instead of losing their next request.
+                 or self.channel.server.draining
+                 or (request.expect_continue and not request.completed))
+        self.close_on_finish = close
+        if close:
+            headers['Connection'] = 'close'
+        elif self.version == '1.0':
+            headers['Connection'] = 'Keep-Alive'
+        server = self.channel.server.SERVER_IDENT
+        if 'server' in names:
+            headers['Via'] = server
+        else:
+            headers['Server'] = server
+        if 'date' not in names:
+            headers['Date'] = http_date(self.start_time)
 
     def getCGIEnvironment(self):
         """PEP 3333's environ: PATH_INFO is the unquoted path's bytes as
