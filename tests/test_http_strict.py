@@ -735,7 +735,7 @@ def test_an_8_kb_request_line_is_414_within_100_ms(strict_server):
 
 
 @pytest.mark.parametrize('size', [17 << 10, 64 << 10, 1 << 20])
-def test_long_request_lines_on_every_worker_are_414(strict_server, size):
+def test_long_request_lines_again_and_again_are_414(strict_server, size):
     token = uuid.uuid4().hex[:12]
     raw = f'GET /{token}{"a" * size} HTTP/1.1\r\nHost: x\r\n\r\n'.encode()
     start = time.monotonic()
