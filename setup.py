@@ -30,6 +30,7 @@ setup(
         'ZConfig >= 3.6',
         'setproctitle',
         'psutil',
+        'httptools >= 0.9',
     ],
     extras_require={
         'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography',

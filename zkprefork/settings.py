@@ -303,6 +303,15 @@ class Settings:
     node_format: str = option('zk', _node_format, restart_only=True)
     # ((key, value), ...) added to the node data
     properties: tuple = option((), _properties, restart_only=True)
+    # HTTP limits (httprequest.Limits; gunicorn's names where they match)
+    limit_request_line: int = option(4094, _integer(64, 1 << 20))  # bytes -> 414
+    limit_request_fields: int = option(200, _integer(1, 32768))  # header fields -> 431
+    limit_request_field_size: int = option(65536, _integer(64, 1 << 24))  # bytes of one field -> 431
+    # bytes of the request line and header fields -> 431
+    limit_request_header_size: int = option(262144, _integer(256, 1 << 26))
+    max_request_body_size: int = option(1 << 30, _integer(0))  # bytes (1 GiB), de-chunked -> 413
+    # seconds for the headers, and of silence inside a body -> 408
+    request_read_timeout: float = option(30.0, _positive_seconds)
 
     def __post_init__(self):
         # Made directly (as tests do) rather than by make_settings: the

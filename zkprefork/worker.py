@@ -90,7 +90,7 @@ class Worker:
             return None
 
     def _start_server(self, app):
-        from zkprefork import wakeup, zopeserver  # already imported by the master (spawn.py)
+        from zkprefork import httprequest, wakeup, zopeserver  # already imported by the master (spawn.py)
         zopeserver.fresh_wakeup()
         self._install_signals(wakeup)
         wakeup.LinkWatcher(self.link, self._master_gone)
@@ -98,7 +98,8 @@ class Worker:
         dispatcher.setThreadCount(self.settings.threads)
         hit_log = zopeserver.access_logger() if self.settings.access_log else None
         server = zopeserver.server_class(self.settings.zservertracelog)(
-            self.listener, app, self.settings.name, self.settings.host, dispatcher, hit_log)
+            self.listener, app, self.settings.name, self.settings.host, dispatcher, hit_log,
+            httprequest.Limits.from_settings(self.settings))
         return server, dispatcher
 
     def _install_signals(self, wakeup):
@@ -134,6 +135,7 @@ class Worker:
             if now >= next_beat:
                 next_beat = now + POLL_SECONDS
                 self._heartbeat(server)
+                server.expire_stalled_requests()
 
     def _heartbeat(self, server):
         """Tell the master this loop is alive; ask to be replaced when worn out.

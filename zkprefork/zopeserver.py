@@ -6,20 +6,26 @@ workers sharing one would steal each other's wake-ups (requests stall until
 the poll timeout): every worker calls `fresh_wakeup()` before it serves.
 """
 import asyncore
+import datetime
 import itertools
 import logging
+import operator
 import queue
 import resource
 import socket
+import threading
 import time
 
 from zope.server import dualmodechannel, trigger
 from zope.server.adjustments import Adjustments
 from zope.server.http.httpserverchannel import HTTPServerChannel
+from zope.server.http.http_date import build_http_date
 from zope.server.http.httptask import HTTPTask
-from zope.server.http.wsgihttpserver import WSGIHTTPServer
+from zope.server.http.wsgihttpserver import WSGIHTTPServer, fakeWrite
 from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
+
+from zkprefork import httprequest
 
 
 log = logging.getLogger('zkprefork.worker')
@@ -33,8 +39,9 @@ def fresh_wakeup():
     dualmodechannel.the_trigger = trigger.trigger()
 
 
-def adjustments():
+def adjustments(limits):
     adj = Adjustments()
+    adj.limits = limits  # read by the request parser (zope.server hands it the adjustments)
     # The default limit (~97) counts idle keep-alive channels and would leave
     # clients waiting in the backlog; the real bound is the fd limit (poll()
     # is used, so fds above 1024 are fine).
@@ -52,15 +59,135 @@ class TaskDispatcher(ThreadedTaskDispatcher):
         self.queue = queue.SimpleQueue()
 
 
+def _check_header_text(text):
+    if '\r' in text or '\n' in text or '\0' in text:
+        raise ValueError(f'CR, LF or NUL in a response header or status: {text!r}')
+
+
+NO_BODY = ('204', '304')  # statuses framed without a body (RFC 9110, 6.4.1)
+_date = [None, '']  # the second and its IMF-fixdate, cached: one response after another asks
+
+
+def http_date(when):
+    second = int(when)
+    if second != _date[0]:
+        _date[:] = second, build_http_date(second)
+    return _date[1]
+
+
+def start_response_for(task):
+    """PEP 3333's start_response for `task`. A status or header that holds
+    CR, LF or NUL is the application's error (ValueError), never sent."""
+    def start_response(status, headers, exc_info=None):
+        if exc_info:
+            try:
+                if task.wroteResponseHeader():
+                    raise exc_info[1].with_traceback(exc_info[2])
+            finally:
+                exc_info = None
+        elif task.accumulated_headers is not None:
+            raise AssertionError('start_response called a second time without exc_info')
+        code, _, reason = status.partition(' ')
+        if not (len(code) == 3 and code.isdigit()):
+            raise ValueError(f'not an HTTP status: {status!r}')
+        task.setResponseStatus(code, reason)
+        task.accumulated_headers = None
+        task.response_headers = {}
+        task.appendResponseHeaders([f'{name}: {value}' for name, value in headers])
+        return fakeWrite
+    return start_response
+
+
 class DrainingTask(HTTPTask):
-    """Ends keep-alive once the worker drains, so clients reconnect to a
-    worker that stays instead of losing their next request."""
+    """A request to answer: the application's (the environ of PEP 3333,
+    100 Continue on the first read of a body the client holds back), or the
+    server's own refusal of a request it would not pass on."""
+
+    def __init__(self, channel, request_data):
+        super().__init__(channel, request_data)
+        if request_data.expect_continue:
+            request_data.when_body_read(self._send_continue)
+
+    def _send_continue(self):
+        # Only now (RFC 9110, 10.1.1): an application may answer without reading.
+        if not self.wrote_header:
+            self.channel.write(b'HTTP/1.1 100 Continue\r\n\r\n')
+            self.channel.send_now()
+
+    def _do_service(self):
+        refused = self.request_data.error
+        if refused is None:
+            super()._do_service()
+        else:
+            self.answer(refused.status, refused.reason, f'{refused.reason}: {refused.detail}\n')
+
+    def answer(self, status, reason, text):
+        """A plain-text response of the server's own (an error)."""
+        body = text.encode()
+        self.setResponseStatus(str(status), reason)
+        self.accumulated_headers = None
+        self.response_headers = {'Content-Type': 'text/plain; charset=utf-8',
+                                 'Content-Length': str(len(body))}
+        self.write(body)
+
+    # Response splitting: the application's error, raised in start_response.
+    def setResponseStatus(self, status, reason):
+        _check_header_text(f'{status} {reason}')
+        super().setResponseStatus(status, reason)
+
+    def appendResponseHeaders(self, lst):
+        for line in lst:
+            _check_header_text(line)
+        super().appendResponseHeaders(lst)
 
     def prepareResponseHeaders(self):
-        super().prepareResponseHeaders()
-        if self.channel.server.draining and not self.close_on_finish:
-            self.close_on_finish = 1
-            self.response_headers['Connection'] = 'close'
+        """zope.server's choice of keeping the connection, and its Server and
+        Date fields, in one pass over the application's header lines."""
+        request = self.request_data
+        names = {name.lower(): value for name, _, value in map(
+            operator.methodcaller('partition', ':'), self.accumulated_headers or ())}
+        headers = self.response_headers
+        framed = 'content-length' in names or 'Content-Length' in headers or self.status in NO_BODY
+        close = (not request.keep_alive or not framed or names.get('connection', '').strip().lower() == 'close'
+                 # Ends keep-alive once the worker drains, so clients reconnect
+                 # to a worker that stays instead of losing their next request.
+                 or self.channel.server.draining
+                 or (request.expect_continue and not request.completed))
+        self.close_on_finish = close
+        if close:
+            headers['Connection'] = 'close'
+        elif self.version == '1.0':
+            headers['Connection'] = 'Keep-Alive'
+        server = self.channel.server.SERVER_IDENT
+        if 'server' in names:
+            headers['Via'] = server
+        else:
+            headers['Server'] = server
+        if 'date' not in names:
+            headers['Date'] = http_date(self.start_time)
+
+    def getCGIEnvironment(self):
+        """PEP 3333's environ: PATH_INFO is the unquoted path's bytes as
+        latin-1, every header field is HTTP_*, CONTENT_LENGTH is the body's
+        length (absent when a chunked body is read as it arrives)."""
+        if self.cgi_env is not None:
+            return self.cgi_env
+        request, channel = self.request_data, self.channel
+        server = channel.server
+        env = {'REQUEST_METHOD': request.command, 'SCRIPT_NAME': '', 'PATH_INFO': request.path,
+               'QUERY_STRING': request.query or '', 'SERVER_NAME': server.server_name,
+               'SERVER_PORT': str(server.port), 'SERVER_PROTOCOL': f'HTTP/{request.version}',
+               'SERVER_SOFTWARE': server.SERVER_IDENT, 'GATEWAY_INTERFACE': 'CGI/1.1',
+               'REMOTE_ADDR': channel.addr[0], 'CHANNEL_CREATION_TIME': str(channel.creation_time),
+               'wsgi.input_terminated': True}
+        for key, value in request.headers.items():
+            if key not in ('CONTENT_LENGTH', 'CONTENT_TYPE'):
+                key = 'HTTP_' + key
+            env[key] = value
+        if 'CONTENT_LENGTH' in env or (request.chunked and not request.expect_continue):
+            env['CONTENT_LENGTH'] = str(request.content_length)
+        self.cgi_env = env
+        return env
 
     def write(self, data):
         if self.request_data.command == 'HEAD':
@@ -78,21 +205,31 @@ class DrainingTask(HTTPTask):
 
 
 class DrainingChannel(HTTPServerChannel):
-    """Also faster: the pool thread that ran a request sends the response
-    itself and hands the channel back without waking the asyncore loop.
+    """A connection: requests read by llhttp (httprequest.Request), at most
+    one ahead of the one running, none after one that ends the connection.
 
+    Also faster: the pool thread that ran a request sends the response
+    itself and hands the channel back without waking the asyncore loop.
     zope.server's way has every request cross threads twice (the loop hands
     it to a pool thread, which wakes the loop through the trigger pipe to
     send the response), and each wake-up rebuilds the loop's poll set of
     every connection. Here the channel stays registered for reading while
-    its task runs (a pipelined request is parsed and queued; an end of file
-    is noticed), and the trigger is pulled only when output is left (a slow
-    reader, a large response) or the channel must close."""
+    its task runs (the next request is parsed and queued; an end of file is
+    noticed), and the trigger is pulled only when output is left (a slow
+    reader, a large response), the channel must close, or reading resumes
+    after input waited for a request to finish."""
 
     task_class = DrainingTask
+    parser_class = httprequest.Request
+    inbuf = b''     # input not parsed yet: it waits while a request is queued
+    ended = False   # a request that ends the connection was read: nothing after it is
+
+    def __init__(self, server, conn, addr, adj=None):
+        self.parse_lock = threading.Lock()  # the loop reads; a pool thread resumes parsing
+        super().__init__(server, conn, addr, adj)
 
     def readable(self):
-        return not self.will_close
+        return not self.will_close and not self.inbuf
 
     def handle_read(self):
         if self.will_close:
@@ -106,7 +243,41 @@ class DrainingChannel(HTTPServerChannel):
         if data:
             self.received(data)
 
+    def received(self, data):
+        with self.parse_lock:
+            if not self.ended:
+                self.inbuf = self.inbuf + data if self.inbuf else data
+                self._parse()
+
+    def _parse(self):
+        """Queue the requests in self.inbuf, as long as none waits to run
+        (parse_lock held). A request that expects 100-continue is queued
+        once its headers are in: the application reads its body as it comes."""
+        while self.inbuf and not self.ended:
+            request = self.proto_request
+            if request is None:
+                if self.tasks:
+                    return
+                request = self.proto_request = self.parser_class(self.adj)
+            self.inbuf = self.inbuf[request.received(self.inbuf):]
+            if request.completed:
+                self.proto_request = None
+                if not request.keep_alive:
+                    self._end()
+            if not request.dispatched and (request.completed or request.expect_continue):
+                request.dispatched = True
+                self.handle_request(request)
+
+    def _end(self):
+        """No request after this point of the input is read (parse_lock held)."""
+        self.ended = True
+        self.inbuf = b''
+        self.proto_request = None
+
     def handle_close(self):
+        request = self.proto_request
+        if request is not None:
+            request.fail_body('the client closed the connection')
         if self.async_mode:
             self.close()
         else:
@@ -114,6 +285,26 @@ class DrainingChannel(HTTPServerChannel):
             # zope.server's assertion and kill the worker): the loop closes
             # it once it is handed back.
             self.will_close = True
+
+    def expire_stalled(self, now):
+        """408 and the end of the connection for a request whose headers took
+        longer than request_read_timeout, or whose body stopped arriving."""
+        request = self.proto_request
+        timeout = self.adj.limits.request_read_timeout
+        if request is None or self.will_close or self.ended or (
+                now - request.started < timeout if not request.headers_complete
+                else time.time() - self.last_activity < timeout):
+            return
+        refused = httprequest.Refused(408, f'no complete request within {timeout:g} s')
+        with self.parse_lock:
+            if request is not self.proto_request:
+                return
+            self._end()
+            dispatched = request.dispatched
+            request.refuse(refused)  # a task reading its body gets an error
+            request.dispatched = True
+        if not dispatched:
+            self.handle_request(request)
 
     def service(self):
         """ServerChannelBase.service, sending from this thread after each task."""
@@ -127,20 +318,42 @@ class DrainingChannel(HTTPServerChannel):
                         self.pull_trigger()  # the loop has work left: wake it
                     return
                 task = self.tasks.pop(0)
+            if self.inbuf and not self.tasks and not self.will_close:
+                # (with input waiting, will_close means a send failed: the client is gone)
+                self._parse_ahead()
             try:
                 task.service()
             except:  # noqa: E722 as zope.server does: the channel stays serviced
                 self.server.addTask(self)
                 raise
-            if not self.async_mode:
-                self._send_now()
+            if task.close_on_finish:
+                self._drop_queued()
+            elif not self.async_mode:
+                self.send_now()
 
-    def _send_now(self):
+    def _parse_ahead(self):
+        with self.parse_lock:
+            self._parse()
+            resumed = not self.inbuf
+        if resumed:
+            self.pull_trigger()  # the loop left this channel out of its poll set while input waited
+
+    def _drop_queued(self):
+        """The response ended the connection: what was read after it never runs."""
+        with self.parse_lock:
+            self._end()
+        with task_lock:
+            self.tasks = []
+
+    def send_now(self):
         try:
             while self._flush_some():
                 pass
         except OSError:
-            self.will_close = True  # the loop closes it once handed back
+            # The client is gone: the loop closes the channel once handed
+            # back, and nothing it sent runs any more.
+            self.will_close = True
+            self._drop_queued()
 
     def del_channel(self, map=None):
         # zope.server's own del_channel looks the fd up after asyncore has
@@ -151,7 +364,7 @@ class DrainingChannel(HTTPServerChannel):
         self.active_channels.pop(fd, None)
 
     def busy(self):
-        return bool(self.running_tasks or self.outbuf or self.proto_request is not None)
+        return bool(self.running_tasks or self.outbuf or self.proto_request is not None or self.inbuf)
 
 
 class SharedSocketServer(WSGIHTTPServer):
@@ -160,13 +373,13 @@ class SharedSocketServer(WSGIHTTPServer):
     channel_class = DrainingChannel
     draining = False
 
-    def __init__(self, sock, application, name, host, task_dispatcher, hit_log=None):
+    def __init__(self, sock, application, name, host, task_dispatcher, hit_log, limits):
         self._inherited = sock
         self.served = itertools.count(1)
         self.requests = 0
         # SERVER_PORT comes from this port argument: pass the real one.
-        super().__init__(application, name, host, sock.getsockname()[1],
-                         task_dispatcher=task_dispatcher, adj=adjustments(), hit_log=hit_log)
+        super().__init__(application, name, host, sock.getsockname()[1], task_dispatcher=task_dispatcher,
+                         adj=adjustments(limits), hit_log=hit_log)
 
     def create_socket(self, family=None, type=None):
         self._inherited.setblocking(False)
@@ -185,10 +398,21 @@ class SharedSocketServer(WSGIHTTPServer):
     def executeRequest(self, task):
         self.requests = next(self.served)
         try:
-            super().executeRequest(task)
+            self.run_application(task)
         except Exception:
             log.exception('the application failed on %s', task.request_data.first_line)
             self._answer_failure(task)
+
+    def run_application(self, task):
+        """WSGIHTTPServer.executeRequest, with a start_response that refuses
+        what would split the response."""
+        result = self.application(self._constructWSGIEnvironment(task), start_response_for(task))
+        try:
+            for data in result:
+                task.write(data)
+        finally:
+            if hasattr(result, 'close'):
+                result.close()
 
     @staticmethod
     def _answer_failure(task):
@@ -197,13 +421,8 @@ class SharedSocketServer(WSGIHTTPServer):
         an end to the connection (the client must not wait for the rest)."""
         if task.wroteResponseHeader():
             task.close_on_finish = 1
-            return
-        body = b'Internal Server Error\n'
-        task.setResponseStatus('500', 'Internal Server Error')
-        task.accumulated_headers = None
-        task.response_headers = {'Content-Type': 'text/plain; charset=utf-8',
-                                 'Content-Length': str(len(body))}
-        task.write(body)
+        else:
+            task.answer(500, 'Internal Server Error', 'Internal Server Error\n')
 
     def stop_accepting(self):
         self.draining = True
@@ -212,6 +431,13 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def channels(self):
         return list(DrainingChannel.active_channels.values())
+
+    def expire_stalled_requests(self):
+        """Answer 408 to requests whose headers or body stopped arriving
+        (the worker's loop calls it about once a second)."""
+        now = time.monotonic()
+        for channel in self.channels():
+            channel.expire_stalled(now)
 
 
 def server_class(tracelog):
@@ -222,11 +448,17 @@ def server_class(tracelog):
         return SharedSocketServer
     from zc.zservertracelog import tracelog as zc_tracelog
 
+    class TracedRequest(httprequest.Request):
+        def __init__(self, adj):
+            super().__init__(adj)
+            self._Channel__B = datetime.datetime.now()  # zc.zservertracelog's B line reads it
+
     class TracingChannel(DrainingChannel, zc_tracelog.Channel):
-        pass
+        parser_class = TracedRequest
 
     class TracingServer(SharedSocketServer, zc_tracelog.Server):
         channel_class = TracingChannel
+        run_application = zc_tracelog.Server.executeRequest
 
     return TracingServer
 

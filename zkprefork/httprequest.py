@@ -1,0 +1,378 @@
+"""HTTP/1.1 requests parsed by llhttp (httptools), in the shape zope.server's
+channels and tasks read (its `HTTPRequestParser` interface: `received()`,
+`completed`, `first_line`, `command`, `uri`, `version`, `path`, `query`,
+`headers`, `getBodyStream()`).
+
+llhttp does the parsing and is strict by default (RFC 9112): what it
+refuses becomes a 400. This module only maps its callbacks and enforces the
+rules it leaves to the server: the limits (`Limits`), a transfer coding
+other than chunked (501), Transfer-Encoding in HTTP/1.0, a missing or
+duplicated Host, a request line of another shape than
+``method SP request-target SP HTTP-version`` (400), versions other than
+1.0 and 1.1 (505), and header names containing ``_``, which are dropped
+(they would alias a name with ``-`` in the WSGI environ).
+
+One `Request` reads one message. It feeds llhttp the input in pieces that
+end where a message can end (after a blank line, or at the last byte of a
+Content-Length body), so that it stops exactly at the end of its request
+and the channel decides when to parse the next one.
+"""
+import dataclasses
+import tempfile
+import threading
+import time
+from io import BytesIO
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+REASONS = {400: 'Bad Request', 408: 'Request Timeout', 413: 'Content Too Large', 414: 'URI Too Long',
+           431: 'Request Header Fields Too Large', 501: 'Not Implemented',
+           505: 'HTTP Version Not Supported'}
+END_OF_HEAD = b'\r\n\r\n'
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """Bounds on what a client may send: the options of the same names
+    (defaults and ranges in zkprefork.settings; gunicorn's names where they
+    mean the same)."""
+
+    limit_request_line: int         # bytes of the request line -> 414
+    limit_request_fields: int       # header fields -> 431
+    limit_request_field_size: int   # bytes of one header field, name and value -> 431
+    limit_request_header_size: int  # bytes of the request line and header fields -> 431
+    max_request_body_size: int      # bytes of the body, de-chunked -> 413
+    request_read_timeout: float     # s for the headers, and of silence inside a body -> 408
+
+    @classmethod
+    def from_settings(cls, settings):
+        return cls(**{field.name: getattr(settings, field.name) for field in dataclasses.fields(cls)})
+
+
+class Refused(Exception):
+    """The server answers the request itself with `status` and closes."""
+
+    def __init__(self, status, detail):
+        super().__init__(f'{status} {REASONS[status]}: {detail}')
+        self.status, self.reason, self.detail = status, REASONS[status], detail
+
+
+class _Overrun(Exception):
+    """llhttp began a second message in one piece (should not happen)."""
+
+
+class Request:
+    """One HTTP request read by llhttp; zope.server's request-data interface."""
+
+    completed = False
+    empty = False           # zope.server's channel reads it; never true here
+    error = None            # a Refused: answered by the server, not the application
+    keep_alive = False      # the connection may carry another request after this one
+    headers_complete = False
+    dispatched = False      # handed to a task (before completion for 100-continue)
+    expect_continue = False
+    chunked = False
+    content_length = 0
+    version = '1.1'
+    command = ''
+    uri = ''
+    path = ''
+    query = None
+    first_line = '-'
+    request_line = None
+    proxy_scheme = proxy_netloc = None
+    _remaining = None       # bytes of a Content-Length body still to come
+    _line = b''             # the request line's bytes while they arrive, then None
+    _tail = b''             # the last bytes of the previous read
+    _url_size = _head_size = _fields = _body_size = 0
+    _body = None
+
+    def __init__(self, adj):
+        self.limits = adj.limits
+        self.started = time.monotonic()
+        self.headers = {}
+        self._url = []
+        self._parser = httptools.HttpRequestParser(self)
+
+    # -- zope.server's IStreamConsumer --
+
+    def received(self, data):
+        """Feed bytes; returns how many belong to this request."""
+        if self.completed:
+            return 0
+        size = len(data)
+        fed = 0
+        try:
+            while fed < size and not self.completed:
+                end = self._piece_end(data, fed)
+                piece = data if end == size and not fed else memoryview(data)[fed:end]
+                if not self.headers_complete:
+                    self._count_head(piece)
+                fed = end
+                self._parser.feed_data(piece)
+        except Refused as refused:
+            self.refuse(refused)
+        except httptools.HttpParserUpgrade:
+            pass  # the message is complete; keep_alive is off for upgrades
+        except httptools.HttpParserError as error:
+            cause = error.__context__
+            if isinstance(cause, _Overrun):
+                self.keep_alive = False  # where the next one begins is unknown: end here
+                self._parser = None
+                return size
+            self.refuse(cause if isinstance(cause, Refused) else Refused(400, str(error)))
+        if self.completed:
+            self._parser = None  # it holds our bound methods: no cycle left for the GC
+        else:
+            self._tail = (self._tail + data[-3:])[-3:]
+        return fed
+
+    def _piece_end(self, data, start):
+        """Where the piece starting at `start` must end: a message ends after a
+        blank line (head, chunked body) or at the end of a Content-Length body."""
+        if self._remaining:
+            return min(len(data), start + self._remaining)
+        if not start and self._tail:  # an end of head may straddle two reads
+            straddle = (self._tail + data[:3]).find(END_OF_HEAD)
+            if straddle >= 0:
+                return straddle + 4 - len(self._tail)
+        found = data.find(END_OF_HEAD, start - 3 if start > 3 else 0)
+        return len(data) if found < 0 else found + 4
+
+    def _count_head(self, piece):
+        limits = self.limits
+        self._head_size += len(piece)
+        if self._head_size > limits.limit_request_header_size:
+            raise Refused(431, f'header section larger than {limits.limit_request_header_size} bytes')
+        if self._line is None:
+            return
+        self._line += bytes(piece[:limits.limit_request_line + 16])
+        line, crlf, _ = self._line.lstrip(b'\r\n').partition(b'\r\n')
+        if crlf:
+            self._line = None
+            self.request_line = line
+        elif len(line) > limits.limit_request_line:
+            raise Refused(414, f'request line longer than {limits.limit_request_line} bytes')
+
+    def refuse(self, refused):
+        self.error = refused
+        self.completed = True
+        self.keep_alive = False
+        if self._body is not None:
+            self._body.fail(refused)
+
+    # -- llhttp's callbacks --
+
+    def on_message_begin(self):
+        if self.completed:
+            raise _Overrun()
+
+    def on_url(self, piece):
+        self._url.append(piece)
+        self._url_size += len(piece)
+        if self._url_size > self.limits.limit_request_line:
+            raise Refused(414, f'request target longer than {self.limits.limit_request_line} bytes')
+
+    def on_header(self, name, value):
+        limits = self.limits
+        self._fields += 1
+        if self._fields > limits.limit_request_fields:
+            raise Refused(431, f'more than {limits.limit_request_fields} header fields')
+        if len(name) + len(value) > limits.limit_request_field_size:
+            raise Refused(431, f'a header field larger than {limits.limit_request_field_size} bytes')
+        if b'_' in name:
+            return
+        key = name.upper().replace(b'-', b'_').decode('ascii')
+        value = value.strip(b' \t').decode('latin-1')
+        headers = self.headers
+        if key not in headers:
+            headers[key] = value
+        elif key == 'HOST':
+            raise Refused(400, 'more than one Host header field')
+        else:
+            headers[key] += ('; ' if key == 'COOKIE' else ', ') + value
+
+    def on_headers_complete(self):
+        parser = self._parser
+        self.version = version = parser.get_http_version()
+        if version != '1.1' and version != '1.0':
+            self.version = '1.1'
+            raise Refused(505, f'HTTP/{version}')
+        method = parser.get_method()
+        target = b''.join(self._url)
+        line = b'%s %s HTTP/%s' % (method, target, version.encode())
+        if line != self.request_line:
+            raise Refused(400, 'the request line is not method SP request-target SP HTTP-version')
+        self.first_line = line.decode('latin-1')
+        self.command = method.decode('ascii')
+        self.uri = target.decode('latin-1')
+        self._split_target(target)
+        self._check_framing()
+        self.keep_alive = parser.should_keep_alive() and not parser.should_upgrade()
+        if self.keep_alive and 'CONNECTION' in self.headers:
+            self.keep_alive = 'close' not in {
+                token.strip().lower() for token in self.headers['CONNECTION'].split(',')}
+        self.headers_complete = True
+
+    def _split_target(self, target):
+        if target[:1] == b'/':
+            path, _, query = target.partition(b'?')
+        elif target == b'*' and self.command == 'OPTIONS':
+            path, query = b'*', b''
+        elif self.command != 'CONNECT' and b'://' in target:
+            url = httptools.parse_url(target)  # absolute-form (RFC 9112, 3.2.2)
+            path, query = url.path or b'/', url.query or b''
+            self.proxy_scheme = url.schema.decode('latin-1')
+            self.proxy_netloc = self.headers['HOST'] = target.split(b'/')[2].decode('latin-1')
+        else:
+            raise Refused(400 if self.command != 'CONNECT' else 501, 'unsupported request-target form')
+        if b'#' in target:
+            raise Refused(400, 'a fragment in the request target')
+        self.path = (unquote_to_bytes(path) if b'%' in path else path).decode('latin-1')
+        self.query = query.decode('latin-1') if query else None
+
+    def _check_framing(self):
+        headers, limits = self.headers, self.limits
+        if self.version == '1.1' and 'HOST' not in headers:
+            raise Refused(400, 'no Host header field')
+        coding = headers.get('TRANSFER_ENCODING')
+        if coding is not None:
+            if self.version == '1.0':
+                raise Refused(400, 'Transfer-Encoding in an HTTP/1.0 request')
+            if coding.lower() != 'chunked':
+                raise Refused(501, 'a transfer coding other than chunked')
+            self.chunked = True
+        elif 'CONTENT_LENGTH' in headers:
+            self.content_length = int(headers['CONTENT_LENGTH'])  # checked by llhttp
+            if self.content_length > limits.max_request_body_size:
+                raise Refused(413, f'body larger than {limits.max_request_body_size} bytes')
+            self._remaining = self.content_length
+        if self._parser.should_upgrade() and (self.chunked or self.content_length):
+            raise Refused(400, 'a body in a request to upgrade or CONNECT')  # llhttp would not read it
+        if self.chunked or self.content_length:
+            self.expect_continue = self.version == '1.1' and headers.get('EXPECT', '').lower() == '100-continue'
+            self._body = Body(self.expect_continue)
+
+    def on_body(self, data):
+        self._body_size += len(data)
+        if self._body_size > self.limits.max_request_body_size:
+            raise Refused(413, f'body larger than {self.limits.max_request_body_size} bytes')
+        if self._remaining is not None:
+            self._remaining -= len(data)
+        self._body.append(data)
+
+    def on_message_complete(self):
+        self.completed = True
+        if self._body is not None:
+            self._body.finish()
+            if self.chunked and not self.expect_continue:
+                self.content_length = self._body_size
+
+    # -- for the task --
+
+    def getBodyStream(self):
+        if self._body is None:
+            return BytesIO(b'')
+        return self._body.stream()
+
+    def when_body_read(self, callback):
+        """Call `callback` (once) when the application first reads the body."""
+        if self._body is not None:
+            self._body.on_first_read = callback
+
+    def fail_body(self, error):
+        """The client is gone or too slow: a reader of the body gets OSError."""
+        if self._body is not None:
+            self._body.fail(error)
+
+
+class Body:
+    """A request body, spooled to a temporary file beyond 512 KiB.
+
+    Without 100-continue the task gets it complete (`stream()` is the file,
+    at its start). With 100-continue the task gets it while it arrives:
+    `stream()` is then a reader that waits for the bytes it is asked for.
+    """
+
+    SPOOL = 1 << 19
+    on_first_read = None
+
+    def __init__(self, streamed):
+        self.file = tempfile.SpooledTemporaryFile(max_size=self.SPOOL)
+        self.streamed = streamed
+        self.written = 0
+        self.read_at = 0
+        self.finished = False
+        self.error = None
+        self.changed = threading.Condition() if streamed else None
+
+    def append(self, data):
+        if not self.streamed:
+            self.file.write(data)
+            return
+        with self.changed:
+            self.file.seek(0, 2)
+            self.file.write(data)
+            self.written += len(data)
+            self.changed.notify_all()
+
+    def finish(self):
+        if not self.streamed:
+            self.file.seek(0)
+            return
+        with self.changed:
+            self.finished = True
+            self.changed.notify_all()
+
+    def fail(self, error):
+        if self.streamed:
+            with self.changed:
+                self.error = self.error or error
+                self.changed.notify_all()
+
+    def stream(self):
+        return StreamedBody(self) if self.streamed else self.file
+
+    def read(self, size, line=False):
+        """Up to `size` bytes (all if negative; up to a newline if `line`),
+        waiting for them; b'' at the end of the body."""
+        if self.on_first_read is not None:
+            callback, self.on_first_read = self.on_first_read, None
+            callback()
+        with self.changed:
+            while True:
+                available = self.written - self.read_at
+                if self.error is not None:
+                    raise OSError(f'the request body was not received: {self.error}')
+                if self.finished or (size >= 0 and available >= size) or (
+                        line and self._newline_within(available)):
+                    break
+                self.changed.wait()
+            self.file.seek(self.read_at)
+            data = self.file.readline(size) if line else self.file.read(size)
+            self.read_at += len(data)
+            return data
+
+    def _newline_within(self, available):
+        self.file.seek(self.read_at)
+        return b'\n' in self.file.read(available)
+
+
+class StreamedBody:
+    """wsgi.input of a request answered with 100 Continue (PEP 3333's input)."""
+
+    def __init__(self, body):
+        self.body = body
+
+    def read(self, size=-1):
+        return self.body.read(-1 if size is None else size)
+
+    def readline(self, size=-1):
+        return self.body.read(-1 if size is None else size, line=True)
+
+    def readlines(self, hint=-1):
+        return list(iter(self.readline, b''))
+
+    def __iter__(self):
+        return iter(self.readline, b'')
