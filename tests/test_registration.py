@@ -6,6 +6,7 @@ import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -291,3 +292,52 @@ def test_the_registrar_speaks_json_lines(zookeeper, zk, zk_path, tmp_path):
     finally:
         registrar.kill()
         registrar.wait()
+
+
+def first_times(checks, timeout):
+    """{name: monotonic time its check first came true}, polling all every 5 ms."""
+    seen = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < len(checks) and time.monotonic() < deadline:
+        for name, check in checks.items():
+            if name not in seen and check():
+                seen[name] = time.monotonic()
+        time.sleep(0.005)
+    return seen
+
+
+def port_closed(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zookeeper, kazoo_client, zk_path):
+    """SIGTERM during an outage: the master keeps accepting until the delete
+    is confirmed, so the node goes before (or as) the port closes."""
+    zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
+    server, node = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
+                                    'session_timeout = 10000\n')
+    wait_owned(kazoo_client(zookeeper.hosts), node)
+    zookeeper.stop()
+    server.wait_for_log('ZooKeeper suspended')
+    server.signal(signal.SIGTERM)
+    server.wait_for_log('SIGTERM: stopping gracefully')
+    time.sleep(0.5)
+    assert server.request('/')[0] == 200  # still accepting
+    state_lines = re.findall(r'ZooKeeper \w+, session \S+, registered: .*', server.log())
+    assert state_lines[-1].endswith(f'registered: {node}')  # ZooKeeper may still hold it
+    zookeeper.start()
+    zk = kazoo_client(zookeeper.hosts)
+    seen = first_times({'gone': lambda: not zk.exists(node), 'closed': lambda: port_closed(server.port)},
+                       timeout=10)
+    assert seen['gone'] <= seen['closed'], seen
+    assert server.wait() == 0
+    assert 'did not confirm the deregistration in time' not in server.log()
+    # Nothing claimed the node gone before ZooKeeper confirmed it.
+    claims = re.findall(r'ZooKeeper \w+, session \S+, registered: .*|unregistered /\S+', server.log())
+    named = claims.index(state_lines[-1])
+    first_nothing = next(i for i, line in enumerate(claims) if i > named and line.endswith('registered: nothing'))
+    assert claims[first_nothing - 1] == f'unregistered {node}', claims

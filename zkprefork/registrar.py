@@ -83,6 +83,7 @@ class Registrar:
         self.session = zksession.Session(config, credentials, self._post, self.timers)
         self.nodes = zknodes.Nodes(config, self.session, self._watch)
         self.failed_with = None  # the data registered when it failed
+        self.unregistering = False  # an unregister command awaits ZooKeeper's confirmation
         self.first_registration_checked = False
         self.reported = None
         self.since = time.time()
@@ -99,6 +100,7 @@ class Registrar:
             if kind == 'stop':
                 break
             self._handle(kind, value)
+            self._confirm_unregistered()
             self._report()
         self.session.close()
 
@@ -143,7 +145,9 @@ class Registrar:
     def _on_state(self, state, keeper_state, client_id):
         before = self.session.id
         problem = self.session.on_state(state, keeper_state, client_id)
-        if self.session.id != before:
+        if self.session.state == 'lost':
+            self.nodes.session_lost()
+        elif self.session.id != before:
             self.nodes.new_session()
         if problem:
             self._fail(problem)
@@ -164,6 +168,7 @@ class Registrar:
     # -- commands -------------------------------------------------------
 
     def _register(self, command):
+        self.unregistering = False
         self.nodes.register(command.endpoints, command.data)
         if self.session.failure:
             self._retry_failed(command.data)
@@ -181,21 +186,30 @@ class Registrar:
             self._problem(self.session.retry())
 
     def _warn_unregistered(self):
-        if not self.session.connected and not self.session.failure:
+        if not self.nodes.registered() and not self.session.failure and not self.unregistering:
             log.warning('no ZooKeeper session (%s): serving unregistered; '
                         'registering as soon as ZooKeeper answers', self.session.config.hosts)
         self.first_registration_checked = True
 
     def _unregister(self):
+        """Said done only once ZooKeeper confirms every delete (or the
+        session that held the nodes is gone): the master keeps accepting
+        until then, so that no node points at a closed port."""
+        self.unregistering = True
         self.nodes.unregister()
-        self._emit(Unregistered())
+        self._ensure()
+
+    def _confirm_unregistered(self):
+        if self.unregistering and self.nodes.settled():
+            self.unregistering = False
+            self._emit(Unregistered())
 
     def _ensure(self):
-        if self.session.failure or not self.session.connected or not self.nodes.wanted:
+        if not self.session.connected or (self.session.failure and self.nodes.settled()):
             return
         self.timers.cancel(self._ensure)
         try:
-            delay = self.nodes.ensure()
+            delay = self.nodes.ensure(deletes_only=bool(self.session.failure))
         except zknodes.Refused as refused:
             self._fail(str(refused))
             return
