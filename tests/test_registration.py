@@ -5,12 +5,15 @@ import json
 import os
 import re
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
 
 from support import (dead_pid, ensemble_hosts, free_port, read_curator_instance,
                      read_serverset_member, read_synapse_backend, registrar_of, wait_until)
@@ -341,3 +344,36 @@ def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zooke
     named = claims.index(state_lines[-1])
     first_nothing = next(i for i, line in enumerate(claims) if i > named and line.endswith('registered: nothing'))
     assert claims[first_nothing - 1] == f'unregistered {node}', claims
+
+
+def wipe(zookeeper):
+    """Stop ZooKeeper, empty its data directory, start it on the same port."""
+    zookeeper.stop()
+    shutil.rmtree(os.path.join(zookeeper.directory, 'data'))
+    zookeeper.start()
+
+
+@pytest.mark.parametrize('node_format', ['zk', 'serverset', 'curator'])
+def test_a_zookeeper_that_lost_its_data_gets_the_node_back(servers, ini, own_zookeeper, kazoo_client,
+                                                           zk_path, node_format):
+    zookeeper = own_zookeeper()
+    server, _ = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
+                                 f'session_timeout = 2000\nnode_format = {node_format}\n')
+    zk = kazoo_client(zookeeper.hosts)
+    [child] = wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), message='the node')
+    before = zk.get(f'{zk_path}/{child}')[0]
+    zk.stop()
+    wipe(zookeeper)
+    answering = time.monotonic()
+    zk = kazoo_client(zookeeper.hosts)
+    [child] = wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), timeout=2.0 + 5.0,
+                         message='the node back in the wiped ZooKeeper')
+    assert time.monotonic() - answering < 2.0 + 5.0
+    data, stat = zk.get(f'{zk_path}/{child}')
+    assert stat.ephemeralOwner in zookeeper.session_ids()
+    if node_format != 'curator':  # its registration time is the first registration's
+        assert json.loads(data) == json.loads(before)
+    else:
+        assert data == before
+    server.wait_for_log('starting a new session')
+    assert server.request('/')[0] == 200

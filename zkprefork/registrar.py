@@ -142,9 +142,9 @@ class Registrar:
     def _start_client(self):
         self._problem(self.session.start())
 
-    def _on_state(self, state, keeper_state, client_id):
+    def _on_state(self, generation, state, keeper_state, client_id):
         before = self.session.id
-        problem = self.session.on_state(state, keeper_state, client_id)
+        problem = self.session.on_state(generation, state, keeper_state, client_id)
         if self.session.state == 'lost':
             self.nodes.session_lost()
         elif self.session.id != before:
@@ -152,7 +152,21 @@ class Registrar:
         if problem:
             self._fail(problem)
         elif self.session.connected:
+            self.timers.cancel(self._renew_session)
             self._ensure()
+        elif self.session.had_session and not self.timers.pending(self._renew_session):
+            self.timers.at(self.session.config.session_timeout / 1000.0, self._renew_session)
+
+    def _renew_session(self):
+        """Disconnected for a whole session timeout: the session is expired
+        (or ZooKeeper, having lost its data, refuses it); a new one is
+        needed, and the nodes are registered again in it."""
+        if self.session.connected or self.session.failure:
+            return
+        log.warning('ZooKeeper has not taken our session back within the session timeout '
+                    '(it expired, or ZooKeeper lost its data): starting a new session')
+        self.session.renew()
+        self.nodes.new_session()
 
     def _problem(self, problem):
         if problem:

@@ -44,15 +44,26 @@ class Session:
         self.failure = None
         self.running = False
         self.op_timeout = max(config.session_timeout / 1000.0, 2.0)
-        self.client = KazooClient(
-            hosts=config.hosts,
-            timeout=config.session_timeout / 1000.0,
+        self.client = None
+        self.clients = 0  # how many clients were made: news from an older one is stale
+        self.had_session = False  # this client had a session: it remembers a zxid
+        self._new_client()
+
+    def _new_client(self, client_id=None):
+        self.clients += 1
+        self.had_session = False
+        generation = self.clients
+        client = KazooClient(
+            hosts=self.config.hosts,
+            timeout=self.config.session_timeout / 1000.0,
             connection_retry=KazooRetry(max_tries=-1, max_delay=RECONNECT_MAX_DELAY),
-            **zksecurity.client_options(config.tls, credentials))
+            client_id=client_id,
+            **zksecurity.client_options(self.config.tls, self.credentials))
         # Listeners run on kazoo's connection thread and must not block: they
         # only pass the news (read there, while it is still true) on.
-        self.client.add_listener(lambda state: post(
-            'state', (state, self.client.client_state, self.client.client_id)))
+        client.add_listener(lambda state: self.post(
+            'state', (generation, state, client.client_state, client.client_id)))
+        self.client = client
 
     @property
     def connected(self):
@@ -80,18 +91,33 @@ class Session:
 
     def close(self):
         """End the session: ZooKeeper deletes its ephemeral nodes at once."""
-        try:
-            self.client.stop()
-            self.client.close()
-        except KazooException as error:
-            log.warning('closing the ZooKeeper session: %r', error)
+        _close_quietly(self.client)
 
-    def on_state(self, state, keeper_state, client_id):
+    def renew(self):
+        """Give up the session for a new one, with a new client: kazoo keeps
+        offering the old session, and the last zxid it saw, for ever, and a
+        ZooKeeper that lost its data refuses both ("client has seen zxid
+        ..."). A node the old session may still hold is found as stale and
+        taken over."""
+        old = self.client
+        self._new_client()
+        self.id = None
+        self.state = 'connecting'
+        if self.running:
+            self.client.start_async()
+        # Stopping a client that is not connected may wait for its
+        # connection thread: not in the loop.
+        threading.Thread(target=_close_quietly, args=(old,), daemon=True).start()
+
+    def on_state(self, generation, state, keeper_state, client_id):
         """Kazoo's news, in the loop. Returns a problem that retrying cannot
         fix, or None."""
+        if generation != self.clients:
+            return None  # from a client given up already
         if state == KazooState.CONNECTED:
             self.id = client_id[0] if client_id else None
             self.state = 'connected'
+            self.had_session = True
             self.timers.cancel(self.check_tls)
             return None
         if state == KazooState.LOST:
@@ -172,3 +198,11 @@ class Session:
         if errors:
             raise next((e for e in errors if not isinstance(e, RolledBackError)), errors[0])
         return results
+
+
+def _close_quietly(client):
+    try:
+        client.stop()
+        client.close()
+    except KazooException as error:
+        log.warning('closing the ZooKeeper session: %r', error)
