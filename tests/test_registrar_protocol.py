@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from zkprefork.registrar_protocol import (
-    CredentialsSource, ProtocolError, RegistrarConfig, Register, State, TLSOptions, Unregister,
-    Unregistered, read_command, read_event)
+    CredentialsSource, ProtocolError, RegistrarConfig, Register, Session, State, TLSOptions,
+    Unregister, Unregistered, make_identity, read_command, read_event)
 from zkprefork.settings import make_settings
 
 DATA = {'pid': 4525, 'instance': 'a1b2', 'workers': 2, 'generation': 3, 'monitor': None}
@@ -112,3 +112,20 @@ def test_the_masters_end_imports_no_kazoo():
             'print(sorted(m for m in sys.modules if m.startswith("kazoo")))')
     assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True).stdout == '[]\n'
+
+
+def test_the_masters_own_secrets_travel_only_on_the_pipe():
+    settings = make_settings({'zookeeper': 'zk', 'path': '/svc'})
+    identity = make_identity()
+    user, _, password = identity.partition(':')
+    assert user.startswith('zkprefork-') and len(password) >= 32 and identity != make_identity()
+    config = RegistrarConfig.from_settings(settings, identity, (72, 'ab' * 16))
+    assert RegistrarConfig.read(config.line()) == config
+    assert config.resume == (72, 'ab' * 16) and config.identity == identity
+    assert password not in repr(config) and 'ab' * 16 not in repr(config)
+    session = Session(72, 'ab' * 16)
+    assert read_event(session.line()) == {'event': 'session', 'id': 72, 'password': 'ab' * 16}
+    assert 'ab' * 16 not in repr(session)
+    # With the user's credentials, their identity writes the nodes.
+    with_credentials = make_settings({'zookeeper': 'zk', 'path': '/svc', 'zookeeper_credentials_file': __file__})
+    assert RegistrarConfig.from_settings(with_credentials, identity).identity is None

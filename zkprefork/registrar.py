@@ -36,7 +36,7 @@ import time
 
 from zkprefork import logsetup, proctitle, zknodes, zksecurity, zksession
 from zkprefork.registrar_protocol import (
-    ProtocolError, RegistrarConfig, Register, State, Unregistered, read_command)
+    ProtocolError, RegistrarConfig, Register, Session, State, Unregistered, read_command)
 
 log = logging.getLogger('zkprefork.registrar')
 
@@ -149,6 +149,8 @@ class Registrar:
             self.nodes.session_lost()
         elif self.session.id != before:
             self.nodes.new_session()
+        if self.session.id and self.session.id != before:
+            self._emit(Session(self.session.id, self.session.password.hex()))
         if problem:
             self._fail(problem)
         elif self.session.connected:
@@ -263,7 +265,7 @@ def main():
         credentials, unreadable = None, str(error)
     else:
         unreadable = None
-    zksecurity.redact_logs(credentials)
+    zksecurity.redact_logs(credentials or zksecurity.own_credentials(config.identity))
     logsetup.configure(config.loggers)
     proctitle.set(f'registrar {config.path}')
     if unreadable:

@@ -16,12 +16,19 @@ On its stdout, events::
      "nodes": ["/svc/127.0.0.1:8080"], "since": 1700000000.123, "problems": [],
      "error": null}
     {"event": "unregistered"}
+    {"event": "session", "id": 72057594037927937, "password": "0a1b..."}
 
-Secrets never travel here: the configuration names the file or environment
-variable that holds them (CredentialsSource), and the registrar reads it.
+The user's secrets never travel here: the configuration names the file or
+environment variable that holds them (CredentialsSource), and the registrar
+reads it. Two secrets of the master's own do, and nowhere else (never in a
+log, a command line, the monitor or a repr): the digest identity it made up
+at start for its registrars (`identity`, when the user gave no credentials),
+and the session of its last registrar (`resume`), which the next one takes
+back, so that the nodes it holds stay as they are.
 """
 import dataclasses
 import json
+import secrets
 import typing
 
 # The registrar's states, as events report them (see registrar.py).
@@ -103,7 +110,20 @@ class Unregistered(typing.NamedTuple):
         return _line(event='unregistered')
 
 
-_EVENTS = {'state': State, 'unregistered': Unregistered}
+class Session(typing.NamedTuple):
+    """The session the registrar holds now: a registrar that replaces it
+    resumes it (its nodes stay, with their names and czxids)."""
+    id: int
+    password: str  # hexadecimal
+
+    def line(self):
+        return _line(event='session', **self._asdict())
+
+    def __repr__(self):
+        return f'Session(id=0x{self.id:x})'
+
+
+_EVENTS = {'state': State, 'unregistered': Unregistered, 'session': Session}
 
 
 def read_event(line):
@@ -123,6 +143,12 @@ def read_event(line):
 
 
 # -- the configuration (the first line) -------------------------------------------
+
+def make_identity():
+    """A random digest identity, 'user:password', for a master's registrars
+    when the user configured no credentials: only they may write its nodes."""
+    return f'zkprefork-{secrets.token_hex(6)}:{secrets.token_urlsafe(24)}'
+
 
 # No defaults below: Settings holds them, and from_settings copies them.
 
@@ -155,9 +181,12 @@ class RegistrarConfig:
     loggers: str  # the loggers option, or None
     credentials: CredentialsSource  # or None
     tls: TLSOptions  # or None: no TLS
+    # Not options, the master's own (see above): defaults of their own.
+    identity: str = dataclasses.field(default=None, repr=False)  # 'user:password', or None
+    resume: tuple = dataclasses.field(default=None, repr=False)  # (session id, password hex), or None
 
     @classmethod
-    def from_settings(cls, settings):
+    def from_settings(cls, settings, identity=None, resume=None):
         servers = settings.zookeeper  # a settings.ConnectionString, parsed there
         credentials = tls = None
         if settings.zookeeper_credentials_file or settings.zookeeper_credentials_env:
@@ -169,7 +198,8 @@ class RegistrarConfig:
                              settings.zookeeper_key_file, settings.zookeeper_check_hostname)
         return cls(servers.hosts, servers.addresses, servers.chroot, settings.path,
                    settings.session_timeout, settings.node_format, settings.properties,
-                   settings.loggers, credentials, tls)
+                   settings.loggers, credentials, tls, resume=resume,
+                   identity=None if credentials else identity)
 
     @property
     def service_path(self):
@@ -191,6 +221,8 @@ class RegistrarConfig:
                 value['credentials'] = CredentialsSource(**value['credentials'])
             if value.get('tls'):
                 value['tls'] = TLSOptions(**value['tls'])
+            if value.get('resume'):
+                value['resume'] = tuple(value['resume'])
             return cls(**value)
         except (KeyError, TypeError, ValueError) as error:
             raise ProtocolError(f'not a registrar configuration: {error!r}') from None

@@ -142,7 +142,7 @@ class NodeWriter:
     def __init__(self, session, watch):
         self.session = session
         self.watch = watch
-        self.path_acl, self.node_acl = zksecurity.acls(session.credentials)
+        self.path_acl, self.node_acl = zksecurity.acls(session.credentials, session.identity)
         self.look_again = False  # a node of ours went while we wrote it
 
     def adopt(self, wanted, mine, stale):
@@ -188,13 +188,9 @@ class NodeWriter:
         self.watch_ours(wanted)
 
     def update(self, wanted, stat):
-        if self.session.credentials:
-            # Our ACL lets us write: an update in place, which watchers of
-            # the children do not even notice.
-            self.session.call('set', wanted.path, wanted.node.data, stat.version)
-        else:
-            # A world-readable node nobody may write: replace it in one step.
-            self.write(wanted, [(wanted.path, b'', stat)])
+        # In place, at the version we read: the node keeps its name, czxid
+        # and member number; watchers of the children notice nothing.
+        self.session.call('set', wanted.path, wanted.node.data, stat.version)
         log.info('updated %s %s', wanted.path, wanted.node.data.decode())
 
 

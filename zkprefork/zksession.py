@@ -32,11 +32,13 @@ class Session:
     """
 
     def __init__(self, config, credentials, post, timers):
-        """`config`: a RegistrarConfig; `credentials`: zksecurity.Credentials
-        or None; `post(kind, value)`: hands news to the loop from any thread;
-        `timers`: the loop's Timers."""
+        """`config`: a RegistrarConfig; `credentials`: the user's
+        zksecurity.Credentials or None (then the master's own identity in
+        `config` authenticates); `post(kind, value)`: hands news to the loop
+        from any thread; `timers`: the loop's Timers."""
         self.config = config
         self.credentials = credentials
+        self.identity = credentials or zksecurity.own_credentials(config.identity)
         self.post = post
         self.timers = timers
         self.state = 'connecting'
@@ -47,7 +49,9 @@ class Session:
         self.client = None
         self.clients = 0  # how many clients were made: news from an older one is stale
         self.had_session = False  # this client had a session: it remembers a zxid
-        self._new_client()
+        self.password = None  # of the session, while there is one
+        resume = config.resume and (config.resume[0], bytes.fromhex(config.resume[1]))
+        self._new_client(resume)
 
     def _new_client(self, client_id=None):
         self.clients += 1
@@ -58,7 +62,7 @@ class Session:
             timeout=self.config.session_timeout / 1000.0,
             connection_retry=KazooRetry(max_tries=-1, max_delay=RECONNECT_MAX_DELAY),
             client_id=client_id,
-            **zksecurity.client_options(self.config.tls, self.credentials))
+            **zksecurity.client_options(self.config.tls, self.identity))
         # Listeners run on kazoo's connection thread and must not block: they
         # only pass the news (read there, while it is still true) on.
         client.add_listener(lambda state: self.post(
@@ -72,7 +76,7 @@ class Session:
     def start(self):
         """Connect whenever ZooKeeper answers. Returns a problem (one line)
         if connecting cannot even be tried, else None."""
-        missing = zksecurity.missing_support(self.credentials)
+        missing = zksecurity.missing_support(self.identity)
         if missing:
             return missing
         self.client.start_async()
@@ -101,7 +105,7 @@ class Session:
         taken over."""
         old = self.client
         self._new_client()
-        self.id = None
+        self.id = self.password = None
         self.state = 'connecting'
         if self.running:
             self.client.start_async()
@@ -115,13 +119,13 @@ class Session:
         if generation != self.clients:
             return None  # from a client given up already
         if state == KazooState.CONNECTED:
-            self.id = client_id[0] if client_id else None
+            self.id, self.password = client_id or (None, None)
             self.state = 'connected'
             self.had_session = True
             self.timers.cancel(self.check_tls)
             return None
         if state == KazooState.LOST:
-            self.id = None
+            self.id = self.password = None
             self.state = 'lost'
             if keeper_state == KeeperState.AUTH_FAILED:
                 return self.rejected_credentials()
