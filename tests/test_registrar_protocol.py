@@ -41,11 +41,11 @@ def test_bad_commands(line):
 
 
 def test_state_on_the_wire():
-    state = State('connected', '0x1a', ['/svc/127.0.0.1:8080'], 1700000000.123, [], None)
+    state = State('connected', '0x1a', ['/svc/127.0.0.1:8080'], 1700000000.123, [], None, None)
     line = state.line()
     assert json.loads(line) == {'event': 'state', 'state': 'connected', 'session': '0x1a',
                                 'nodes': ['/svc/127.0.0.1:8080'], 'since': 1700000000.123,
-                                'problems': [], 'error': None}
+                                'problems': [], 'error': None, 'health': None}
     # The master keeps plain dicts: it pops the event's name and keeps the rest.
     assert read_event(line.encode()) == json.loads(line)
 
@@ -79,7 +79,8 @@ def test_config_from_settings_round_trip(tmp_path, monkeypatch):
     assert config == RegistrarConfig(
         'zk1:2181,[::1]', (('zk1', 2181), ('::1', 2181)), '/chroot', '/svc', 4000, 'serverset',
         (('dc', 'east'), ('shard', '3')), 'INFO',
-        CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'sasl'), TLSOptions(str(pem), None, None, True))
+        CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'sasl'), TLSOptions(str(pem), None, None, True),
+        None)
     assert config.service_path == '/chroot/svc'
     line = config.line()
     assert line.endswith('\n') and line.count('\n') == 1
@@ -98,7 +99,7 @@ def test_config_defaults_are_settings_defaults():
 @pytest.mark.parametrize('path, chroot, service_path', [
     ('/', '', '/'), ('/', '/c', '/c'), ('/a/b', '', '/a/b'), ('/a', '/c/d', '/c/d/a')])
 def test_service_path(path, chroot, service_path):
-    config = RegistrarConfig('h', (('h', 2181),), chroot, path, 1, 'zk', (), None, None, None)
+    config = RegistrarConfig('h', (('h', 2181),), chroot, path, 1, 'zk', (), None, None, None, None)
     assert config.service_path == service_path
 
 

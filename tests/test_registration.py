@@ -294,7 +294,7 @@ def test_the_registrar_speaks_json_lines(zookeeper, zk, zk_path, tmp_path):
         while not seen[-1]['nodes']:
             seen.append(next_event())
         assert seen[0] == {'event': 'state', 'state': 'connecting', 'session': None, 'nodes': [],
-                           'since': seen[0]['since'], 'problems': [], 'error': None}
+                           'since': seen[0]['since'], 'problems': [], 'error': None, 'health': None}
         last = seen[-1]
         nodes = [f'{zk_path}/127.0.0.1:8080', f'{zk_path}/[::1]:8080']
         assert last['state'] == 'connected' and sorted(last['nodes']) == sorted(nodes)

@@ -34,7 +34,7 @@ import sys
 import threading
 import time
 
-from zkprefork import logsetup, proctitle, zknodes, zksecurity, zksession
+from zkprefork import healthcheck, logsetup, proctitle, zknodes, zksecurity, zksession
 from zkprefork.registrar_protocol import (
     ProtocolError, RegistrarConfig, Register, Session, State, Unregistered, read_command)
 
@@ -78,12 +78,17 @@ class Registrar:
 
     def __init__(self, config, credentials, events_out):
         self.out = events_out
+        self.config = config
         self.inbox = queue.Queue()
         self.timers = Timers()
         self.session = zksession.Session(config, credentials, self._post, self.timers)
         self.nodes = zknodes.Nodes(config, self.session, self._watch)
         self.failed_with = None  # the data registered when it failed
         self.unregistering = False  # an unregister command awaits ZooKeeper's confirmation
+        self.command = None  # the last register command, while it stands
+        self.health = config.health and healthcheck.Health(
+            config.health.path, config.health.rise, config.health.fall, config.health_up)
+        self.checker = None
         self.first_registration_checked = False
         self.reported = None
         self.since = time.time()
@@ -102,6 +107,8 @@ class Registrar:
             self._handle(kind, value)
             self._confirm_unregistered()
             self._report()
+        if self.checker:
+            self.checker.stop()
         self.session.close()
 
     def stop(self):
@@ -131,6 +138,8 @@ class Registrar:
             self._problem(self.session.on_tls_checked(value))
         elif kind == 'tick':
             self.timers.run_due()
+        elif kind == 'health':
+            self._on_health(*value)
 
     def _watch(self, event):
         # Called on kazoo's event thread; one bound method, so that kazoo
@@ -185,12 +194,40 @@ class Registrar:
 
     def _register(self, command):
         self.unregistering = False
-        self.nodes.register(command.endpoints, command.data)
+        self.command = command
+        self._start_checker(command.endpoints)
+        self._want()
+
+    def _want(self):
+        """The desired state: the command's nodes, while the health check
+        (if any) says UP; none otherwise."""
+        command = self.command
+        healthy = self.health is None or self.health.up
+        self.nodes.register(command.endpoints if healthy else (), command.data)
         if self.session.failure:
             self._retry_failed(command.data)
-        if not self.first_registration_checked:
+        if not self.first_registration_checked and healthy:
             self.timers.at(UNREGISTERED_AFTER, self._warn_unregistered)
         self._ensure()
+
+    # -- the health check -----------------------------------------------
+
+    def _start_checker(self, endpoints):
+        if self.health and not self.checker and endpoints:
+            host, port = endpoints[0]
+            self.checker = healthcheck.Checker(self.config.health, self.config.health.host or host,
+                                               port, self._post)
+            self.checker.start()
+
+    def _on_health(self, passed, detail):
+        if not self.health.record(passed, detail):
+            return
+        if self.health.up:
+            log.info('%s: registering', self.health.describe())
+        else:
+            log.warning('%s: unregistering', self.health.describe())
+        if self.command:
+            self._want()
 
     def _retry_failed(self, data):
         """A reload (a new generation), or any other change of what we
@@ -212,6 +249,7 @@ class Registrar:
         session that held the nodes is gone): the master keeps accepting
         until then, so that no node points at a closed port."""
         self.unregistering = True
+        self.command = None
         self.nodes.unregister()
         self._ensure()
 
@@ -238,20 +276,26 @@ class Registrar:
         _write_event(self.out, event)
 
     def _report(self):
+        """A state event on every change (the health check's counts
+        included); a log line when more than those counts changed."""
         session = self.session
         state = 'failed' if session.failure else session.state
         nodes = self.nodes.registered()
         problems = sorted(self.nodes.problems.values())
         session_id = f'0x{session.id:x}' if session.id else None
         current = (state, session_id, nodes, problems, session.failure)
-        if current == self.reported:
+        health = self.health.status() if self.health else None
+        if (current, health) == self.reported:
             return
-        if not self.reported or self.reported[0] != state:
+        changed = not self.reported or self.reported[0] != current
+        if not self.reported or self.reported[0][0] != state:
             self.since = time.time()
-        self.reported = current
-        self._emit(State(state, session_id, nodes, round(self.since, 3), problems, session.failure))
-        log.info('ZooKeeper %s, session %s, registered: %s%s', state, session_id or 'none',
-                 ', '.join(nodes) or 'nothing', ''.join(f'; {p}' for p in problems))
+        self.reported = (current, health)
+        self._emit(State(state, session_id, nodes, round(self.since, 3), problems, session.failure,
+                         health))
+        if changed:
+            log.info('ZooKeeper %s, session %s, registered: %s%s', state, session_id or 'none',
+                     ', '.join(nodes) or 'nothing', ''.join(f'; {p}' for p in problems))
 
 
 def main():
@@ -281,7 +325,7 @@ def _without_credentials(problem):
     """Serve the master without ZooKeeper until it is done: exiting would
     only have it start another registrar that fails the same way."""
     log.error('cannot read the ZooKeeper credentials: %s; not registering', problem)
-    _write_event(sys.stdout, State('failed', None, [], round(time.time(), 3), [], problem))
+    _write_event(sys.stdout, State('failed', None, [], round(time.time(), 3), [], problem, None))
     for line in sys.stdin:
         try:
             command = read_command(line)

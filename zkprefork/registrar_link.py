@@ -56,6 +56,7 @@ class RegistrarLink:
         # registrar it starts: kept here, never in `registration`.
         self._identity = make_identity()  # used only without the user's credentials
         self._session = None  # (id, password hex) of the last registrar's session
+        self._health_up = False  # the last registrar's health check said UP
 
     @property
     def pid(self):
@@ -99,7 +100,8 @@ class RegistrarLink:
     def _config(self):
         """The registrar's first line. Secrets travel as a file path or an
         environment variable's name: the registrar reads them itself."""
-        return RegistrarConfig.from_settings(self.settings, self._identity, self._session)
+        return RegistrarConfig.from_settings(self.settings, self._identity, self._session,
+                                             self._health_up)
 
     def _send(self, line):
         try:
@@ -168,6 +170,8 @@ class RegistrarLink:
                 self._session = (event['id'], event['password'])
             else:
                 self.registration.update(event)
+                self._health_up = (event['health'] or {}).get('state') == 'up'
+
 
     def _stop_watching(self):
         if not self.process.stdout.closed:

@@ -256,6 +256,15 @@ def _properties(option, value):
     return tuple(pairs)
 
 
+def _request_path(option, value):
+    value = value.strip()
+    if not value:
+        return None
+    if not value.startswith('/') or any(c.isspace() or ord(c) < 32 for c in value):
+        raise ConfigError(f'{option}: {value!r} is not a request path (such as /healthz)')
+    return value
+
+
 def option(default, check, restart_only=False):
     """A Settings field that is a user option: `check(option, raw string)`
     returns the checked value or raises ConfigError; a reload cannot change
@@ -303,6 +312,13 @@ class Settings:
     node_format: str = option('zk', _node_format, restart_only=True)
     # ((key, value), ...) added to the node data
     properties: tuple = option((), _properties, restart_only=True)
+    # Health-gated registration, in HAProxy's terms and with its defaults
+    # (inter 2 s, rise 2, fall 3; timeout: the interval, as `timeout check`).
+    health_check: str = option(None, _request_path, restart_only=True)  # a path; None: off
+    health_check_interval: float = option(2.0, _positive_seconds, restart_only=True)
+    health_check_timeout: float = option(None, _positive_seconds, restart_only=True)
+    health_check_rise: int = option(2, _integer(1, 1000), restart_only=True)
+    health_check_fall: int = option(3, _integer(1, 1000), restart_only=True)
 
     def __post_init__(self):
         # Made directly (as tests do) rather than by make_settings: the
