@@ -3,11 +3,11 @@ the node follows the application's own health check, while the workers
 serve throughout; and the rise and fall rule on its own."""
 import json
 import os
-import signal
 import time
 
-from support import Load, registrar_of, wait_until
+from support import Load, wait_until
 from test_operations import ask, monitor_of
+from test_registration import restart_registrar
 from zkprefork import healthcheck
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -66,8 +66,5 @@ def test_the_node_follows_the_health_check(servers, ini, zookeeper, zk, zk_path,
 
     # A restarted registrar starts as its predecessor ended (UP): the node stays.
     created = zk.exists(node)
-    line = f'ZooKeeper connected, session 0x{created.ephemeralOwner:x}, registered: {node}'
-    before = server.log().count(line)
-    os.kill(registrar_of(server).pid, signal.SIGKILL)
-    wait_until(lambda: server.log().count(line) > before, message='the new registrar')
+    restart_registrar(server, created.ephemeralOwner, node)
     assert zk.exists(node).czxid == created.czxid
