@@ -453,3 +453,77 @@ def test_nodes_keep_their_identity(servers, ini, zookeeper, zk, kazoo_client, zk
     else:  # ZooKeeper checks a delete against the parent's open ACL: it is made again
         anonymous.delete(node)
         wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), message='the node again')
+
+
+class StallingProxy:
+    """A TCP proxy to ZooKeeper that can, for a while, accept connections
+    and never answer them, as ZooKeeper 3.8 does while it starts."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.port = self.listener.getsockname()[1]
+        self.stall_until = 0.0
+        self.sockets = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self, seconds):
+        """Drop every connection; accept new ones without answering for `seconds`."""
+        self.stall_until = time.monotonic() + seconds
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        self.stall(0)
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            if time.monotonic() < self.stall_until:
+                continue  # held open, never answered
+            server = socket.create_connection(('127.0.0.1', self.target_port))
+            self.sockets.append(server)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_a_zookeeper_that_answers_late_does_not_cost_the_session(servers, ini, zookeeper, zk, zk_path):
+    """A reconnection that lands on a ZooKeeper that accepted it but does not
+    answer (yet) gives up in time for another attempt within the session:
+    kazoo alone would wait the whole session timeout with one server, and
+    ZooKeeper would expire the session and delete the node meanwhile."""
+    proxy = StallingProxy(zookeeper.port)
+    try:
+        server, node = start_registered(servers, ini, f'127.0.0.1:{proxy.port}', zk_path,
+                                        'session_timeout = 4000\n')
+        session = wait_owned(zk, node)
+        proxy.stall(1.5)
+        server.wait_for_log('ZooKeeper suspended')
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            assert owner(zk, node) == session, 'the session expired: the node went'
+            time.sleep(0.01)
+        assert server.log().count('ZooKeeper connected') >= 2
+    finally:
+        proxy.close()

@@ -239,7 +239,8 @@ class Registrar:
             self._problem(self.session.retry())
 
     def _warn_unregistered(self):
-        if not self.nodes.registered() and not self.session.failure and not self.unregistering:
+        if not (self.session.connected or self.nodes.registered() or self.session.failure
+                or self.unregistering):
             log.warning('no ZooKeeper session (%s): serving unregistered; '
                         'registering as soon as ZooKeeper answers', self.session.config.hosts)
         self.first_registration_checked = True

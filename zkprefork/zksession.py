@@ -5,6 +5,7 @@ Everything here runs in the registrar's loop, except kazoo's state listener
 and the TLS check's thread, which only pass news on with `post(kind, value)`.
 """
 import logging
+import math
 import threading
 
 from kazoo.client import KazooClient, KazooState, KeeperState
@@ -18,6 +19,13 @@ log = logging.getLogger('zkprefork.registrar')
 # Seconds between reconnection attempts at most, before kazoo's ±40% jitter
 # (so 2.8 s at worst); KazooClient's default back-off would grow to an hour.
 RECONNECT_MAX_DELAY = 2.0
+# Seconds a connection attempt may wait for ZooKeeper's answer, at most.
+# kazoo waits session timeout / number of hosts: with one server, the whole
+# session timeout. A ZooKeeper that accepts connections before it serves
+# (3.8 does, as it starts) and never answers that one then keeps the
+# registrar waiting until its session has expired on the server, which
+# deletes the node: a gap, seconds after ZooKeeper came back.
+CONNECT_TIMEOUT = 2.0
 TLS_CHECK_AFTER = 1.5  # seconds without a connection before checking the TLS handshake
 TLS_CHECK_EVERY = 5.0
 
@@ -58,7 +66,7 @@ class Session:
         self.had_session = False
         generation = self.clients
         client = KazooClient(
-            hosts=self.config.hosts,
+            hosts=kazoo_hosts(self.config),
             timeout=self.config.session_timeout / 1000.0,
             connection_retry=KazooRetry(max_tries=-1, max_delay=RECONNECT_MAX_DELAY),
             client_id=client_id,
@@ -210,3 +218,11 @@ def _close_quietly(client):
         client.close()
     except KazooException as error:
         log.warning('closing the ZooKeeper session: %r', error)
+
+
+def kazoo_hosts(config):
+    """The hosts string for kazoo: the servers named as often as it takes
+    for kazoo's connect timeout (session timeout / number of hosts) to be
+    CONNECT_TIMEOUT at most, so that several attempts fit in a session."""
+    attempts = math.ceil(config.session_timeout / 1000.0 / CONNECT_TIMEOUT / len(config.addresses))
+    return ','.join([config.hosts] * max(1, attempts))
