@@ -5,7 +5,12 @@ interpreter: kazoo is not fork-safe and must never be shared) and never
 forks. Its first stdin line is its configuration (a RegistrarConfig;
 secrets are named by file or environment variable, never passed); then it
 reads commands (register, unregister) and writes events (state,
-unregistered), one JSON line each, as registrar_protocol.py defines them.
+unregistered, session), one JSON line each, as registrar_protocol.py
+defines them. What it registers is a desired state (the last register
+command's nodes, while the health check, if any, passes; none after an
+unregister command), which it converges ZooKeeper to, retrying until
+ZooKeeper confirms; `unregistered` is said once ZooKeeper confirmed every
+delete, or the session that held the nodes is gone.
 
 End of file on stdin means the master is gone or done: the registrar closes
 the session, which deletes its ephemeral nodes at once (not after the session
@@ -17,14 +22,17 @@ gone; a new one is being sought) or ``failed`` (a problem that retrying
 cannot fix, named in ``error``: wrong credentials, a refused TLS handshake, a
 server that refuses ephemeral nodes...; a register command with other data,
 such as a reload's new generation, tries again). ``nodes`` are the full
-paths (chroot included) owned by the current session; ``since`` is when
+paths (chroot included) that ZooKeeper confirmed the current session holds; ``since`` is when
 ``state`` last changed; ``problems`` are the registrations held back, each
 one line (a live server owns the name, a persistent node is in the way). A
 state event is written, and logged, on every change of any of these.
 
-The session (zksession.Session) and the nodes (zknodes.Nodes) are their own
-rooms; this module is the loop that feeds them the master's commands,
-kazoo's news and the timers, and reports their state.
+The session (zksession.Session), the nodes (zknodes.Nodes) and the health
+check (healthcheck.py) are their own rooms; this module is the loop that
+feeds them the master's commands, kazoo's news, the checks' results and the
+timers, and reports their state. A session that does not come back within
+the session timeout (expired, or refused by a ZooKeeper that lost its data)
+is replaced by a new client's.
 """
 import logging
 import os
