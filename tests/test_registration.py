@@ -527,3 +527,14 @@ def test_a_zookeeper_that_answers_late_does_not_cost_the_session(servers, ini, z
         assert server.log().count('ZooKeeper connected') >= 2
     finally:
         proxy.close()
+
+
+def test_a_registrar_that_closed_its_session_is_followed_by_a_new_session(servers, ini, zookeeper, zk,
+                                                                          zk_path):
+    """The session a new registrar would resume is closed (its predecessor got
+    SIGTERM): ZooKeeper says it expired, and the node is registered anew."""
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    first = wait_owned(zk, node)
+    registrar_of(server).terminate()
+    wait_owned(zk, node, other_than=first)
+    assert zk.get_children(zk_path) == [node.rpartition('/')[2]]
