@@ -353,6 +353,10 @@ def _check_together(checked):
     if tls_only and not checked.get('zookeeper_ca_file'):
         raise ConfigError(f'{tls_only[0]}: TLS needs zookeeper_ca_file (without it the '
                           'connection to ZooKeeper is not encrypted)')
+    health = [name for name in checked if name.startswith('health_check')]
+    if health and not checked.get('zookeeper'):
+        raise ConfigError(f'{health[0]}: the health check decides the registration: it needs '
+                          'zookeeper')
     if checked.get('zookeeper_auth') == 'sasl' and not _installed('puresasl'):
         raise ConfigError("zookeeper_auth: sasl needs the pure-sasl package "
                           "(pip install 'zkprefork[sasl]')")
