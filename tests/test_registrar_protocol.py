@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from zkprefork.registrar_protocol import (
-    CredentialsSource, ProtocolError, RegistrarConfig, Register, State, TLSOptions, Unregister,
-    Unregistered, read_command, read_event)
+    CredentialsSource, ProtocolError, RegistrarConfig, Register, Session, State, TLSOptions,
+    Unregister, Unregistered, make_identity, read_command, read_event)
 from zkprefork.settings import make_settings
 
 DATA = {'pid': 4525, 'instance': 'a1b2', 'workers': 2, 'generation': 3, 'monitor': None}
@@ -41,11 +41,11 @@ def test_bad_commands(line):
 
 
 def test_state_on_the_wire():
-    state = State('connected', '0x1a', ['/svc/127.0.0.1:8080'], 1700000000.123, [], None)
+    state = State('connected', '0x1a', ['/svc/127.0.0.1:8080'], 1700000000.123, [], None, None)
     line = state.line()
     assert json.loads(line) == {'event': 'state', 'state': 'connected', 'session': '0x1a',
                                 'nodes': ['/svc/127.0.0.1:8080'], 'since': 1700000000.123,
-                                'problems': [], 'error': None}
+                                'problems': [], 'error': None, 'health': None}
     # The master keeps plain dicts: it pops the event's name and keeps the rest.
     assert read_event(line.encode()) == json.loads(line)
 
@@ -79,7 +79,8 @@ def test_config_from_settings_round_trip(tmp_path, monkeypatch):
     assert config == RegistrarConfig(
         'zk1:2181,[::1]', (('zk1', 2181), ('::1', 2181)), '/chroot', '/svc', 4000, 'serverset',
         (('dc', 'east'), ('shard', '3')), 'INFO',
-        CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'sasl'), TLSOptions(str(pem), None, None, True))
+        CredentialsSource(None, 'ZKPF_TEST_CREDENTIALS', 'sasl'), TLSOptions(str(pem), None, None, True),
+        None)
     assert config.service_path == '/chroot/svc'
     line = config.line()
     assert line.endswith('\n') and line.count('\n') == 1
@@ -98,7 +99,7 @@ def test_config_defaults_are_settings_defaults():
 @pytest.mark.parametrize('path, chroot, service_path', [
     ('/', '', '/'), ('/', '/c', '/c'), ('/a/b', '', '/a/b'), ('/a', '/c/d', '/c/d/a')])
 def test_service_path(path, chroot, service_path):
-    config = RegistrarConfig('h', (('h', 2181),), chroot, path, 1, 'zk', (), None, None, None)
+    config = RegistrarConfig('h', (('h', 2181),), chroot, path, 1, 'zk', (), None, None, None, None)
     assert config.service_path == service_path
 
 
@@ -112,3 +113,20 @@ def test_the_masters_end_imports_no_kazoo():
             'print(sorted(m for m in sys.modules if m.startswith("kazoo")))')
     assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True).stdout == '[]\n'
+
+
+def test_the_masters_own_secrets_travel_only_on_the_pipe():
+    settings = make_settings({'zookeeper': 'zk', 'path': '/svc'})
+    identity = make_identity()
+    user, _, password = identity.partition(':')
+    assert user.startswith('zkprefork-') and len(password) >= 32 and identity != make_identity()
+    config = RegistrarConfig.from_settings(settings, identity, (72, 'ab' * 16))
+    assert RegistrarConfig.read(config.line()) == config
+    assert config.resume == (72, 'ab' * 16) and config.identity == identity
+    assert password not in repr(config) and 'ab' * 16 not in repr(config)
+    session = Session(72, 'ab' * 16)
+    assert read_event(session.line()) == {'event': 'session', 'id': 72, 'password': 'ab' * 16}
+    assert 'ab' * 16 not in repr(session)
+    # With the user's credentials, their identity writes the nodes.
+    with_credentials = make_settings({'zookeeper': 'zk', 'path': '/svc', 'zookeeper_credentials_file': __file__})
+    assert RegistrarConfig.from_settings(with_credentials, identity).identity is None

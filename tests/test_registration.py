@@ -5,11 +5,17 @@ import json
 import os
 import re
 import selectors
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
+
+import pytest
+from kazoo.exceptions import NoAuthError
+from kazoo.recipe.watchers import ChildrenWatch
 
 from support import (dead_pid, ensemble_hosts, free_port, read_curator_instance,
                      read_serverset_member, read_synapse_backend, registrar_of, wait_until)
@@ -17,9 +23,9 @@ from zkprefork.registrar_protocol import RegistrarConfig
 from zkprefork.settings import make_settings
 
 
-def start_registered(servers, ini, hosts, path, options='', port=0):
+def start_registered(servers, ini, hosts, path, options='', port=0, env=None):
     config = ini(f'zookeeper = {hosts}\npath = {path}\nhost = 127.0.0.1\nport = {port}\n{options}')
-    server = servers(config).wait_serving()
+    server = servers(config, env=env).wait_serving()
     return server, f'{path}/127.0.0.1:{server.port}'
 
 
@@ -123,9 +129,19 @@ def test_stale_node_of_an_earlier_incarnation_is_taken_over(servers, ini, zookee
     assert owner(zk, node) == ours
 
 
-def test_restarted_registrar_takes_over_without_a_gap(servers, ini, zookeeper, zk, zk_path):
+def restart_registrar(server, session, node):
+    """Kill the registrar; return once the next one holds `node` in `session`."""
+    line = f'ZooKeeper connected, session 0x{session:x}, registered: {node}'
+    before = server.log().count(line)
+    os.kill(registrar_of(server).pid, signal.SIGKILL)  # its session lives on
+    wait_until(lambda: server.log().count(line) > before, timeout=5,
+               message=f'a new registrar holding {node} in session 0x{session:x}')
+
+
+def test_restarted_registrar_resumes_the_session_and_keeps_the_node(servers, ini, zookeeper, zk, zk_path):
     server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
     first = wait_owned(zk, node)
+    before = zk.exists(node)
     gaps = []
     watching = threading.Event()
 
@@ -137,14 +153,14 @@ def test_restarted_registrar_takes_over_without_a_gap(servers, ini, zookeeper, z
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        os.kill(registrar_of(server).pid, signal.SIGKILL)  # its session lives on for 4 s
-        killed = time.monotonic()
-        wait_owned(zk, node, other_than=first)
-        assert time.monotonic() - killed < 3.0
+        restart_registrar(server, first, node)
     finally:
         watching.set()
         watcher.join()
     assert gaps == []
+    after = zk.exists(node)
+    # The same node, of the same session: never deleted, never re-created.
+    assert (after.czxid, after.ephemeralOwner) == (before.czxid, first)
     assert zk.get_children(zk_path) == [node.rpartition('/')[2]]
 
 
@@ -221,13 +237,11 @@ def test_serverset_members(servers, ini, zookeeper, zk, zk_path):
     assert entry['status'] == 'ALIVE' and entry['shard'] == 2 and entry['metadata'] == {'dc': 'east'}
     assert read_synapse_backend(member, data)['port'] == server.port
 
-    # A new registrar finds its predecessor's member by the instance id in
-    # the data and replaces it in one transaction.
-    os.kill(registrar_of(server).pid, signal.SIGKILL)
-    [replacement] = wait_until(lambda: (c := zk.get_children(zk_path)) != [member] and c,
-                               message='the member to be replaced')
-    assert zk.exists(f'{zk_path}/{replacement}').ephemeralOwner != stat.ephemeralOwner
-    assert read_serverset_member(replacement, zk.get(f'{zk_path}/{replacement}')[0]) == entry
+    # A new registrar resumes its predecessor's session: the member stays.
+    restart_registrar(server, stat.ephemeralOwner, f'{zk_path}/{member}')
+    assert zk.get_children(zk_path) == [member]
+    assert zk.exists(f'{zk_path}/{member}').czxid == stat.czxid
+    replacement = member
 
     zk.delete(f'{zk_path}/{replacement}')
     [again] = wait_until(lambda: (c := zk.get_children(zk_path)) != [replacement] and c,
@@ -261,9 +275,16 @@ def test_the_registrar_speaks_json_lines(zookeeper, zk, zk_path, tmp_path):
         registrar.stdin.write(json.dumps(message).encode() + b'\n')
         registrar.stdin.flush()
 
+    sessions = []
+
     def next_event(timeout=10):
-        assert events.select(timeout), 'no event in time'
-        return json.loads(registrar.stdout.readline())
+        """The next event; session events (secret: the password) are set aside."""
+        while True:
+            assert events.select(timeout), 'no event in time'
+            event = json.loads(registrar.stdout.readline())
+            if event['event'] != 'session':
+                return event
+            sessions.append(event)
     try:
         config = make_settings({'zookeeper': zookeeper.hosts, 'path': zk_path, 'session_timeout': '4000'})
         registrar.stdin.write(RegistrarConfig.from_settings(config).line().encode())
@@ -273,11 +294,12 @@ def test_the_registrar_speaks_json_lines(zookeeper, zk, zk_path, tmp_path):
         while not seen[-1]['nodes']:
             seen.append(next_event())
         assert seen[0] == {'event': 'state', 'state': 'connecting', 'session': None, 'nodes': [],
-                           'since': seen[0]['since'], 'problems': [], 'error': None}
+                           'since': seen[0]['since'], 'problems': [], 'error': None, 'health': None}
         last = seen[-1]
         nodes = [f'{zk_path}/127.0.0.1:8080', f'{zk_path}/[::1]:8080']
         assert last['state'] == 'connected' and sorted(last['nodes']) == sorted(nodes)
-        assert int(last['session'], 16) == zk.exists(nodes[0]).ephemeralOwner
+        assert int(last['session'], 16) == zk.exists(nodes[0]).ephemeralOwner == sessions[-1]['id']
+        assert len(bytes.fromhex(sessions[-1]['password'])) == 16
         assert abs(last['since'] - time.time()) < 10
         send({'op': 'unregister'})
         while next_event()['event'] != 'unregistered':
@@ -291,3 +313,228 @@ def test_the_registrar_speaks_json_lines(zookeeper, zk, zk_path, tmp_path):
     finally:
         registrar.kill()
         registrar.wait()
+
+
+def first_times(checks, timeout):
+    """{name: monotonic time its check first came true}, polling all every 5 ms."""
+    seen = {}
+    deadline = time.monotonic() + timeout
+    while len(seen) < len(checks) and time.monotonic() < deadline:
+        for name, check in checks.items():
+            if name not in seen and check():
+                seen[name] = time.monotonic()
+        time.sleep(0.005)
+    return seen
+
+
+def port_closed(port):
+    try:
+        socket.create_connection(('127.0.0.1', port), timeout=1).close()
+    except OSError:
+        return True
+    return False
+
+
+def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zookeeper, kazoo_client, zk_path):
+    """SIGTERM during an outage: the master keeps accepting until the delete
+    is confirmed, so the node goes before (or as) the port closes."""
+    zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
+    server, node = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
+                                    'session_timeout = 10000\n')
+    wait_owned(kazoo_client(zookeeper.hosts), node)
+    zookeeper.stop()
+    server.wait_for_log('ZooKeeper suspended')
+    server.signal(signal.SIGTERM)
+    server.wait_for_log('SIGTERM: stopping gracefully')
+    time.sleep(0.5)
+    assert server.request('/')[0] == 200  # still accepting
+    state_lines = re.findall(r'ZooKeeper \w+, session \S+, registered: .*', server.log())
+    assert state_lines[-1].endswith(f'registered: {node}')  # ZooKeeper may still hold it
+    zookeeper.start()
+    zk = kazoo_client(zookeeper.hosts)
+    seen = first_times({'gone': lambda: not zk.exists(node), 'closed': lambda: port_closed(server.port)},
+                       timeout=10)
+    assert seen['gone'] <= seen['closed'], seen
+    assert server.wait() == 0
+    assert 'did not confirm the deregistration in time' not in server.log()
+    # Nothing claimed the node gone before ZooKeeper confirmed it.
+    claims = re.findall(r'ZooKeeper \w+, session \S+, registered: .*|unregistered /\S+', server.log())
+    named = claims.index(state_lines[-1])
+    first_nothing = next(i for i, line in enumerate(claims) if i > named and line.endswith('registered: nothing'))
+    assert claims[first_nothing - 1] == f'unregistered {node}', claims
+
+
+def wipe(zookeeper):
+    """Stop ZooKeeper, empty its data directory, start it on the same port."""
+    zookeeper.stop()
+    shutil.rmtree(os.path.join(zookeeper.directory, 'data'))
+    zookeeper.start()
+
+
+@pytest.mark.parametrize('node_format', ['zk', 'serverset', 'curator'])
+def test_a_zookeeper_that_lost_its_data_gets_the_node_back(servers, ini, own_zookeeper, kazoo_client,
+                                                           zk_path, node_format):
+    zookeeper = own_zookeeper()
+    server, _ = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
+                                 f'session_timeout = 2000\nnode_format = {node_format}\n')
+    zk = kazoo_client(zookeeper.hosts)
+    [child] = wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), message='the node')
+    before = zk.get(f'{zk_path}/{child}')[0]
+    zk.stop()
+    wipe(zookeeper)
+    answering = time.monotonic()
+    zk = kazoo_client(zookeeper.hosts)
+    [child] = wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), timeout=2.0 + 5.0,
+                         message='the node back in the wiped ZooKeeper')
+    assert time.monotonic() - answering < 2.0 + 5.0
+    data, stat = zk.get(f'{zk_path}/{child}')
+    assert stat.ephemeralOwner in zookeeper.session_ids()
+    if node_format != 'curator':  # its registration time is the first registration's
+        assert json.loads(data) == json.loads(before)
+    else:
+        assert data == before
+    server.wait_for_log('starting a new session')
+    assert server.request('/')[0] == 200
+
+
+def own_data(node_format, raw):
+    value = json.loads(raw)
+    return value['zkprefork'] if node_format == 'serverset' else value
+
+
+@pytest.mark.parametrize('node_format, credentials', [
+    ('zk', False), ('serverset', False), ('curator', False), ('zk', True), ('serverset', True)])
+def test_nodes_keep_their_identity(servers, ini, zookeeper, zk, kazoo_client, zk_path,
+                                   node_format, credentials):
+    """Name, czxid and member number survive HUP, TTIN, TTOU and a registrar
+    restart; data changes in place; an anonymous client cannot change it."""
+    options = f'node_format = {node_format}\nsession_timeout = 4000\n'
+    env = None
+    if credentials:
+        options += 'zookeeper_credentials_env = ZKPF_TEST_CREDENTIALS\n'
+        env = {'ZKPF_TEST_CREDENTIALS': 'app:' + os.urandom(8).hex()}
+    server, _ = start_registered(servers, ini, zookeeper.hosts, zk_path, options, env=env)
+    [child] = wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), message='the node')
+    node = f'{zk_path}/{child}'
+    created = wait_until(lambda: zk.exists(node))
+    seen = []
+    ChildrenWatch(zk, zk_path, lambda children: seen.append(sorted(children)))
+
+    def becomes(key, value, after):
+        if node_format == 'curator':  # no room for workers or generation: nothing to update
+            server.wait_for_log(after)
+            time.sleep(0.3)
+        else:
+            wait_until(lambda: own_data(node_format, zk.get(node)[0])[key] == value,
+                       message=f'{key} = {value}')
+    server.signal(signal.SIGHUP)
+    becomes('generation', 1, r'SIGHUP: reloading')
+    server.signal(signal.SIGTTIN)
+    becomes('workers', 2, r'SIGTTIN: now 2')
+    server.signal(signal.SIGTTOU)
+    becomes('workers', 1, r'SIGTTOU: now 1')
+    restart_registrar(server, created.ephemeralOwner, node)
+    server.signal(signal.SIGTTIN)  # the new registrar may write the node: the same identity
+    becomes('workers', 2, r'SIGTTIN: now 2')
+
+    after = zk.exists(node)
+    assert (after.czxid, after.ephemeralOwner) == (created.czxid, created.ephemeralOwner)
+    assert seen == [[child]]  # no member left, none joined
+    assert zk.get_children(zk_path) == [child]
+    # In place, each time (a new registrar's curator registrationTimeUTC is its own).
+    assert server.log().count('updated /') == (1 if node_format == 'curator' else 4), server.log()
+
+    anonymous = kazoo_client(zookeeper.hosts)
+    with pytest.raises(NoAuthError):
+        anonymous.set(node, b'{}')
+    if credentials:  # the service path is protected: nobody else may delete
+        with pytest.raises(NoAuthError):
+            anonymous.delete(node)
+    else:  # ZooKeeper checks a delete against the parent's open ACL: it is made again
+        anonymous.delete(node)
+        wait_until(lambda: zk.exists(zk_path) and zk.get_children(zk_path), message='the node again')
+
+
+class StallingProxy:
+    """A TCP proxy to ZooKeeper that can, for a while, accept connections
+    and never answer them, as ZooKeeper 3.8 does while it starts."""
+
+    def __init__(self, target_port):
+        self.target_port = target_port
+        self.listener = socket.create_server(('127.0.0.1', 0))
+        self.port = self.listener.getsockname()[1]
+        self.stall_until = 0.0
+        self.sockets = []
+        self.closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def stall(self, seconds):
+        """Drop every connection; accept new ones without answering for `seconds`."""
+        self.stall_until = time.monotonic() + seconds
+        for sock in self.sockets:
+            sock.close()
+        self.sockets = []
+
+    def close(self):
+        self.closed = True
+        self.listener.close()
+        self.stall(0)
+
+    def _accept(self):
+        while not self.closed:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            self.sockets.append(client)
+            if time.monotonic() < self.stall_until:
+                continue  # held open, never answered
+            server = socket.create_connection(('127.0.0.1', self.target_port))
+            self.sockets.append(server)
+            for source, sink in ((client, server), (server, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True).start()
+
+    @staticmethod
+    def _pump(source, sink):
+        try:
+            while data := source.recv(65536):
+                sink.sendall(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+def test_a_zookeeper_that_answers_late_does_not_cost_the_session(servers, ini, zookeeper, zk, zk_path):
+    """A reconnection that lands on a ZooKeeper that accepted it but does not
+    answer (yet) gives up in time for another attempt within the session:
+    kazoo alone would wait the whole session timeout with one server, and
+    ZooKeeper would expire the session and delete the node meanwhile."""
+    proxy = StallingProxy(zookeeper.port)
+    try:
+        server, node = start_registered(servers, ini, f'127.0.0.1:{proxy.port}', zk_path,
+                                        'session_timeout = 4000\n')
+        session = wait_owned(zk, node)
+        proxy.stall(1.5)
+        server.wait_for_log('ZooKeeper suspended')
+        deadline = time.monotonic() + 6.0
+        while time.monotonic() < deadline:
+            assert owner(zk, node) == session, 'the session expired: the node went'
+            time.sleep(0.01)
+        assert server.log().count('ZooKeeper connected') >= 2
+    finally:
+        proxy.close()
+
+
+def test_a_registrar_that_closed_its_session_is_followed_by_a_new_session(servers, ini, zookeeper, zk,
+                                                                          zk_path):
+    """The session a new registrar would resume is closed (its predecessor got
+    SIGTERM): ZooKeeper says it expired, and the node is registered anew."""
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    first = wait_owned(zk, node)
+    registrar_of(server).terminate()
+    wait_owned(zk, node, other_than=first)
+    assert zk.get_children(zk_path) == [node.rpartition('/')[2]]

@@ -361,3 +361,21 @@ def test_missing_or_empty_credentials_are_refused(tmp_path, monkeypatch):
     assert 'not set' in rejected('zookeeper_credentials_env', 'ZKPF_TEST_CREDENTIALS')
     monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', '  ')
     assert 'not set' in rejected('zookeeper_credentials_env', 'ZKPF_TEST_CREDENTIALS')
+
+
+def test_health_check_options():
+    zookeeper = {'zookeeper': 'zk', 'path': '/svc'}
+    settings = make_settings(zookeeper)
+    # HAProxy's defaults: inter 2 s, rise 2, fall 3; the check's timeout is the interval.
+    assert (settings.health_check, settings.health_check_interval, settings.health_check_timeout,
+            settings.health_check_rise, settings.health_check_fall) == (None, 2.0, None, 2, 3)
+    settings = make_settings({**zookeeper, 'health_check': ' /healthz?full=1 ',
+                              'health_check_interval': '0.5', 'health_check_fall': '1'})
+    assert (settings.health_check, settings.health_check_interval, settings.health_check_fall) == \
+        ('/healthz?full=1', 0.5, 1)
+    assert 'is not a request path' in rejected('health_check', 'healthz', **zookeeper)
+    assert 'is not a request path' in rejected('health_check', '/a b', **zookeeper)
+    assert 'more than zero' in rejected('health_check_interval', '0', **zookeeper)
+    assert 'more than zero' in rejected('health_check_timeout', '0', **zookeeper)
+    assert 'out of range' in rejected('health_check_rise', '0', **zookeeper)
+    assert 'it needs zookeeper' in rejected('health_check', '/healthz')

@@ -13,8 +13,9 @@ import pytest
 from kazoo.exceptions import NoAuthError
 from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 
-from support import (ZOOKEEPER_TLS_CLASSPATH, registrar_of, secure_port,
+from support import (ZOOKEEPER_TLS_CLASSPATH, free_port, registrar_of, secure_port,
                      tls_zookeeper_config, wait_until, write_ini)
+from test_operations import ask
 from zkprefork import zksecurity
 from zkprefork.registrar_link import RegistrarLink
 from zkprefork.registrar_protocol import CredentialsSource, RegistrarConfig, TLSOptions
@@ -314,3 +315,30 @@ def test_a_server_that_refuses_ephemeral_nodes(servers, tmp_path, ensemble):
     assert_reported_once(server, 'ZooKeeper refuses ephemeral nodes to this session: cannot register '
                                  f'{node_of(server, "/local/providers")} (EphemeralOnLocalSession')
 
+
+
+def test_the_masters_own_identity_is_never_shown(servers, tmp_path, zookeeper, zk, zk_path, kazoo_client):
+    """Without credentials the master makes up a digest identity for its
+    registrars: it writes the node, and appears in no log, command line,
+    node data or monitor output."""
+    monitor_port = free_port()
+    server = start(servers, tmp_path, zookeeper.hosts, zk_path,
+                   f'monitor_server = 127.0.0.1:{monitor_port}\n' + ALL_LOGS).wait_serving()
+    node = node_of(server, zk_path)
+    wait_until(lambda: zk.exists(node), message='the node')
+    acl = zk.get_acls(node)[0]
+    assert acl[0] == zksecurity.make_acl('world', 'anyone', read=True)
+    assert acl[1].id.scheme == 'digest' and acl[1].perms == 31  # ALL, for the master's identity
+    user = acl[1].id.id.partition(':')[0]
+    assert user.startswith('zkprefork-')
+    log = server.log()
+    assert "scheme='digest', auth='<redacted>'" in log
+    # Only the ACL's digest (a base64 SHA-1) follows the user name, never the password.
+    shown = re.findall(re.escape(user) + r":([^'\s]*)", log)
+    assert shown and all(re.fullmatch(r'[A-Za-z0-9+/]{27}=', text) for text in shown), set(shown)
+    status = ask(('127.0.0.1', monitor_port), b'status\n')
+    assert user not in status and 'password' not in status
+    for process in [psutil.Process(server.pid), registrar_of(server)]:
+        assert user not in ' '.join(process.cmdline())
+    with pytest.raises(NoAuthError):
+        kazoo_client(zookeeper.hosts).set(node, b'{}')

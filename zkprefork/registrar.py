@@ -5,7 +5,12 @@ interpreter: kazoo is not fork-safe and must never be shared) and never
 forks. Its first stdin line is its configuration (a RegistrarConfig;
 secrets are named by file or environment variable, never passed); then it
 reads commands (register, unregister) and writes events (state,
-unregistered), one JSON line each, as registrar_protocol.py defines them.
+unregistered, session), one JSON line each, as registrar_protocol.py
+defines them. What it registers is a desired state (the last register
+command's nodes, while the health check, if any, passes; none after an
+unregister command), which it converges ZooKeeper to, retrying until
+ZooKeeper confirms; `unregistered` is said once ZooKeeper confirmed every
+delete, or the session that held the nodes is gone.
 
 End of file on stdin means the master is gone or done: the registrar closes
 the session, which deletes its ephemeral nodes at once (not after the session
@@ -17,14 +22,17 @@ gone; a new one is being sought) or ``failed`` (a problem that retrying
 cannot fix, named in ``error``: wrong credentials, a refused TLS handshake, a
 server that refuses ephemeral nodes...; a register command with other data,
 such as a reload's new generation, tries again). ``nodes`` are the full
-paths (chroot included) owned by the current session; ``since`` is when
+paths (chroot included) that ZooKeeper confirmed the current session holds; ``since`` is when
 ``state`` last changed; ``problems`` are the registrations held back, each
 one line (a live server owns the name, a persistent node is in the way). A
 state event is written, and logged, on every change of any of these.
 
-The session (zksession.Session) and the nodes (zknodes.Nodes) are their own
-rooms; this module is the loop that feeds them the master's commands,
-kazoo's news and the timers, and reports their state.
+The session (zksession.Session), the nodes (zknodes.Nodes) and the health
+check (healthcheck.py) are their own rooms; this module is the loop that
+feeds them the master's commands, kazoo's news, the checks' results and the
+timers, and reports their state. A session that does not come back within
+the session timeout (expired, or refused by a ZooKeeper that lost its data)
+is replaced by a new client's.
 """
 import logging
 import os
@@ -34,9 +42,9 @@ import sys
 import threading
 import time
 
-from zkprefork import logsetup, proctitle, zknodes, zksecurity, zksession
+from zkprefork import healthcheck, logsetup, proctitle, zknodes, zksecurity, zksession
 from zkprefork.registrar_protocol import (
-    ProtocolError, RegistrarConfig, Register, State, Unregistered, read_command)
+    ProtocolError, RegistrarConfig, Register, Session, State, Unregistered, read_command)
 
 log = logging.getLogger('zkprefork.registrar')
 
@@ -78,11 +86,17 @@ class Registrar:
 
     def __init__(self, config, credentials, events_out):
         self.out = events_out
+        self.config = config
         self.inbox = queue.Queue()
         self.timers = Timers()
         self.session = zksession.Session(config, credentials, self._post, self.timers)
         self.nodes = zknodes.Nodes(config, self.session, self._watch)
         self.failed_with = None  # the data registered when it failed
+        self.unregistering = False  # an unregister command awaits ZooKeeper's confirmation
+        self.command = None  # the last register command, while it stands
+        self.health = config.health and healthcheck.Health(
+            config.health.path, config.health.rise, config.health.fall, config.health_up)
+        self.checker = None
         self.first_registration_checked = False
         self.reported = None
         self.since = time.time()
@@ -99,7 +113,10 @@ class Registrar:
             if kind == 'stop':
                 break
             self._handle(kind, value)
+            self._confirm_unregistered()
             self._report()
+        if self.checker:
+            self.checker.stop()
         self.session.close()
 
     def stop(self):
@@ -129,6 +146,8 @@ class Registrar:
             self._problem(self.session.on_tls_checked(value))
         elif kind == 'tick':
             self.timers.run_due()
+        elif kind == 'health':
+            self._on_health(*value)
 
     def _watch(self, event):
         # Called on kazoo's event thread; one bound method, so that kazoo
@@ -140,15 +159,33 @@ class Registrar:
     def _start_client(self):
         self._problem(self.session.start())
 
-    def _on_state(self, state, keeper_state, client_id):
+    def _on_state(self, generation, state, keeper_state, client_id):
         before = self.session.id
-        problem = self.session.on_state(state, keeper_state, client_id)
-        if self.session.id != before:
+        problem = self.session.on_state(generation, state, keeper_state, client_id)
+        if self.session.state == 'lost':
+            self.nodes.session_lost()
+        elif self.session.id != before:
             self.nodes.new_session()
+        if self.session.id and self.session.id != before:
+            self._emit(Session(self.session.id, self.session.password.hex()))
         if problem:
             self._fail(problem)
         elif self.session.connected:
+            self.timers.cancel(self._renew_session)
             self._ensure()
+        elif self.session.had_session and not self.timers.pending(self._renew_session):
+            self.timers.at(self.session.config.session_timeout / 1000.0, self._renew_session)
+
+    def _renew_session(self):
+        """Disconnected for a whole session timeout: the session is expired
+        (or ZooKeeper, having lost its data, refuses it); a new one is
+        needed, and the nodes are registered again in it."""
+        if self.session.connected or self.session.failure:
+            return
+        log.warning('ZooKeeper has not taken our session back within the session timeout '
+                    '(it expired, or ZooKeeper lost its data): starting a new session')
+        self.session.renew()
+        self.nodes.new_session()
 
     def _problem(self, problem):
         if problem:
@@ -164,12 +201,41 @@ class Registrar:
     # -- commands -------------------------------------------------------
 
     def _register(self, command):
-        self.nodes.register(command.endpoints, command.data)
+        self.unregistering = False
+        self.command = command
+        self._start_checker(command.endpoints)
+        self._want()
+
+    def _want(self):
+        """The desired state: the command's nodes, while the health check
+        (if any) says UP; none otherwise."""
+        command = self.command
+        healthy = self.health is None or self.health.up
+        self.nodes.register(command.endpoints if healthy else (), command.data)
         if self.session.failure:
             self._retry_failed(command.data)
-        if not self.first_registration_checked:
+        if not self.first_registration_checked and healthy:
             self.timers.at(UNREGISTERED_AFTER, self._warn_unregistered)
         self._ensure()
+
+    # -- the health check -----------------------------------------------
+
+    def _start_checker(self, endpoints):
+        if self.health and not self.checker and endpoints:
+            host, port = endpoints[0]
+            self.checker = healthcheck.Checker(self.config.health, self.config.health.host or host,
+                                               port, self._post)
+            self.checker.start()
+
+    def _on_health(self, passed, detail):
+        if not self.health.record(passed, detail):
+            return
+        if self.health.up:
+            log.info('%s: registering', self.health.describe())
+        else:
+            log.warning('%s: unregistering', self.health.describe())
+        if self.command:
+            self._want()
 
     def _retry_failed(self, data):
         """A reload (a new generation), or any other change of what we
@@ -181,21 +247,32 @@ class Registrar:
             self._problem(self.session.retry())
 
     def _warn_unregistered(self):
-        if not self.session.connected and not self.session.failure:
+        if not (self.session.connected or self.nodes.registered() or self.session.failure
+                or self.unregistering):
             log.warning('no ZooKeeper session (%s): serving unregistered; '
                         'registering as soon as ZooKeeper answers', self.session.config.hosts)
         self.first_registration_checked = True
 
     def _unregister(self):
+        """Said done only once ZooKeeper confirms every delete (or the
+        session that held the nodes is gone): the master keeps accepting
+        until then, so that no node points at a closed port."""
+        self.unregistering = True
+        self.command = None
         self.nodes.unregister()
-        self._emit(Unregistered())
+        self._ensure()
+
+    def _confirm_unregistered(self):
+        if self.unregistering and self.nodes.settled():
+            self.unregistering = False
+            self._emit(Unregistered())
 
     def _ensure(self):
-        if self.session.failure or not self.session.connected or not self.nodes.wanted:
+        if not self.session.connected or (self.session.failure and self.nodes.settled()):
             return
         self.timers.cancel(self._ensure)
         try:
-            delay = self.nodes.ensure()
+            delay = self.nodes.ensure(deletes_only=bool(self.session.failure))
         except zknodes.Refused as refused:
             self._fail(str(refused))
             return
@@ -208,20 +285,26 @@ class Registrar:
         _write_event(self.out, event)
 
     def _report(self):
+        """A state event on every change (the health check's counts
+        included); a log line when more than those counts changed."""
         session = self.session
         state = 'failed' if session.failure else session.state
         nodes = self.nodes.registered()
         problems = sorted(self.nodes.problems.values())
         session_id = f'0x{session.id:x}' if session.id else None
         current = (state, session_id, nodes, problems, session.failure)
-        if current == self.reported:
+        health = self.health.status() if self.health else None
+        if (current, health) == self.reported:
             return
-        if not self.reported or self.reported[0] != state:
+        changed = not self.reported or self.reported[0] != current
+        if not self.reported or self.reported[0][0] != state:
             self.since = time.time()
-        self.reported = current
-        self._emit(State(state, session_id, nodes, round(self.since, 3), problems, session.failure))
-        log.info('ZooKeeper %s, session %s, registered: %s%s', state, session_id or 'none',
-                 ', '.join(nodes) or 'nothing', ''.join(f'; {p}' for p in problems))
+        self.reported = (current, health)
+        self._emit(State(state, session_id, nodes, round(self.since, 3), problems, session.failure,
+                         health))
+        if changed:
+            log.info('ZooKeeper %s, session %s, registered: %s%s', state, session_id or 'none',
+                     ', '.join(nodes) or 'nothing', ''.join(f'; {p}' for p in problems))
 
 
 def main():
@@ -235,7 +318,7 @@ def main():
         credentials, unreadable = None, str(error)
     else:
         unreadable = None
-    zksecurity.redact_logs(credentials)
+    zksecurity.redact_logs(credentials or zksecurity.own_credentials(config.identity))
     logsetup.configure(config.loggers)
     proctitle.set(f'registrar {config.path}')
     if unreadable:
@@ -251,7 +334,7 @@ def _without_credentials(problem):
     """Serve the master without ZooKeeper until it is done: exiting would
     only have it start another registrar that fails the same way."""
     log.error('cannot read the ZooKeeper credentials: %s; not registering', problem)
-    _write_event(sys.stdout, State('failed', None, [], round(time.time(), 3), [], problem))
+    _write_event(sys.stdout, State('failed', None, [], round(time.time(), 3), [], problem, None))
     for line in sys.stdin:
         try:
             command = read_command(line)

@@ -15,7 +15,8 @@ import sys
 
 import zkprefork
 from zkprefork.lines import LineReader
-from zkprefork.registrar_protocol import RegistrarConfig, Register, Unregister, read_event
+from zkprefork.registrar_protocol import (
+    RegistrarConfig, Register, Unregister, make_identity, read_event)
 from zkprefork.supervision import MASTER_ONLY_SIGNALS, NEVER, Backoff, describe_exit
 
 log = logging.getLogger('zkprefork.master')
@@ -49,6 +50,11 @@ class RegistrarLink:
         self._started = None
         self._node_data = None  # what the last register command said
         self._confirmed = False  # the registrar said 'unregistered'
+        # Secrets of this master's (see registrar_protocol), for every
+        # registrar it starts: kept here, never in `registration`.
+        self._identity = make_identity()  # used only without the user's credentials
+        self._session = None  # (id, password hex) of the last registrar's session
+        self._health_up = False  # the last registrar's health check said UP
 
     @property
     def pid(self):
@@ -92,7 +98,8 @@ class RegistrarLink:
     def _config(self):
         """The registrar's first line. Secrets travel as a file path or an
         environment variable's name: the registrar reads them itself."""
-        return RegistrarConfig.from_settings(self.settings)
+        return RegistrarConfig.from_settings(self.settings, self._identity, self._session,
+                                             self._health_up)
 
     def _send(self, line):
         try:
@@ -157,8 +164,12 @@ class RegistrarLink:
             if kind == 'unregistered':
                 self.registration['nodes'] = []
                 self._confirmed = True
+            elif kind == 'session':
+                self._session = (event['id'], event['password'])
             else:
                 self.registration.update(event)
+                self._health_up = (event['health'] or {}).get('state') == 'up'
+
 
     def _stop_watching(self):
         if not self.process.stdout.closed:

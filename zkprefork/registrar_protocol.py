@@ -14,14 +14,22 @@ On its stdout, events::
 
     {"event": "state", "state": "connected", "session": "0x10000a2b3c0001",
      "nodes": ["/svc/127.0.0.1:8080"], "since": 1700000000.123, "problems": [],
-     "error": null}
+     "error": null, "health": null}
     {"event": "unregistered"}
+    {"event": "session", "id": 72057594037927937, "password": "0a1b..."}
 
-Secrets never travel here: the configuration names the file or environment
-variable that holds them (CredentialsSource), and the registrar reads it.
+The user's secrets never travel here: the configuration names the file or
+environment variable that holds them (CredentialsSource), and the registrar
+reads it. Two secrets of the master's own do, and nowhere else (never in a
+log, a command line, the monitor or a repr): the digest identity it made up
+at start for its registrars (`identity`, when the user gave no credentials),
+and the session of its last registrar (`resume`), which the next one takes
+back, so that the nodes it holds stay as they are (`health_up` carries the
+last health check state over too).
 """
 import dataclasses
 import json
+import secrets
 import typing
 
 # The registrar's states, as events report them (see registrar.py).
@@ -91,6 +99,7 @@ class State(typing.NamedTuple):
     since: float  # when `state` last changed, seconds since the epoch
     problems: list  # registrations held back, one line each
     error: str  # why the state is 'failed', or None
+    health: dict  # the health check's state and counts (healthcheck.Health.status), or None
 
     def line(self):
         return _line(event='state', **self._asdict())
@@ -103,7 +112,20 @@ class Unregistered(typing.NamedTuple):
         return _line(event='unregistered')
 
 
-_EVENTS = {'state': State, 'unregistered': Unregistered}
+class Session(typing.NamedTuple):
+    """The session the registrar holds now: a registrar that replaces it
+    resumes it (its nodes stay, with their names and czxids)."""
+    id: int
+    password: str  # hexadecimal
+
+    def line(self):
+        return _line(event='session', **self._asdict())
+
+    def __repr__(self):
+        return f'Session(id=0x{self.id:x})'
+
+
+_EVENTS = {'state': State, 'unregistered': Unregistered, 'session': Session}
 
 
 def read_event(line):
@@ -124,6 +146,12 @@ def read_event(line):
 
 # -- the configuration (the first line) -------------------------------------------
 
+def make_identity():
+    """A random digest identity, 'user:password', for a master's registrars
+    when the user configured no credentials: only they may write its nodes."""
+    return f'zkprefork-{secrets.token_hex(6)}:{secrets.token_urlsafe(24)}'
+
+
 # No defaults below: Settings holds them, and from_settings copies them.
 
 @dataclasses.dataclass(frozen=True)
@@ -143,6 +171,26 @@ class TLSOptions:
 
 
 @dataclasses.dataclass(frozen=True)
+class HealthCheckOptions:
+    path: str  # requested with GET; a 2xx passes
+    host: str  # the address to request it from, or None: the first registered host
+    interval: float  # seconds between checks
+    timeout: float  # seconds a check may take
+    rise: int  # passes in a row that make a server UP
+    fall: int  # failures in a row that make it DOWN
+
+    @classmethod
+    def from_settings(cls, settings):
+        if not settings.health_check:
+            return None
+        # Through the real listening socket: a wildcard is reached on loopback.
+        host = {'': '127.0.0.1', '0.0.0.0': '127.0.0.1', '::': '::1'}.get(settings.host)
+        return cls(settings.health_check, host, settings.health_check_interval,
+                   settings.health_check_timeout or settings.health_check_interval,
+                   settings.health_check_rise, settings.health_check_fall)
+
+
+@dataclasses.dataclass(frozen=True)
 class RegistrarConfig:
     """What the registrar needs of Settings, checked there already."""
     hosts: str  # kazoo's hosts string, without the chroot
@@ -155,9 +203,17 @@ class RegistrarConfig:
     loggers: str  # the loggers option, or None
     credentials: CredentialsSource  # or None
     tls: TLSOptions  # or None: no TLS
+    health: HealthCheckOptions  # or None: registered whenever the workers are ready
+    # Not options, the master's own (see above): defaults of their own.
+    identity: str = dataclasses.field(default=None, repr=False)  # 'user:password', or None
+    resume: tuple = dataclasses.field(default=None, repr=False)  # (session id, password hex), or None
+    # The last registrar's health check said UP: the next one starts UP (as
+    # HAProxy's server-state-file keeps states across reloads), so that the
+    # node of the resumed session stays.
+    health_up: bool = False
 
     @classmethod
-    def from_settings(cls, settings):
+    def from_settings(cls, settings, identity=None, resume=None, health_up=False):
         servers = settings.zookeeper  # a settings.ConnectionString, parsed there
         credentials = tls = None
         if settings.zookeeper_credentials_file or settings.zookeeper_credentials_env:
@@ -169,7 +225,9 @@ class RegistrarConfig:
                              settings.zookeeper_key_file, settings.zookeeper_check_hostname)
         return cls(servers.hosts, servers.addresses, servers.chroot, settings.path,
                    settings.session_timeout, settings.node_format, settings.properties,
-                   settings.loggers, credentials, tls)
+                   settings.loggers, credentials, tls, HealthCheckOptions.from_settings(settings),
+                   resume=resume, health_up=health_up,
+                   identity=None if credentials else identity)
 
     @property
     def service_path(self):
@@ -191,6 +249,10 @@ class RegistrarConfig:
                 value['credentials'] = CredentialsSource(**value['credentials'])
             if value.get('tls'):
                 value['tls'] = TLSOptions(**value['tls'])
+            if value.get('health'):
+                value['health'] = HealthCheckOptions(**value['health'])
+            if value.get('resume'):
+                value['resume'] = tuple(value['resume'])
             return cls(**value)
         except (KeyError, TypeError, ValueError) as error:
             raise ProtocolError(f'not a registrar configuration: {error!r}') from None

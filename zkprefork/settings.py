@@ -256,6 +256,15 @@ def _properties(option, value):
     return tuple(pairs)
 
 
+def _request_path(option, value):
+    value = value.strip()
+    if not value:
+        return None
+    if not value.startswith('/') or any(c.isspace() or ord(c) < 32 for c in value):
+        raise ConfigError(f'{option}: {value!r} is not a request path (such as /healthz)')
+    return value
+
+
 def option(default, check, restart_only=False):
     """A Settings field that is a user option: `check(option, raw string)`
     returns the checked value or raises ConfigError; a reload cannot change
@@ -312,6 +321,13 @@ class Settings:
     max_request_body_size: int = option(1 << 30, _integer(0))  # bytes (1 GiB), de-chunked -> 413
     # seconds for the headers, and of silence inside a body -> 408
     request_read_timeout: float = option(30.0, _positive_seconds)
+    # Health-gated registration, in HAProxy's terms and with its defaults
+    # (inter 2 s, rise 2, fall 3; timeout: the interval, as `timeout check`).
+    health_check: str = option(None, _request_path, restart_only=True)  # a path; None: off
+    health_check_interval: float = option(2.0, _positive_seconds, restart_only=True)
+    health_check_timeout: float = option(None, _positive_seconds, restart_only=True)
+    health_check_rise: int = option(2, _integer(1, 1000), restart_only=True)
+    health_check_fall: int = option(3, _integer(1, 1000), restart_only=True)
 
     def __post_init__(self):
         # Made directly (as tests do) rather than by make_settings: the
@@ -346,6 +362,10 @@ def _check_together(checked):
     if tls_only and not checked.get('zookeeper_ca_file'):
         raise ConfigError(f'{tls_only[0]}: TLS needs zookeeper_ca_file (without it the '
                           'connection to ZooKeeper is not encrypted)')
+    health = [name for name in checked if name.startswith('health_check')]
+    if health and not checked.get('zookeeper'):
+        raise ConfigError(f'{health[0]}: the health check decides the registration: it needs '
+                          'zookeeper')
     if checked.get('zookeeper_auth') == 'sasl' and not _installed('puresasl'):
         raise ConfigError("zookeeper_auth: sasl needs the pure-sasl package "
                           "(pip install 'zkprefork[sasl]')")

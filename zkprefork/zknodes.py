@@ -1,9 +1,13 @@
 """The registrar's nodes: what should exist in ZooKeeper, and making it so.
 
 The desired state is one Wanted entry per endpoint of the last register
-command. Nodes.ensure() converges ZooKeeper to it: it creates what is
-missing, adopts what this session already owns, updates what differs,
-deletes what is no longer wanted, and holds back where the name is taken.
+command (none after an unregister command), and the nodes we may still
+hold that are no longer wanted (Doomed). Nodes.ensure() converges ZooKeeper
+to it: it deletes the doomed nodes, creates what is missing, adopts what
+this session already owns, updates what differs, and holds back where the
+name is taken. Every write is retried until ZooKeeper confirms it or the
+session ends; what is reported as registered is only what ZooKeeper
+confirmed.
 Each node found under the service path gets a verdict: OURS (this
 session's), STALE (an earlier incarnation of this server: replaced in the
 same transaction as our create), FOREIGN (another live server: held back
@@ -11,6 +15,7 @@ until it goes) or PERSISTENT (in the way until someone deletes it).
 """
 import logging
 import time
+import typing
 
 import psutil
 from kazoo.exceptions import (
@@ -108,6 +113,7 @@ class Wanted:
         self.base = base
         self.path = None
         self.ours = False  # confirmed owned by the current session
+        self.written = False  # a create was sent: a node may exist, answer or not
         self.set_node(node)
 
     def set_node(self, node):
@@ -121,6 +127,14 @@ class Wanted:
         return _join(self.base, self.node.name) if self.node.sequential else self.path
 
 
+class Doomed(typing.NamedTuple):
+    """A node we may hold that is no longer wanted: deleted once ZooKeeper
+    confirms it, or gone with the session that held it."""
+    endpoint: tuple
+    path: str  # None for a member whose create was never answered
+    confirmed: bool  # ZooKeeper confirmed that the current session holds it
+
+
 class NodeWriter:
     """The writes that make a wanted node ours, each confirmed by ZooKeeper
     before the entry says so."""
@@ -128,7 +142,7 @@ class NodeWriter:
     def __init__(self, session, watch):
         self.session = session
         self.watch = watch
-        self.path_acl, self.node_acl = zksecurity.acls(session.credentials)
+        self.path_acl, self.node_acl = zksecurity.acls(session.credentials, session.identity)
         self.look_again = False  # a node of ours went while we wrote it
 
     def adopt(self, wanted, mine, stale):
@@ -168,18 +182,15 @@ class NodeWriter:
             transaction.delete(path, version=stat.version)
         transaction.create(wanted.target, wanted.node.data, acl=self.node_acl,
                            ephemeral=True, sequence=wanted.node.sequential)
+        wanted.written = True
         wanted.path = self.session.commit(transaction)[-1]
         wanted.ours = True
         self.watch_ours(wanted)
 
     def update(self, wanted, stat):
-        if self.session.credentials:
-            # Our ACL lets us write: an update in place, which watchers of
-            # the children do not even notice.
-            self.session.call('set', wanted.path, wanted.node.data, stat.version)
-        else:
-            # A world-readable node nobody may write: replace it in one step.
-            self.write(wanted, [(wanted.path, b'', stat)])
+        # In place, at the version we read: the node keeps its name, czxid
+        # and member number; watchers of the children notice nothing.
+        self.session.call('set', wanted.path, wanted.node.data, stat.version)
         log.info('updated %s %s', wanted.path, wanted.node.data.decode())
 
 
@@ -200,6 +211,7 @@ class Nodes:
         self.instance = None
         self.registered_at = None  # ms; the curator format shows it
         self.problems = {}  # endpoint -> one line
+        self.doomed = []  # Doomed, until ZooKeeper confirms each gone
         self.path_ready = False
 
     def register(self, endpoints, data):
@@ -215,48 +227,63 @@ class Nodes:
             wanted = before.pop(node.endpoint, None) or Wanted(node, self.base)
             wanted.set_node(node)
             self.wanted.append(wanted)
-        self._delete([wanted for wanted in before.values() if wanted.ours])
-        for endpoint in before:
-            self.problems.pop(endpoint, None)
+        self._doom(before.values())
+        wanted_again = {wanted.node.endpoint for wanted in self.wanted}
+        self.doomed = [d for d in self.doomed if d.endpoint not in wanted_again]
 
     def unregister(self):
+        """Want nothing: every node we may hold is to be deleted."""
         wanted, self.wanted = self.wanted, []
-        self.problems.clear()
-        self._delete([w for w in wanted if w.ours])
+        self._doom(wanted)
+
+    def _doom(self, wanted):
+        for each in wanted:
+            self.problems.pop(each.node.endpoint, None)
+            if each.ours or each.written:
+                self.doomed.append(Doomed(each.node.endpoint, each.path, each.ours))
 
     def new_session(self):
-        """The session changed: nothing is known to be ours any more."""
+        """The session changed: nothing is known to be ours any more (a
+        node of the old session may remain until it expires: what is
+        doomed is still looked for, and deleted if it is there)."""
         self.path_ready = False
         for wanted in self.wanted:
             wanted.ours = False
+        self.doomed = [d._replace(confirmed=False) for d in self.doomed]
+
+    def session_lost(self):
+        """ZooKeeper expired the session: its nodes are gone with it."""
+        self.new_session()
+        for wanted in self.wanted:
+            wanted.written = False
+        self.doomed = []
 
     def registered(self):
-        """The full paths owned by the current session, sorted."""
-        return sorted(wanted.path for wanted in self.wanted if wanted.ours)
+        """The full paths ZooKeeper confirmed the current session holds,
+        sorted: the wanted ones, and the doomed ones not yet deleted."""
+        return sorted([wanted.path for wanted in self.wanted if wanted.ours]
+                      + [d.path for d in self.doomed if d.confirmed])
 
-    def _delete(self, wanted):
-        if not self.session.connected:
-            return
-        for each in wanted:
-            try:
-                self.session.call('delete', each.path)
-                log.info('unregistered %s', each.path)
-            except NoNodeError:
-                pass
-            except (KazooException, KazooTimeoutError) as error:
-                log.error('could not delete %s: %r (it goes with the session)', each.path, error)
+    def settled(self):
+        """Nothing left to delete."""
+        return not self.doomed
 
     # -- making the nodes what they should be ---------------------------
 
-    def ensure(self):
-        """Make every wanted node exist, owned by this session, with our
-        data. Returns None when done, or seconds before looking again;
-        raises Refused."""
+    def ensure(self, deletes_only=False):
+        """Delete what is doomed, then (unless `deletes_only`) make every
+        wanted node exist, owned by this session, with our data. Returns
+        None when done, or seconds before looking again; raises Refused."""
         self.writer.look_again = False
         current = None
+        if not self.wanted and not self.doomed:
+            return None
         try:
             self._ensure_path()
-            for current in self.wanted:
+            while self.doomed:
+                self._delete(self.doomed[0])
+                self.doomed.pop(0)
+            for current in ([] if deletes_only else self.wanted):
                 self._reconcile(current)
         except PERMANENT as error:
             raise Refused(refusal(error, current.target if current else self.base,
@@ -270,6 +297,26 @@ class Nodes:
             log.warning('registration in ZooKeeper interrupted (%r); trying again', error)
             return RETRY_LATER
         return 0 if self.writer.look_again else None
+
+    def _delete(self, doomed):
+        """Delete the doomed node if it is there and ours (this session's, or
+        left by an earlier session of this server), at its version."""
+        if doomed.path is None:
+            mine, stale, _ = self._members_of(doomed.endpoint)
+            found = mine + stale
+        else:
+            try:
+                raw, stat = self.session.call('get', doomed.path)
+            except NoNodeError:
+                return
+            name = doomed.path.rpartition('/')[2]
+            found = [(doomed.path, raw, stat)] if self._verdict(name, raw, stat) in (OURS, STALE) else []
+        for path, _, stat in found:
+            try:
+                self.session.call('delete', path, version=stat.version)
+            except NoNodeError:
+                continue
+            log.info('unregistered %s', path)
 
     def _ensure_path(self):
         if self.path_ready or self.base == '/':

@@ -77,20 +77,34 @@ def client_options(tls, credentials):
     return options
 
 
-def acls(credentials):
-    """(service path ACL, node ACL). ZooKeeper checks create and delete on
-    the parent, so with credentials the service path is what keeps others
-    from deleting our node or registering fake siblings; everyone may read.
-    Without credentials: an open path (kazoo's default) and a read-only
-    node, as zc.zkzopeserver registered."""
-    if not credentials:
+def own_credentials(identity):
+    """The master's own digest identity ('user:password', made up at its
+    start, see registrar_protocol.make_identity) as Credentials, or None."""
+    if not identity:
+        return None
+    user, _, password = identity.partition(':')
+    return Credentials(user, password, 'digest')
+
+
+def acls(credentials, identity=None):
+    """(service path ACL, node ACL). `credentials`: the user's, or None;
+    `identity`: who writes the nodes without them (own_credentials).
+
+    Everyone may read a node; only its writer (the user's identity, or this
+    master's own) may change it, so that its data is set in place. ZooKeeper
+    checks create and delete on the parent: with the user's credentials the
+    service path is protected too (no one else deletes our node or
+    registers fake siblings); without, it is open (kazoo's default), as
+    other servers, each with its own identity, register there too."""
+    writer = credentials or identity
+    if not writer:
         return None, READ_ACL_UNSAFE
-    if credentials.scheme == 'sasl':
-        ours = make_acl('sasl', credentials.user, all=True)
+    if writer.scheme == 'sasl':
+        ours = make_acl('sasl', writer.user, all=True)
     else:
-        ours = make_digest_acl(credentials.user, credentials.password, all=True)
+        ours = make_digest_acl(writer.user, writer.password, all=True)
     acl = [make_acl('world', 'anyone', read=True), ours]
-    return acl, acl
+    return (acl if credentials else None), acl
 
 
 def open_to_anyone(acl_list):

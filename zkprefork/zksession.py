@@ -5,6 +5,7 @@ Everything here runs in the registrar's loop, except kazoo's state listener
 and the TLS check's thread, which only pass news on with `post(kind, value)`.
 """
 import logging
+import math
 import threading
 
 from kazoo.client import KazooClient, KazooState, KeeperState
@@ -18,6 +19,13 @@ log = logging.getLogger('zkprefork.registrar')
 # Seconds between reconnection attempts at most, before kazoo's ±40% jitter
 # (so 2.8 s at worst); KazooClient's default back-off would grow to an hour.
 RECONNECT_MAX_DELAY = 2.0
+# Seconds a connection attempt may wait for ZooKeeper's answer, at most.
+# kazoo waits session timeout / number of hosts: with one server, the whole
+# session timeout. A ZooKeeper that accepts connections before it serves
+# (3.8 does, as it starts) and never answers that one then keeps the
+# registrar waiting until its session has expired on the server, which
+# deletes the node: a gap, seconds after ZooKeeper came back.
+CONNECT_TIMEOUT = 2.0
 TLS_CHECK_AFTER = 1.5  # seconds without a connection before checking the TLS handshake
 TLS_CHECK_EVERY = 5.0
 
@@ -32,11 +40,13 @@ class Session:
     """
 
     def __init__(self, config, credentials, post, timers):
-        """`config`: a RegistrarConfig; `credentials`: zksecurity.Credentials
-        or None; `post(kind, value)`: hands news to the loop from any thread;
-        `timers`: the loop's Timers."""
+        """`config`: a RegistrarConfig; `credentials`: the user's
+        zksecurity.Credentials or None (then the master's own identity in
+        `config` authenticates); `post(kind, value)`: hands news to the loop
+        from any thread; `timers`: the loop's Timers."""
         self.config = config
         self.credentials = credentials
+        self.identity = credentials or zksecurity.own_credentials(config.identity)
         self.post = post
         self.timers = timers
         self.state = 'connecting'
@@ -44,15 +54,28 @@ class Session:
         self.failure = None
         self.running = False
         self.op_timeout = max(config.session_timeout / 1000.0, 2.0)
-        self.client = KazooClient(
-            hosts=config.hosts,
-            timeout=config.session_timeout / 1000.0,
+        self.client = None
+        self.clients = 0  # how many clients were made: news from an older one is stale
+        self.had_session = False  # this client had a session: it remembers a zxid
+        self.password = None  # of the session, while there is one
+        resume = config.resume and (config.resume[0], bytes.fromhex(config.resume[1]))
+        self._new_client(resume)
+
+    def _new_client(self, client_id=None):
+        self.clients += 1
+        self.had_session = False
+        generation = self.clients
+        client = KazooClient(
+            hosts=kazoo_hosts(self.config),
+            timeout=self.config.session_timeout / 1000.0,
             connection_retry=KazooRetry(max_tries=-1, max_delay=RECONNECT_MAX_DELAY),
-            **zksecurity.client_options(config.tls, credentials))
+            client_id=client_id,
+            **zksecurity.client_options(self.config.tls, self.identity))
         # Listeners run on kazoo's connection thread and must not block: they
         # only pass the news (read there, while it is still true) on.
-        self.client.add_listener(lambda state: post(
-            'state', (state, self.client.client_state, self.client.client_id)))
+        client.add_listener(lambda state: self.post(
+            'state', (generation, state, client.client_state, client.client_id)))
+        self.client = client
 
     @property
     def connected(self):
@@ -61,7 +84,7 @@ class Session:
     def start(self):
         """Connect whenever ZooKeeper answers. Returns a problem (one line)
         if connecting cannot even be tried, else None."""
-        missing = zksecurity.missing_support(self.credentials)
+        missing = zksecurity.missing_support(self.identity)
         if missing:
             return missing
         self.client.start_async()
@@ -80,22 +103,37 @@ class Session:
 
     def close(self):
         """End the session: ZooKeeper deletes its ephemeral nodes at once."""
-        try:
-            self.client.stop()
-            self.client.close()
-        except KazooException as error:
-            log.warning('closing the ZooKeeper session: %r', error)
+        _close_quietly(self.client)
 
-    def on_state(self, state, keeper_state, client_id):
+    def renew(self):
+        """Give up the session for a new one, with a new client: kazoo keeps
+        offering the old session, and the last zxid it saw, for ever, and a
+        ZooKeeper that lost its data refuses both ("client has seen zxid
+        ..."). A node the old session may still hold is found as stale and
+        taken over."""
+        old = self.client
+        self._new_client()
+        self.id = self.password = None
+        self.state = 'connecting'
+        if self.running:
+            self.client.start_async()
+        # Stopping a client that is not connected may wait for its
+        # connection thread: not in the loop.
+        threading.Thread(target=_close_quietly, args=(old,), daemon=True).start()
+
+    def on_state(self, generation, state, keeper_state, client_id):
         """Kazoo's news, in the loop. Returns a problem that retrying cannot
         fix, or None."""
+        if generation != self.clients:
+            return None  # from a client given up already
         if state == KazooState.CONNECTED:
-            self.id = client_id[0] if client_id else None
+            self.id, self.password = client_id or (None, None)
             self.state = 'connected'
+            self.had_session = True
             self.timers.cancel(self.check_tls)
             return None
         if state == KazooState.LOST:
-            self.id = None
+            self.id = self.password = None
             self.state = 'lost'
             if keeper_state == KeeperState.AUTH_FAILED:
                 return self.rejected_credentials()
@@ -172,3 +210,19 @@ class Session:
         if errors:
             raise next((e for e in errors if not isinstance(e, RolledBackError)), errors[0])
         return results
+
+
+def _close_quietly(client):
+    try:
+        client.stop()
+        client.close()
+    except KazooException as error:
+        log.warning('closing the ZooKeeper session: %r', error)
+
+
+def kazoo_hosts(config):
+    """The hosts string for kazoo: the servers named as often as it takes
+    for kazoo's connect timeout (session timeout / number of hosts) to be
+    CONNECT_TIMEOUT at most, so that several attempts fit in a session."""
+    attempts = math.ceil(config.session_timeout / 1000.0 / CONNECT_TIMEOUT / len(config.addresses))
+    return ','.join([config.hosts] * max(1, attempts))

@@ -1,0 +1,111 @@
+"""Health-gated registration: is the application answering, as a client
+sees it?
+
+A `Checker` thread in the registrar requests the ``health_check`` path
+through the server's real listening socket every ``interval`` seconds (a 2xx
+answer within ``timeout`` passes), and posts each result to the registrar's
+loop; `Health` turns the results into HAProxy's UP and DOWN: DOWN at start,
+UP after ``rise`` passes in a row (a restarted registrar starts as its
+predecessor ended), DOWN again after ``fall`` failures in a
+row. The registrar registers only while UP. Nothing here runs in a worker or
+in the master.
+"""
+import http.client
+import logging
+import threading
+import time
+
+log = logging.getLogger('zkprefork.registrar')
+
+UP, DOWN = 'up', 'down'
+
+
+def probe(host, port, path, timeout):
+    """GET `path` from host:port: (passed, one-line detail)."""
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request('GET', path, headers={'Connection': 'close',
+                                                 'User-Agent': 'zkprefork-health-check'})
+        response = connection.getresponse()
+        response.read()
+        return 200 <= response.status < 300, f'HTTP {response.status}'
+    except (OSError, http.client.HTTPException) as error:
+        return False, f'{type(error).__name__}: {error}' if str(error) else type(error).__name__
+    finally:
+        connection.close()
+
+
+class Health:
+    """The rise and fall rule, and what it has seen (as the monitor shows it)."""
+
+    def __init__(self, path, rise, fall, up=False):
+        self.path = path
+        self.rise = rise
+        self.fall = fall
+        self.state = UP if up else DOWN
+        self.streak = 0  # results in a row that go against `state`
+        self.checks = self.failures = 0
+        self.rises = self.falls = 0  # transitions so far
+        self.last = None  # the last result's detail
+
+    @property
+    def up(self):
+        return self.state == UP
+
+    def record(self, passed, detail):
+        """Count one result. Returns True when it changes the state."""
+        self.checks += 1
+        self.failures += not passed
+        self.last = detail
+        self.streak = self.streak + 1 if passed != self.up else 0
+        if self.streak < (self.fall if self.up else self.rise):
+            return False
+        self.state, self.streak = (DOWN, 0) if self.up else (UP, 0)
+        if self.up:
+            self.rises += 1
+        else:
+            self.falls += 1
+        return True
+
+    def describe(self):
+        if self.up:
+            return f'health check {self.path}: UP ({self.rise} passed in a row, {self.last})'
+        return f'health check {self.path}: DOWN ({self.fall} failed in a row, last: {self.last})'
+
+    def status(self):
+        """A JSON-ready dict for the registration state."""
+        return {'check': self.path, 'state': self.state, 'checks': self.checks,
+                'failures': self.failures, 'rises': self.rises, 'falls': self.falls,
+                'last': self.last}
+
+
+class Checker:
+    """The thread that probes, posting ('health', (passed, detail)) to the
+    loop after each request; the loop is never kept waiting by one."""
+
+    def __init__(self, options, host, port, post):
+        """`options`: a registrar_protocol.HealthCheckOptions; `host`, `port`:
+        the listening socket's address."""
+        self.options = options
+        self.target = (host, port)
+        self.post = post
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name='health-check')
+
+    def start(self):
+        log.info('health check: GET %s from %s:%d every %g s', self.options.path, *self.target,
+                 self.options.interval)
+        self.thread.start()
+
+    def stop(self):
+        self.stopping.set()
+
+    def _run(self):
+        due = time.monotonic()
+        while not self.stopping.is_set():
+            result = probe(*self.target, self.options.path, self.options.timeout)
+            if not self.stopping.is_set():
+                self.post('health', result)
+            # Every `interval` from the start of the last one, as HAProxy's inter.
+            due = max(due + self.options.interval, time.monotonic())
+            self.stopping.wait(due - time.monotonic())
