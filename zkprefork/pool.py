@@ -59,6 +59,7 @@ class WorkerProcess:
     generation: int
     started: float  # monotonic seconds
     link: object = None  # the master's end of its socket; the pool never touches it
+    record: object = None  # its scoreboard.Record; nor this
     last_seen: float = None  # last message, monotonic seconds
     ready: bool = False
     boot_error: str = None

@@ -12,7 +12,7 @@ import traceback
 
 import psutil
 
-from zkprefork import inifile, logsetup, proctitle
+from zkprefork import inifile, logsetup, proctitle, scoreboard
 from zkprefork.worker_protocol import BootFailed, Heartbeat, Ready, RetireRequest, encode
 
 log = logging.getLogger('zkprefork.worker')
@@ -40,7 +40,8 @@ def reset_signals(inherited):
 
 class Worker:
 
-    def __init__(self, slot, settings, listener, link, app=None):
+    def __init__(self, slot, settings, listener, link, record, app=None):
+        """`record`: this worker's scoreboard.Record."""
         self.slot = slot
         self.settings = settings
         self.listener = listener
@@ -50,6 +51,7 @@ class Worker:
         self.quit_now = False
         self.retire_asked = False
         self._process = psutil.Process()  # this worker, for max_memory
+        self.score = scoreboard.Scorekeeper(record)
         # Staggered, so that workers started together are not recycled together.
         self.max_requests = settings.max_requests and (
             settings.max_requests + random.randint(0, settings.max_requests_jitter))
@@ -68,10 +70,12 @@ class Worker:
 
     def _run(self):
         proctitle.set(f'worker {self.slot} {self.settings.config_file or ""}'.rstrip())
+        self.score.booting(os.getpid(), self.settings.threads)
         app = self._load_app()
         if app is None:
             return BOOT_FAILED
         server, dispatcher = self._start_server(app)
+        self.score.set_state(scoreboard.SERVING)
         self._tell_master(Ready(os.getpid()))
         log.info('worker %d (pid %d) serving', self.slot, os.getpid())
         self._serve(server)
@@ -102,7 +106,7 @@ class Worker:
         dispatcher.setThreadCount(self.settings.threads)
         hit_log = zopeserver.access_logger() if self.settings.access_log else None
         server = zopeserver.server_class(self.settings.zservertracelog)(
-            self.listener, app, self.settings.name, self.settings.host, dispatcher, hit_log)
+            self.listener, app, self.settings.name, self.settings.host, dispatcher, hit_log, self.score)
         return server, dispatcher
 
     def _install_signals(self, wakeup):
@@ -131,6 +135,7 @@ class Worker:
         next_beat = 0
         while self.stop_reason is None:
             asyncore.poll2(POLL_SECONDS)
+            self.score.loop_turned(len(server.channels()))
             if _reopen_logs:
                 _reopen_logs.clear()
                 logsetup.reopen()
@@ -161,6 +166,7 @@ class Worker:
     def _drain(self, server):
         """Stop accepting, then let in-flight requests finish (bounded)."""
         import asyncore
+        self.score.set_state(scoreboard.DRAINING)
         server.stop_accepting()
         if self.quit_now:
             return

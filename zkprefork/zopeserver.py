@@ -150,9 +150,26 @@ class DrainingChannel(HTTPServerChannel):
         fd = self._fileno
         super().del_channel(map)
         self.active_channels.pop(fd, None)
+        self.server.observer.connections_changed(len(self.active_channels))  # scoreboard hook
 
     def busy(self):
         return bool(self.running_tasks or self.outbuf or self.proto_request is not None)
+
+
+class NoObserver:
+    """A server's observer when it has no scoreboard."""
+
+    def request_started(self, request_line):
+        pass
+
+    def request_finished(self):
+        pass
+
+    def connections_changed(self, connections):
+        pass
+
+    def may_accept(self):
+        return True
 
 
 class SharedSocketServer(WSGIHTTPServer):
@@ -161,8 +178,11 @@ class SharedSocketServer(WSGIHTTPServer):
     channel_class = DrainingChannel
     draining = False
 
-    def __init__(self, sock, application, name, host, task_dispatcher, hit_log=None):
+    def __init__(self, sock, application, name, host, task_dispatcher, hit_log=None, observer=None):
         self._inherited = sock
+        # The worker's scoreboard.Scorekeeper: the hooks below tell it about
+        # accepts, connections and requests (no-ops without one).
+        self.observer = observer or NoObserver()
         self.served = itertools.count(1)
         self.requests = 0
         # SERVER_PORT comes from this port argument: pass the real one.
@@ -185,11 +205,23 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def executeRequest(self, task):
         self.requests = next(self.served)
+        self.observer.request_started(task.request_data.first_line)  # scoreboard hook
         try:
             super().executeRequest(task)
         except Exception:
             log.exception('the application failed on %s', task.request_data.first_line)
             self._answer_failure(task)
+        finally:
+            self.observer.request_finished()  # scoreboard hook
+
+    # -- scoreboard hooks: accepting ----------------------------------------
+
+    def readable(self):
+        return super().readable() and self.observer.may_accept()
+
+    def handle_accept(self):
+        super().handle_accept()
+        self.observer.connections_changed(len(DrainingChannel.active_channels))
 
     @staticmethod
     def _answer_failure(task):

@@ -1,0 +1,129 @@
+"""The scoreboard (zkprefork/scoreboard.py): shared memory across a real
+fork, and what real workers write in it as the monitor shows it."""
+import http.client
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from support import wait_until
+from test_operations import ask, monitor_of
+from zkprefork import scoreboard
+
+APP = '''\
+import os
+import time
+
+def factory(global_conf, **local):
+    def app(environ, start_response):
+        args = dict(p.partition('=')[::2] for p in environ.get('QUERY_STRING', '').split('&') if p)
+        time.sleep(int(args.get('ms', 0)) / 1000)
+        body = str(os.getpid()).encode()
+        start_response('200 OK', [('Content-Type', 'text/plain'), ('Content-Length', str(len(body)))])
+        return [body]
+    return app
+'''
+
+
+@pytest.fixture
+def start(servers, ini, tmp_path):
+    """start(options) -> (server, monitor address): pid_app on 127.0.0.1, unregistered."""
+    (tmp_path / 'pid_app.py').write_text(APP)
+    env = {'PYTHONPATH': str(tmp_path), 'PYTHONDONTWRITEBYTECODE': '1'}
+
+    def start(options=''):
+        config = ini(f'host = 127.0.0.1\nmonitor_server = 127.0.0.1:0\n{options}', app='call:pid_app:factory')
+        server = servers(config, env=env).wait_serving()
+        return server, monitor_of(server)
+    return start
+
+
+def get(port, path, timeout=30):
+    """GET on a new connection: (status, body)."""
+    connection = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
+    try:
+        connection.request('GET', path)
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+class Result(list):
+    """A thread's result (appended when it returns), and the thread."""
+
+
+def in_thread(function, *args):
+    """Run function(*args) in a thread; the returned list gets its result."""
+    result = Result()
+    thread = threading.Thread(target=lambda: result.append(function(*args)), daemon=True)
+    thread.start()
+    result.thread = thread
+    return result
+
+
+def test_a_forked_worker_writes_and_the_parent_reads():
+    boards = scoreboard.Scoreboards(workers=1, threads=2)
+    record = boards.claim(workers=1, threads=2)
+    pid = os.fork()
+    if pid == 0:
+        keeper = scoreboard.Scorekeeper(record)
+        keeper.booting(os.getpid(), 2)
+        keeper.set_state(scoreboard.SERVING)
+        keeper.connections_changed(3)
+        for _ in range(3):
+            keeper.request_started('GET /quick HTTP/1.1')
+            keeper.request_finished()
+        keeper.request_started('GET /slow HTTP/1.1')  # left running
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert record.head.pid == pid and record.state == scoreboard.SERVING
+    assert record.head.connections == 3 and record.head.threads == 2
+    assert record.requests() == 3
+    [(thread, started, request)] = record.busy()
+    assert thread == 0 and request == 'GET /slow HTTP/1.1'
+    assert 0 < time.monotonic() - started < 10  # one monotonic clock for every process
+    counts, total = record.histogram()
+    assert counts[0] == 3 and 0 <= total < 0.005 * 3
+    boards.release(record)
+    assert boards.retired_buckets[0] == 3 and record.state == scoreboard.EMPTY
+
+
+def test_boards_grow_when_a_worker_does_not_fit_and_go_when_unused():
+    boards = scoreboard.Scoreboards(workers=1, threads=2)
+    first, second = boards.claim(1, 2), boards.claim(1, 2)
+    assert first.board is second.board
+    third = boards.claim(2, 2)  # TTIN beyond twice the workers at start
+    more_threads = boards.claim(2, 8)  # a reload raised threads
+    assert third.board is not first.board
+    assert more_threads.board.threads == 8 and len(boards.boards) == 3
+    for record in (first, second, third):
+        boards.release(record)
+    assert boards.boards == [more_threads.board]
+
+
+def test_monitor_shows_connections_and_busy_threads(start):
+    server, monitor = start('workers = 1\nthreads = 2\n')
+    idle = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
+    idle.request('GET', '/')
+    idle.getresponse().read()
+    slow = in_thread(get, server.port, '/slow?ms=3000')
+
+    def busy():
+        [worker] = json.loads(ask(monitor, b'status\n'))['workers']
+        return worker if worker['busy_threads'] and worker['busy_threads'][0]['busy'] >= 0.5 else None
+    worker = wait_until(busy, message='a busy thread in the status')
+    assert worker['connections'] == 2
+    assert worker['busy_threads'][0]['request'] == 'GET /slow?ms=3000 HTTP/1.1'
+    assert worker['requests'] == 1
+    table = ask(monitor, b'workers\n')
+    assert 'busy' in table.splitlines()[0]
+    assert 'GET /slow?ms=3000 HTTP/1.1' in table
+    slow.thread.join(10)
+    assert slow[0][0] == 200
+    idle.close()
+    wait_until(lambda: json.loads(ask(monitor, b'status\n'))['workers'][0]['connections'] == 0,
+               message='connections closed')
+    assert json.loads(ask(monitor, b'status\n'))['workers'][0]['requests'] == 2

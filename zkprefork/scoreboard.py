@@ -1,0 +1,248 @@
+"""The scoreboard: shared memory in which every worker tells what it is
+doing, and that every process reads.
+
+The master allocates it (an anonymous shared mmap) before it forks, so
+that every worker inherits the same pages. It holds one record per worker
+process (a slot's old and new worker during a reload each have one):
+
+    pid, state, threads         written once by the worker as it boots
+    connections, loop_beat      written by the worker's asyncore loop
+    per thread: ident, started (0 = idle), request line, and the
+                histogram of its finished requests (count per bucket, sum)
+                                written by that thread only
+    stopping (one per board)    written by the master only
+
+Lock-free: every field has a single writer, and values are plain stores
+of 8-byte aligned numbers, so a reader sees each field whole (a request
+line may be torn, which only shows in the monitor). A thread clears
+`started` before it files its duration, so a reader never counts a request
+twice. A worker's request count is the sum of its threads' histograms.
+
+Capacity: a board is sized when it is made, for `records` workers of
+`threads` threads; the master makes the first one at start for twice the
+`workers` option (room for a reload's replacements), and a new one only
+when a worker to be forked does not fit (SIGTTIN beyond that, or a reload
+that raises `threads`). Workers only see the board they were forked with,
+so balancing spans the workers of one board; a board goes when its last
+worker is reaped.
+"""
+import bisect
+import ctypes
+import mmap
+import threading
+import time
+
+# Request duration histogram buckets, seconds (Prometheus's defaults, and
+# longer ones for slow applications); the last bucket is +Inf.
+BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
+REQUEST_BYTES = 120  # of the request line kept per busy thread
+
+EMPTY, BOOTING, SERVING, WORN, DRAINING = range(5)
+STATES = ('empty', 'booting', 'serving', 'worn', 'draining')
+
+
+class ThreadEntry(ctypes.Structure):
+    _fields_ = [('ident', ctypes.c_uint64),
+                ('started', ctypes.c_double),  # time.monotonic() of the running request; 0 = idle
+                ('request', ctypes.c_char * REQUEST_BYTES),
+                ('duration_sum', ctypes.c_double),  # seconds
+                ('buckets', ctypes.c_uint64 * (len(BUCKETS) + 1))]
+
+
+class Header(ctypes.Structure):
+    _fields_ = [('pid', ctypes.c_int64),
+                ('state', ctypes.c_int32),
+                ('threads', ctypes.c_int32),
+                ('connections', ctypes.c_int64),
+                ('loop_beat', ctypes.c_double)]  # time.monotonic() of the loop's last turn
+
+
+class BoardHeader(ctypes.Structure):
+    _fields_ = [('stopping', ctypes.c_int64)]  # the whole server stops: no worker stays
+
+
+def _record_type(threads):
+    return type(f'Record{threads}', (ctypes.Structure,),
+                {'_fields_': [('head', Header), ('thread', ThreadEntry * threads)]})
+
+
+class Record:
+    """One worker's record, for its worker (writing) and anyone (reading)."""
+
+    def __init__(self, board, index, data):
+        self.board = board
+        self.index = index
+        self._data = data
+        self.head = data.head
+        self.threads = data.thread
+
+    # -- reading -------------------------------------------------------
+
+    @property
+    def state(self):
+        return self.head.state
+
+    def busy(self):
+        """[(thread number, started, request line)] of the threads running a request."""
+        running = []
+        for number, entry in enumerate(self.threads):
+            started = entry.started
+            if started:
+                running.append((number, started, entry.request.decode('latin-1')))
+        return running
+
+    def histogram(self):
+        """(counts per bucket, the last one +Inf; sum of durations in seconds)."""
+        counts = [0] * (len(BUCKETS) + 1)
+        total = 0.0
+        for entry in self.threads:
+            for i, count in enumerate(entry.buckets):
+                counts[i] += count
+            total += entry.duration_sum
+        return counts, total
+
+    def requests(self):
+        """Finished requests."""
+        return sum(self.histogram()[0])
+
+    def clear(self):
+        ctypes.memset(ctypes.addressof(self._data), 0, ctypes.sizeof(self._data))
+
+
+class Scorekeeper:
+    """A worker's writer of its own record; zopeserver calls it (the
+    request hooks from pool threads, the others from the asyncore loop).
+
+    `on_request(count)` is called in the thread starting each request with
+    the number of requests started so far."""
+
+    def __init__(self, record, on_request=None):
+        self.record = record
+        self.on_request = on_request
+        self._local = threading.local()
+        self._lock = threading.Lock()
+        self._next_entry = 0
+        self._started = 0
+
+    def booting(self, pid, threads):
+        self.record.head.pid = pid
+        self.record.head.threads = min(threads, len(self.record.threads))
+        self.record.head.state = BOOTING
+
+    def set_state(self, state):
+        self.record.head.state = state
+
+    def loop_turned(self, connections):
+        self.record.head.connections = connections
+        self.record.head.loop_beat = time.monotonic()
+
+    def connections_changed(self, connections):
+        self.record.head.connections = connections
+
+    def _entry(self):
+        """This thread's entry (None beyond the board's capacity)."""
+        try:
+            return self._local.entry
+        except AttributeError:
+            with self._lock:
+                number = self._next_entry
+                self._next_entry += 1
+            entry = self.record.threads[number] if number < len(self.record.threads) else None
+            if entry is not None:
+                entry.ident = threading.get_ident()
+            self._local.entry = entry
+            return entry
+
+    def may_accept(self):
+        return True
+
+    def request_started(self, request_line):
+        entry = self._entry()
+        if entry is not None:
+            entry.request = request_line.encode('latin-1', 'replace')[:REQUEST_BYTES]
+            entry.started = time.monotonic()
+        with self._lock:
+            self._started += 1
+            count = self._started
+        if self.on_request:
+            self.on_request(count)
+
+    def request_finished(self):
+        entry = self._entry()
+        if entry is None or not entry.started:
+            return
+        duration = time.monotonic() - entry.started
+        entry.started = 0.0
+        entry.buckets[bisect.bisect_left(BUCKETS, duration)] += 1
+        entry.duration_sum += duration
+
+
+class Scoreboard:
+    """`records` records of `threads` thread entries each, in one anonymous
+    shared mmap. Made by the master, before it forks."""
+
+    def __init__(self, records, threads):
+        self.threads = threads
+        record_type = _record_type(threads)
+        size = ctypes.sizeof(BoardHeader) + records * ctypes.sizeof(record_type)
+        self._map = mmap.mmap(-1, size)  # MAP_SHARED | MAP_ANONYMOUS
+        self.header = BoardHeader.from_buffer(self._map)
+        self.records = [
+            Record(self, index, record_type.from_buffer(
+                self._map, ctypes.sizeof(BoardHeader) + index * ctypes.sizeof(record_type)))
+            for index in range(records)]
+        self._free = list(reversed(range(records)))  # the master's bookkeeping
+
+    def claim(self):
+        """A cleared record for a worker about to be forked, or None if full."""
+        if not self._free:
+            return None
+        record = self.records[self._free.pop()]
+        record.clear()
+        return record
+
+    def release(self, record):
+        """Its worker was reaped: the record is free again."""
+        record.clear()
+        self._free.append(record.index)
+
+    def in_use(self):
+        return len(self._free) < len(self.records)
+
+    def others(self, mine):
+        """The records of the board's other live workers."""
+        return [r for r in self.records if r is not mine and r.head.state != EMPTY]
+
+
+class Scoreboards:
+    """The master's boards: claims a record for each worker it forks, and
+    keeps the request counts and durations of the workers it reaped."""
+
+    def __init__(self, workers, threads):
+        self.boards = [Scoreboard(2 * workers, threads)]
+        self.retired_buckets = [0] * (len(BUCKETS) + 1)
+        self.retired_sum = 0.0
+
+    def claim(self, workers, threads):
+        """A record for a worker of `threads` threads, in a pool of `workers`."""
+        board = self.boards[-1]
+        record = board.claim() if board.threads >= threads else None
+        if record is None:
+            board = Scoreboard(2 * workers + 2, threads)
+            self.boards.append(board)
+            record = board.claim()
+        return record
+
+    def release(self, record):
+        """Its worker was reaped: keep its figures, free the record, and drop
+        a board that no worker uses any more (unless it is the newest)."""
+        counts, total = record.histogram()
+        self.retired_buckets = [a + b for a, b in zip(self.retired_buckets, counts)]
+        self.retired_sum += total
+        record.board.release(record)
+        self.boards = [b for b in self.boards if b.in_use() or b is self.boards[-1]]
+
+    def stopping(self):
+        """The server stops: draining workers need not wait for stragglers."""
+        for board in self.boards:
+            board.header.stopping = 1
