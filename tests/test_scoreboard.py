@@ -1,19 +1,22 @@
 """The scoreboard (zkprefork/scoreboard.py): shared memory across a real
 fork, and what real workers write in it as the monitor shows it."""
+import collections
 import http.client
 import json
 import os
+import signal
 import threading
 import time
 
 import pytest
 
-from support import wait_until
+from support import Load, wait_until
 from test_operations import ask, monitor_of
 from zkprefork import scoreboard
 
 APP = '''\
 import os
+import signal
 import time
 
 def factory(global_conf, **local):
@@ -127,3 +130,28 @@ def test_monitor_shows_connections_and_busy_threads(start):
     wait_until(lambda: json.loads(ask(monitor, b'status\n'))['workers'][0]['connections'] == 0,
                message='connections closed')
     assert json.loads(ask(monitor, b'status\n'))['workers'][0]['requests'] == 2
+
+
+def test_max_requests_is_checked_at_the_request(start):
+    # Before: checked once a second, a worker served ~1000 of 2000 fast
+    # requests with max_requests = 100. Now a worker stops taking new
+    # connections at its 100th request (while another worker serves) and
+    # ends keep-alive: its overshoot is what it already had in hand.
+    server, _ = start('workers = 1\nthreads = 2\nmax_requests = 100\n')
+    for _ in range(50):
+        get(server.port, '/')
+    # A second worker 50 requests behind: the two never wear out together
+    # (what max_requests_jitter is for), so one serves while the other's
+    # replacement boots.
+    server.signal(signal.SIGTTIN)
+    server.wait_for_log(r'worker 1 \(pid \d+\) ready')
+    with Load(server.port, clients=2, path='/?ms=50') as load:
+        load.wait_for(400, timeout=60)
+    served = collections.Counter({int(body): count for body, count in load.bodies.items()})
+    first = min(served)
+    served[first] += 50
+    print('requests per worker:', served)
+    assert load.failures == []
+    recycled = [pid for pid in served if f'(pid {pid}) asks to be replaced: served 100 requests' in server.log()]
+    assert len(recycled) >= 3
+    assert max(served.values()) <= 100 + 2

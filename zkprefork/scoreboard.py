@@ -36,6 +36,7 @@ import time
 # longer ones for slow applications); the last bucket is +Inf.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
 REQUEST_BYTES = 120  # of the request line kept per busy thread
+LIVE_SECONDS = 2.0  # a worker whose loop has not turned for this long may be stuck
 
 EMPTY, BOOTING, SERVING, WORN, DRAINING = range(5)
 STATES = ('empty', 'booting', 'serving', 'worn', 'draining')
@@ -81,6 +82,10 @@ class Record:
     @property
     def state(self):
         return self.head.state
+
+    def live(self, now):
+        """Its loop turned recently (it turns at least once a second)."""
+        return now - self.head.loop_beat < LIVE_SECONDS
 
     def busy(self):
         """[(thread number, started, request line)] of the threads running a request."""
@@ -154,7 +159,12 @@ class Scorekeeper:
             return entry
 
     def may_accept(self):
-        return True
+        """Whether the loop should accept a connection now: a worn-out
+        worker leaves new connections to a live worker that serves."""
+        if self.record.head.state != WORN:
+            return True
+        now = time.monotonic()
+        return not any(r.state == SERVING and r.live(now) for r in self.record.board.others(self.record))
 
     def request_started(self, request_line):
         entry = self._entry()

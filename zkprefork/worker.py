@@ -50,8 +50,10 @@ class Worker:
         self.stop_reason = None
         self.quit_now = False
         self.retire_asked = False
+        self.worn_out = None  # why this worker wants a replacement (set by any thread)
+        self._wake_loop = None
         self._process = psutil.Process()  # this worker, for max_memory
-        self.score = scoreboard.Scorekeeper(record)
+        self.score = scoreboard.Scorekeeper(record, self._request_started)
         # Staggered, so that workers started together are not recycled together.
         self.max_requests = settings.max_requests and (
             settings.max_requests + random.randint(0, settings.max_requests_jitter))
@@ -100,6 +102,7 @@ class Worker:
         # zope.server only now, after fork (see zopeserver's docstring).
         from zkprefork import zopeserver, wakeup
         zopeserver.fresh_wakeup()
+        self._wake_loop = zopeserver.wake_loop
         self._install_signals(wakeup)
         wakeup.LinkWatcher(self.link, self._master_gone)
         dispatcher = zopeserver.TaskDispatcher()
@@ -136,6 +139,7 @@ class Worker:
         while self.stop_reason is None:
             asyncore.poll2(POLL_SECONDS)
             self.score.loop_turned(len(server.channels()))
+            self._retire_if_worn_out(server)
             if _reopen_logs:
                 _reopen_logs.clear()
                 logsetup.reopen()
@@ -145,23 +149,30 @@ class Worker:
                 self._heartbeat(server)
 
     def _heartbeat(self, server):
-        """Tell the master this loop is alive; ask to be replaced when worn out.
-
-        The master replaces a worker before retiring it, so recycling never
-        leaves a slot without a serving worker."""
+        """Tell the master this loop is alive; check max_memory."""
         self._tell_master(Heartbeat(server.requests))
-        if self.retire_asked:
-            return
-        reason = None
-        if self.max_requests and server.requests >= self.max_requests:
-            reason = f'served {server.requests} requests (max_requests)'
-        elif self.settings.max_memory:
+        if not self.worn_out and self.settings.max_memory:
             rss = self._process.memory_info().rss
             if rss > self.settings.max_memory * 1024 * 1024:
-                reason = f'resident memory {rss // 1048576} MB > max_memory'
-        if reason:
+                self.worn_out = f'resident memory {rss // 1048576} MB > max_memory'
+
+    def _request_started(self, count):
+        """In the pool thread about to run the `count`th request: max_requests
+        is checked here, so that the worker stops taking requests at once."""
+        if count == self.max_requests:
+            self.worn_out = f'served {count} requests (max_requests)'
+            self._wake_loop()
+
+    def _retire_if_worn_out(self, server):
+        """Ask to be replaced, once. Until the replacement is ready (the
+        master replaces a worker before retiring it, so recycling never
+        leaves a slot unserved), responses end keep-alive and new
+        connections go to other workers (see scoreboard.Scorekeeper.may_accept)."""
+        if self.worn_out and not self.retire_asked:
             self.retire_asked = True
-            self._tell_master(RetireRequest(reason))
+            self.score.set_state(scoreboard.WORN)
+            server.draining = True
+            self._tell_master(RetireRequest(self.worn_out))
 
     def _drain(self, server):
         """Stop accepting, then let in-flight requests finish (bounded)."""

@@ -34,6 +34,11 @@ def fresh_wakeup():
     dualmodechannel.the_trigger = trigger.trigger()
 
 
+def wake_loop():
+    """Wake the asyncore loop from another thread."""
+    dualmodechannel.the_trigger.pull_trigger()
+
+
 def adjustments():
     adj = Adjustments()
     # The default limit (~97) counts idle keep-alive channels and would leave
