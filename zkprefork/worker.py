@@ -19,7 +19,12 @@ log = logging.getLogger('zkprefork.worker')
 
 BOOT_FAILED = 3
 POLL_SECONDS = 1.0      # longest sleep of the serving loop (heartbeat period)
-DRAIN_IDLE_SECONDS = 0.5  # an idle keep-alive channel this old is closed on drain
+# A worker that stops with the server closes a keep-alive connection idle
+# this long; one that retires while others serve (a reload, SIGTTOU,
+# recycling) keeps it for a keep-alive timeout, so that a client sending its
+# next request on it gets an answer (with Connection: close), not a reset.
+STOP_IDLE_SECONDS = 0.5
+RETIRE_KEEPALIVE_SECONDS = 5.0
 
 
 # The master alone decides on Ctrl-C (so that the node goes first), reloads
@@ -183,10 +188,10 @@ class Worker:
             return
         deadline = time.monotonic() + self.settings.graceful_timeout
         while not self.quit_now and time.monotonic() < deadline:
-            now = time.time()
-            channels = server.channels()
-            for channel in channels:
-                if not channel.busy() and channel.last_activity < now - DRAIN_IDLE_SECONDS:
+            stopping = self.score.record.board.header.stopping
+            idle_since = time.time() - (STOP_IDLE_SECONDS if stopping else RETIRE_KEEPALIVE_SECONDS)
+            for channel in server.channels():
+                if not channel.busy() and channel.last_activity < idle_since:
                     channel.close()
             if not server.channels():
                 return
