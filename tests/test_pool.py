@@ -208,7 +208,7 @@ def test_a_retiring_worker_is_killed_after_graceful_timeout_and_grace():
     hands = Hands(workers=1, graceful_timeout=10)
     [pid] = hands.booted()
     hands.pool.resize(+1)
-    hands.pool.heard(pid, [RetireRequest('served 300 requests (max_requests)')], hands.now)
+    hands.pool.heard(pid, [RetireRequest('max_requests', 'served 300 requests (max_requests)')], hands.now)
     assert hands.converge() == [Spawn(0), Spawn(1)]  # its replacement, and the new slot
     hands.ready(*(p for p in hands.pool.workers if p != pid))
     assert hands.converge() == [Retire(pid, 'served 300 requests (max_requests)')]
@@ -245,13 +245,13 @@ def test_stopping_retires_everyone_and_spawns_nothing(caplog):
 
 
 def test_worker_protocol_round_trip():
-    for message in (Ready(42), Heartbeat(1234), RetireRequest('resident memory 300 MB > max_memory'),
+    for message in (Ready(42), Heartbeat(1234), RetireRequest('max_memory', 'resident memory 300 MB > max_memory'),
                     BootFailed('ImportError: no module named x')):
         line = worker_protocol.encode(message)
         assert line.endswith(b'\n') and line.count(b'\n') == 1
         assert worker_protocol.decode(line.decode().rstrip('\n')) == message
     assert worker_protocol.encode(BootFailed('two\nlines')) == b'boot-failed two lines\n'
-    for garbage in ('hb many', 'frobnicate 1', 'ready', ''):
+    for garbage in ('hb many', 'frobnicate 1', 'ready', '', 'retire max_requests'):
         assert worker_protocol.decode(garbage) is None
 
 

@@ -4,6 +4,7 @@ import collections
 import http.client
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -61,7 +62,13 @@ class Result(list):
 def in_thread(function, *args):
     """Run function(*args) in a thread; the returned list gets its result."""
     result = Result()
-    thread = threading.Thread(target=lambda: result.append(function(*args)), daemon=True)
+
+    def run():
+        try:
+            result.append(function(*args))
+        except (OSError, http.client.HTTPException) as error:
+            result.append(error)
+    thread = threading.Thread(target=run, daemon=True)
     thread.start()
     result.thread = thread
     return result
@@ -85,7 +92,7 @@ def test_a_forked_worker_writes_and_the_parent_reads():
     assert record.head.pid == pid and record.state == scoreboard.SERVING
     assert record.head.connections == 3 and record.head.threads == 2
     assert record.requests() == 3
-    [(thread, started, request)] = record.busy()
+    [(thread, started, request, _)] = record.busy()
     assert thread == 0 and request == 'GET /slow HTTP/1.1'
     assert 0 < time.monotonic() - started < 10  # one monotonic clock for every process
     counts, total = record.histogram()
@@ -282,3 +289,28 @@ def test_clients_idling_between_requests_lose_nothing_to_hup_ttou_and_recycling(
     assert 'asks to be replaced: served' in server.log()
     assert clients.failures == []
     assert clients.ok > 300
+
+
+# -- request_timeout (issue 13, item 4) ------------------------------------
+
+def test_a_request_past_request_timeout_gets_its_worker_replaced_and_its_stack_logged(start):
+    server, monitor = start('workers = 2\nthreads = 2\nrequest_timeout = 1\ngraceful_timeout = 2\n')
+    stuck = in_thread(get, server.port, '/?ms=30000')
+    busy = wait_until(lambda: [w for w in json.loads(ask(monitor, b'status\n'))['workers'] if w['busy_threads']],
+                      message='the stuck request in the scoreboard')
+    victim = busy[0]['pid']
+    with Load(server.port, clients=6) as load:
+        match = server.wait_for_log(r"worker \d \(pid (\d+)\): request 'GET /\?ms=30000 HTTP/1.1' "
+                                    r"has run for 1\.\d s \(request_timeout 1 s\) in thread \d; its stack:")
+        assert int(match.group(1)) == victim
+        server.wait_for_log(rf'retiring worker \d \(pid {victim}\): a request ran longer than request_timeout')
+        server.wait_for_log(rf'\(pid {victim}\) gave up on 1 connection\(s\) after graceful_timeout')
+        wait_until(lambda: victim not in server.worker_pids() and len(server.worker_pids()) == 2,
+                   message='the stuck worker gone, its replacement serving')
+        load.wait_for(50)
+    stack = re.split(r'\n\d{4}-\d\d-\d\d ', server.log()[match.end():])[0]  # up to the next log line
+    assert 'pid_app.py' in stack and 'in app' in stack and 'time.sleep' in stack
+    assert load.failures == []
+    stuck.thread.join(10)
+    assert isinstance(stuck[0], http.client.RemoteDisconnected)  # its worker gave up on it
+    assert server.log().count('request_timeout 1 s') == 1

@@ -88,12 +88,13 @@ class Record:
         return now - self.head.loop_beat < LIVE_SECONDS
 
     def busy(self):
-        """[(thread number, started, request line)] of the threads running a request."""
+        """[(thread number, started, request line, thread ident)] of the
+        threads running a request (started: time.monotonic() seconds)."""
         running = []
         for number, entry in enumerate(self.threads):
             started = entry.started
             if started:
-                running.append((number, started, entry.request.decode('latin-1')))
+                running.append((number, started, entry.request.decode('latin-1'), entry.ident))
         return running
 
     def histogram(self):

@@ -168,6 +168,7 @@ class Settings:
     max_requests: int = 0  # 0 = never recycle
     max_requests_jitter: int = 0
     max_memory: int = 0  # MB of resident memory; 0 = no limit
+    request_timeout: float = 0.0  # seconds a request may run; 0 = no limit
     preload: bool = False
     access_log: str = None  # a file, or '-' for standard output
     zookeeper_credentials_file: str = None  # a file holding user:password
@@ -283,6 +284,7 @@ _CHECKS = {
     'max_requests': lambda v: _integer('max_requests', v, 0),
     'max_requests_jitter': lambda v: _integer('max_requests_jitter', v, 0),
     'max_memory': lambda v: _integer('max_memory', v, 0),
+    'request_timeout': lambda v: _seconds('request_timeout', v),
     'preload': lambda v: _boolean('preload', v),
     'access_log': _access_log,
     'zookeeper_credentials_file': _credentials_file,

@@ -53,7 +53,7 @@ def _worker_status(worker, now):
     state = 'retiring' if worker.retiring else 'ready' if worker.ready else 'booting'
     record = worker.record
     busy = [{'thread': number, 'busy': round(now - started, 3), 'request': request}
-            for number, started, request in record.busy()]
+            for number, started, request, _ in record.busy()]
     return {'slot': worker.slot, 'pid': worker.pid, 'age': round(now - worker.started, 3),
             'requests': record.requests(), 'rss': rss, 'state': state,
             'generation': worker.generation, 'connections': record.head.connections,

@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 import traceback
 
@@ -55,7 +56,7 @@ class Worker:
         self.stop_reason = None
         self.quit_now = False
         self.retire_asked = False
-        self.worn_out = None  # why this worker wants a replacement (set by any thread)
+        self.worn_out = None  # (limit, reason) it wants a replacement for; set by any thread
         self._wake_loop = None
         self._process = psutil.Process()  # this worker, for max_memory
         self.score = scoreboard.Scorekeeper(record, self._request_started)
@@ -154,18 +155,40 @@ class Worker:
                 self._heartbeat(server)
 
     def _heartbeat(self, server):
-        """Tell the master this loop is alive; check max_memory."""
+        """Tell the master this loop is alive; check max_memory and request_timeout."""
         self._tell_master(Heartbeat(server.requests))
         if not self.worn_out and self.settings.max_memory:
             rss = self._process.memory_info().rss
             if rss > self.settings.max_memory * 1024 * 1024:
-                self.worn_out = f'resident memory {rss // 1048576} MB > max_memory'
+                self.worn_out = ('max_memory', f'resident memory {rss // 1048576} MB > max_memory')
+        if not self.worn_out and self.settings.request_timeout:
+            self._check_request_timeout(self.settings.request_timeout)
+
+    def _check_request_timeout(self, limit):
+        """A request running longer than `limit` seconds: log where each
+        such thread is stuck (its Python stack), and ask to be replaced; the
+        thread is not interrupted (Python cannot), so the worker drains and
+        is killed after graceful_timeout like any other."""
+        now = time.monotonic()
+        overdue = [(number, started, request, ident)
+                   for number, started, request, ident in self.score.record.busy()
+                   if now - started > limit]
+        if not overdue:
+            return
+        frames = sys._current_frames()
+        for number, started, request, ident in overdue:
+            frame = frames.get(ident)
+            stack = ''.join(traceback.format_stack(frame)).rstrip() if frame else '(the thread is gone)'
+            log.error('worker %d (pid %d): request %r has run for %.1f s (request_timeout %g s) '
+                      'in thread %d; its stack:\n%s',
+                      self.slot, os.getpid(), request, now - started, limit, number, stack)
+        self.worn_out = ('request_timeout', f'a request ran longer than request_timeout: {overdue[0][2]}')
 
     def _request_started(self, count):
         """In the pool thread about to run the `count`th request: max_requests
         is checked here, so that the worker stops taking requests at once."""
         if count == self.max_requests:
-            self.worn_out = f'served {count} requests (max_requests)'
+            self.worn_out = ('max_requests', f'served {count} requests (max_requests)')
             self._wake_loop()
 
     def _retire_if_worn_out(self, server):
@@ -177,7 +200,7 @@ class Worker:
             self.retire_asked = True
             self.score.set_state(scoreboard.WORN)
             server.draining = True
-            self._tell_master(RetireRequest(self.worn_out))
+            self._tell_master(RetireRequest(*self.worn_out))
 
     def _drain(self, server):
         """Stop accepting, then let in-flight requests finish (bounded)."""
