@@ -13,7 +13,7 @@ import pytest
 
 from support import Load, wait_until
 from test_operations import ask, monitor_of
-from zkprefork import scoreboard
+from zkprefork import balance, scoreboard
 
 APP = '''\
 import os
@@ -82,15 +82,21 @@ def test_a_forked_worker_writes_and_the_parent_reads():
         keeper = scoreboard.Scorekeeper(record)
         keeper.booting(os.getpid(), 2)
         keeper.set_state(scoreboard.SERVING)
-        keeper.connections_changed(3)
+        channels = [object() for _ in range(4)]  # stand-ins for zope.server channels
+        for channel in channels:
+            keeper.channel_opened(channel)
+        keeper.channel_closed(channels.pop())
         for _ in range(3):
-            keeper.request_started('GET /quick HTTP/1.1')
+            keeper.request_started(channels[0], 'GET /quick HTTP/1.1')
             keeper.request_finished()
-        keeper.request_started('GET /slow HTTP/1.1')  # left running
+        keeper.request_started(channels[1], 'GET /slow HTTP/1.1')  # left running
         os._exit(0)
     os.waitpid(pid, 0)
     assert record.head.pid == pid and record.state == scoreboard.SERVING
     assert record.head.connections == 3 and record.head.threads == 2
+    # One thread busy, one connection that has not sent a request yet: no free thread.
+    assert record.head.busy == 1 and record.head.waiting == 1
+    assert record.standing() == balance.Standing(0, 3)
     assert record.requests() == 3
     [(thread, started, request, _)] = record.busy()
     assert thread == 0 and request == 'GET /slow HTTP/1.1'
@@ -102,16 +108,18 @@ def test_a_forked_worker_writes_and_the_parent_reads():
 
 
 def test_boards_grow_when_a_worker_does_not_fit_and_go_when_unused():
-    boards = scoreboard.Scoreboards(workers=1, threads=2)
-    first, second = boards.claim(1, 2), boards.claim(1, 2)
-    assert first.board is second.board
-    third = boards.claim(2, 2)  # TTIN beyond twice the workers at start
-    more_threads = boards.claim(2, 8)  # a reload raised threads
-    assert third.board is not first.board
+    boards = scoreboard.Scoreboards(workers=40, threads=2)
+    records = [boards.claim(40, 2) for _ in range(80)]
+    assert len({record.board for record in records}) == 1
+    assert boards.boards[0].header.used == 80
+    more = boards.claim(50, 2)  # TTIN beyond twice the workers at start
+    more_threads = boards.claim(50, 8)  # a reload raised threads
+    assert more.board is not records[0].board and len(more.board.records) == 100
     assert more_threads.board.threads == 8 and len(boards.boards) == 3
-    for record in (first, second, third):
+    for record in records + [more]:
         boards.release(record)
     assert boards.boards == [more_threads.board]
+    assert len(scoreboard.Scoreboards(workers=1, threads=1).boards[0].records) == scoreboard.MIN_RECORDS
 
 
 def test_monitor_shows_connections_and_busy_threads(start):
@@ -301,7 +309,7 @@ def test_a_request_past_request_timeout_gets_its_worker_replaced_and_its_stack_l
     victim = busy[0]['pid']
     with Load(server.port, clients=6) as load:
         match = server.wait_for_log(r"worker \d \(pid (\d+)\): request 'GET /\?ms=30000 HTTP/1.1' "
-                                    r"has run for 1\.\d s \(request_timeout 1 s\) in thread \d; its stack:")
+                                    r"has run for [12]\.\d s \(request_timeout 1 s\) in thread \d; its stack:")
         assert int(match.group(1)) == victim
         server.wait_for_log(rf'retiring worker \d \(pid {victim}\): a request ran longer than request_timeout')
         server.wait_for_log(rf'\(pid {victim}\) gave up on 1 connection\(s\) after graceful_timeout')
@@ -314,3 +322,57 @@ def test_a_request_past_request_timeout_gets_its_worker_replaced_and_its_stack_l
     stuck.thread.join(10)
     assert isinstance(stuck[0], http.client.RemoteDisconnected)  # its worker gave up on it
     assert server.log().count('request_timeout 1 s') == 1
+
+
+# -- balanced accepting (issue 13, item 5) ---------------------------------
+
+def test_balance_prefers_a_free_thread_then_fewer_connections():
+    S = balance.Standing
+    assert not balance.defer(S(0, 5), [])  # alone: always accept
+    assert balance.defer(S(0, 1), [S(1, 3)])  # no free thread here, one there
+    assert not balance.defer(S(1, 3), [S(0, 1)])
+    assert balance.defer(S(1, 1), [S(1, 0)])  # alike: fewer connections wins
+    assert not balance.defer(S(1, 1), [S(1, 1)])  # ties accept both: nobody waits
+    assert not balance.defer(S(4, 0), [S(4, 0), S(4, 0)])
+    # The slack grows with the connections held: 1 + total / (8 × workers).
+    assert balance.slack([S(4, 500), S(4, 500)]) == 63
+    assert not balance.defer(S(4, 530), [S(4, 470)])
+    assert balance.defer(S(4, 540), [S(4, 470)])
+    # Every worker alike (all busy): nobody defers, connections are accepted at once.
+    assert not any(balance.defer(S(0, 8), [S(0, 8)]) for _ in range(2))
+
+
+def test_two_concurrent_slow_requests_on_new_connections_land_on_two_workers(start):
+    # Before: on one worker (2 s, the other idle) in 4 of 10 trials.
+    server, _ = start('workers = 2\nthreads = 1\n')
+    for trial in range(10):
+        pair = [in_thread(get, server.port, '/?ms=1000') for _ in range(2)]
+        for result in pair:
+            result.thread.join(10)
+        statuses = {result[0][0] for result in pair}
+        pids = {result[0][1] for result in pair}
+        assert statuses == {200} and len(pids) == 2, f'trial {trial}: both on one worker'
+
+
+def test_a_thousand_keep_alive_connections_on_two_workers(start):
+    server, monitor = start('workers = 2\nthreads = 4\n')
+    connections = [keep_alive(server.port) for _ in range(1000)]
+    errors, pids = [], collections.Counter()
+    try:
+        for _ in range(2):  # a second round on the same (kept) connections
+            for connection in connections:
+                connection.request('GET', '/')
+            for connection in connections:
+                try:
+                    response = connection.getresponse()
+                    pids[response.read()] += 1
+                    assert response.status == 200 and not response.will_close
+                except (OSError, http.client.HTTPException, AssertionError) as error:
+                    errors.append(repr(error))
+        held = [w['connections'] for w in json.loads(ask(monitor, b'status\n'))['workers']]
+    finally:
+        for connection in connections:
+            connection.close()
+    print('connections per worker:', held, 'requests per worker:', sorted(pids.values()))
+    assert errors == []
+    assert sum(held) == 1000 and min(held) >= 400  # each about its share

@@ -5,12 +5,14 @@ The master allocates it (an anonymous shared mmap) before it forks, so
 that every worker inherits the same pages. It holds one record per worker
 process (a slot's old and new worker during a reload each have one):
 
-    pid, state, threads         written once by the worker as it boots
-    connections, loop_beat      written by the worker's asyncore loop
+    pid, state, threads         written by the worker's main thread
+    loop_beat                   written by the worker's asyncore loop
+    connections, busy, waiting  written by any of its threads, one at a time
+                                (under the worker's lock)
     per thread: ident, started (0 = idle), request line, and the
                 histogram of its finished requests (count per bucket, sum)
                                 written by that thread only
-    stopping (one per board)    written by the master only
+    stopping, used (per board)  written by the master only
 
 Lock-free: every field has a single writer, and values are plain stores
 of 8-byte aligned numbers, so a reader sees each field whole (a request
@@ -20,11 +22,13 @@ twice. A worker's request count is the sum of its threads' histograms.
 
 Capacity: a board is sized when it is made, for `records` workers of
 `threads` threads; the master makes the first one at start for twice the
-`workers` option (room for a reload's replacements), and a new one only
-when a worker to be forked does not fit (SIGTTIN beyond that, or a reload
-that raises `threads`). Workers only see the board they were forked with,
-so balancing spans the workers of one board; a board goes when its last
-worker is reaped.
+`workers` option (room for a reload's replacements) or MIN_RECORDS,
+whichever is more, and a new one only when a worker to be forked does not
+fit (SIGTTIN beyond that, or a reload that raises `threads`). Workers only
+see the board they were forked with, so balancing spans the workers of one
+board; a board goes when its last worker is reaped. Pages are committed as
+records are first written: records are claimed lowest first, and readers
+look only below the highest claimed one.
 """
 import bisect
 import ctypes
@@ -32,11 +36,14 @@ import mmap
 import threading
 import time
 
+from zkprefork import balance
+
 # Request duration histogram buckets, seconds (Prometheus's defaults, and
 # longer ones for slow applications); the last bucket is +Inf.
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0)
 REQUEST_BYTES = 120  # of the request line kept per busy thread
 LIVE_SECONDS = 2.0  # a worker whose loop has not turned for this long may be stuck
+MIN_RECORDS = 64
 
 EMPTY, BOOTING, SERVING, WORN, DRAINING = range(5)
 STATES = ('empty', 'booting', 'serving', 'worn', 'draining')
@@ -55,11 +62,14 @@ class Header(ctypes.Structure):
                 ('state', ctypes.c_int32),
                 ('threads', ctypes.c_int32),
                 ('connections', ctypes.c_int64),
-                ('loop_beat', ctypes.c_double)]  # time.monotonic() of the loop's last turn
+                ('loop_beat', ctypes.c_double),  # time.monotonic() of the loop's last turn
+                ('busy', ctypes.c_int64),  # threads running a request
+                ('waiting', ctypes.c_int64)]  # connections accepted, their first request not started
 
 
 class BoardHeader(ctypes.Structure):
-    _fields_ = [('stopping', ctypes.c_int64)]  # the whole server stops: no worker stays
+    _fields_ = [('stopping', ctypes.c_int64),  # the whole server stops: no worker stays
+                ('used', ctypes.c_int64)]  # records below this index may be in use
 
 
 def _record_type(threads):
@@ -86,6 +96,12 @@ class Record:
     def live(self, now):
         """Its loop turned recently (it turns at least once a second)."""
         return now - self.head.loop_beat < LIVE_SECONDS
+
+    def standing(self):
+        """What balancing reads: a connection accepted whose first request
+        has not started counts as a thread taken, as it soon will be."""
+        head = self.head
+        return balance.Standing(head.threads - head.busy - head.waiting, head.connections)
 
     def busy(self):
         """[(thread number, started, request line, thread ident)] of the
@@ -116,8 +132,9 @@ class Record:
 
 
 class Scorekeeper:
-    """A worker's writer of its own record; zopeserver calls it (the
-    request hooks from pool threads, the others from the asyncore loop).
+    """A worker's writer of its own record, and its balancing; zopeserver
+    calls its hooks (requests from pool threads, channels and accepting
+    from the asyncore loop).
 
     `on_request(count)` is called in the thread starting each request with
     the number of requests started so far."""
@@ -125,10 +142,14 @@ class Scorekeeper:
     def __init__(self, record, on_request=None):
         self.record = record
         self.on_request = on_request
+        self.accepting = True
         self._local = threading.local()
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one writer at a time of busy, waiting, connections
         self._next_entry = 0
         self._started = 0
+        self._busy = 0
+        self._waiting = set()  # channels accepted whose first request has not started
+        self._connections = set()
 
     def booting(self, pid, threads):
         self.record.head.pid = pid
@@ -138,12 +159,73 @@ class Scorekeeper:
     def set_state(self, state):
         self.record.head.state = state
 
-    def loop_turned(self, connections):
-        self.record.head.connections = connections
+    def loop_turned(self):
         self.record.head.loop_beat = time.monotonic()
 
-    def connections_changed(self, connections):
-        self.record.head.connections = connections
+    # -- accepting (the loop, before each poll) ----------------------------
+
+    def decide_accepting(self):
+        """Whether the loop watches the listening socket this turn (see
+        balance.py); a worn-out worker leaves new connections to any live
+        worker that serves."""
+        now = time.monotonic()
+        others = [r.standing() for r in self.record.board.others(self.record)
+                  if r.state == SERVING and r.live(now)]
+        if self.record.head.state == WORN:
+            self.accepting = not others
+        else:
+            self.accepting = not balance.defer(self.record.standing(), others)
+        return self.accepting
+
+    def may_accept(self):
+        return self.accepting
+
+    # -- hooks -------------------------------------------------------------
+
+    def _counts_changed(self):
+        """Under the lock."""
+        head = self.record.head
+        head.busy = self._busy
+        head.waiting = len(self._waiting)
+        head.connections = len(self._connections)
+
+    def channel_opened(self, channel):
+        with self._lock:
+            self._connections.add(channel)
+            self._waiting.add(channel)
+            self._counts_changed()
+
+    def channel_closed(self, channel):
+        with self._lock:
+            self._connections.discard(channel)
+            self._waiting.discard(channel)
+            self._counts_changed()
+
+    def request_started(self, channel, request_line):
+        entry = self._entry()
+        if entry is not None:
+            entry.request = request_line.encode('latin-1', 'replace')[:REQUEST_BYTES]
+            entry.started = time.monotonic()
+        with self._lock:
+            self._started += 1
+            self._busy += 1
+            self._waiting.discard(channel)
+            self._counts_changed()
+            count = self._started
+        if self.on_request:
+            self.on_request(count)
+
+    def request_finished(self):
+        with self._lock:
+            self._busy -= 1
+            self._counts_changed()
+        entry = self._entry()
+        if entry is None or not entry.started:
+            return
+        duration = time.monotonic() - entry.started
+        entry.started = 0.0
+        entry.buckets[bisect.bisect_left(BUCKETS, duration)] += 1
+        entry.duration_sum += duration
 
     def _entry(self):
         """This thread's entry (None beyond the board's capacity)."""
@@ -158,34 +240,6 @@ class Scorekeeper:
                 entry.ident = threading.get_ident()
             self._local.entry = entry
             return entry
-
-    def may_accept(self):
-        """Whether the loop should accept a connection now: a worn-out
-        worker leaves new connections to a live worker that serves."""
-        if self.record.head.state != WORN:
-            return True
-        now = time.monotonic()
-        return not any(r.state == SERVING and r.live(now) for r in self.record.board.others(self.record))
-
-    def request_started(self, request_line):
-        entry = self._entry()
-        if entry is not None:
-            entry.request = request_line.encode('latin-1', 'replace')[:REQUEST_BYTES]
-            entry.started = time.monotonic()
-        with self._lock:
-            self._started += 1
-            count = self._started
-        if self.on_request:
-            self.on_request(count)
-
-    def request_finished(self):
-        entry = self._entry()
-        if entry is None or not entry.started:
-            return
-        duration = time.monotonic() - entry.started
-        entry.started = 0.0
-        entry.buckets[bisect.bisect_left(BUCKETS, duration)] += 1
-        entry.duration_sum += duration
 
 
 class Scoreboard:
@@ -202,27 +256,29 @@ class Scoreboard:
             Record(self, index, record_type.from_buffer(
                 self._map, ctypes.sizeof(BoardHeader) + index * ctypes.sizeof(record_type)))
             for index in range(records)]
-        self._free = list(reversed(range(records)))  # the master's bookkeeping
+        self._free = set(range(records))  # the master's bookkeeping
 
     def claim(self):
-        """A cleared record for a worker about to be forked, or None if full."""
+        """A cleared record (the lowest free) for a worker about to be forked, or None if full."""
         if not self._free:
             return None
-        record = self.records[self._free.pop()]
+        record = self.records[min(self._free)]
+        self._free.discard(record.index)
         record.clear()
+        self.header.used = max(self.header.used, record.index + 1)
         return record
 
     def release(self, record):
         """Its worker was reaped: the record is free again."""
         record.clear()
-        self._free.append(record.index)
+        self._free.add(record.index)
 
     def in_use(self):
         return len(self._free) < len(self.records)
 
     def others(self, mine):
-        """The records of the board's other live workers."""
-        return [r for r in self.records if r is not mine and r.head.state != EMPTY]
+        """The records of the board's other workers."""
+        return [r for r in self.records[:self.header.used] if r is not mine and r.head.state != EMPTY]
 
 
 class Scoreboards:
@@ -230,7 +286,7 @@ class Scoreboards:
     keeps the request counts and durations of the workers it reaped."""
 
     def __init__(self, workers, threads):
-        self.boards = [Scoreboard(2 * workers, threads)]
+        self.boards = [Scoreboard(max(2 * workers, MIN_RECORDS), threads)]
         self.retired_buckets = [0] * (len(BUCKETS) + 1)
         self.retired_sum = 0.0
 
@@ -239,7 +295,7 @@ class Scoreboards:
         board = self.boards[-1]
         record = board.claim() if board.threads >= threads else None
         if record is None:
-            board = Scoreboard(2 * workers + 2, threads)
+            board = Scoreboard(max(2 * workers, MIN_RECORDS), threads)
             self.boards.append(board)
             record = board.claim()
         return record

@@ -13,7 +13,7 @@ import traceback
 
 import psutil
 
-from zkprefork import inifile, logsetup, proctitle, scoreboard
+from zkprefork import balance, inifile, logsetup, proctitle, scoreboard
 from zkprefork.worker_protocol import BootFailed, Heartbeat, Ready, RetireRequest, encode
 
 log = logging.getLogger('zkprefork.worker')
@@ -57,6 +57,7 @@ class Worker:
         self.quit_now = False
         self.retire_asked = False
         self.worn_out = None  # (limit, reason) it wants a replacement for; set by any thread
+        self.server = None
         self._wake_loop = None
         self._process = psutil.Process()  # this worker, for max_memory
         self.score = scoreboard.Scorekeeper(record, self._request_started)
@@ -83,6 +84,7 @@ class Worker:
         if app is None:
             return BOOT_FAILED
         server, dispatcher = self._start_server(app)
+        self.server = server
         self.score.set_state(scoreboard.SERVING)
         self._tell_master(Ready(os.getpid()))
         log.info('worker %d (pid %d) serving', self.slot, os.getpid())
@@ -143,9 +145,10 @@ class Worker:
         import asyncore
         next_beat = 0
         while self.stop_reason is None:
-            asyncore.poll2(POLL_SECONDS)
-            self.score.loop_turned(len(server.channels()))
-            self._retire_if_worn_out(server)
+            self.score.loop_turned()  # before the first poll too: others see this worker live
+            accepting = self.score.decide_accepting()
+            asyncore.poll2(POLL_SECONDS if accepting else balance.DEFER_POLL_SECONDS)
+            self._retire_if_worn_out()
             if _reopen_logs:
                 _reopen_logs.clear()
                 logsetup.reopen()
@@ -160,7 +163,7 @@ class Worker:
         if not self.worn_out and self.settings.max_memory:
             rss = self._process.memory_info().rss
             if rss > self.settings.max_memory * 1024 * 1024:
-                self.worn_out = ('max_memory', f'resident memory {rss // 1048576} MB > max_memory')
+                self._wear_out('max_memory', f'resident memory {rss // 1048576} MB > max_memory')
         if not self.worn_out and self.settings.request_timeout:
             self._check_request_timeout(self.settings.request_timeout)
 
@@ -182,16 +185,22 @@ class Worker:
             log.error('worker %d (pid %d): request %r has run for %.1f s (request_timeout %g s) '
                       'in thread %d; its stack:\n%s',
                       self.slot, os.getpid(), request, now - started, limit, number, stack)
-        self.worn_out = ('request_timeout', f'a request ran longer than request_timeout: {overdue[0][2]}')
+        self._wear_out('request_timeout', f'a request ran longer than request_timeout: {overdue[0][2]}')
 
     def _request_started(self, count):
         """In the pool thread about to run the `count`th request: max_requests
         is checked here, so that the worker stops taking requests at once."""
         if count == self.max_requests:
-            self.worn_out = ('max_requests', f'served {count} requests (max_requests)')
-            self._wake_loop()
+            self._wear_out('max_requests', f'served {count} requests (max_requests)')
 
-    def _retire_if_worn_out(self, server):
+    def _wear_out(self, limit, reason):
+        """From any thread: responses end keep-alive from now on (this one's
+        too), and the loop asks for a replacement at once."""
+        self.worn_out = (limit, reason)
+        self.server.draining = True
+        self._wake_loop()
+
+    def _retire_if_worn_out(self):
         """Ask to be replaced, once. Until the replacement is ready (the
         master replaces a worker before retiring it, so recycling never
         leaves a slot unserved), responses end keep-alive and new
@@ -199,7 +208,6 @@ class Worker:
         if self.worn_out and not self.retire_asked:
             self.retire_asked = True
             self.score.set_state(scoreboard.WORN)
-            server.draining = True
             self._tell_master(RetireRequest(*self.worn_out))
 
     def _drain(self, server):

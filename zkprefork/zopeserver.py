@@ -97,6 +97,10 @@ class DrainingChannel(HTTPServerChannel):
 
     task_class = DrainingTask
 
+    def __init__(self, server, conn, addr, adj=None):
+        super().__init__(server, conn, addr, adj)
+        server.observer.channel_opened(self)  # scoreboard hook
+
     def readable(self):
         return not self.will_close
 
@@ -155,7 +159,7 @@ class DrainingChannel(HTTPServerChannel):
         fd = self._fileno
         super().del_channel(map)
         self.active_channels.pop(fd, None)
-        self.server.observer.connections_changed(len(self.active_channels))  # scoreboard hook
+        self.server.observer.channel_closed(self)  # scoreboard hook
 
     def busy(self):
         return bool(self.running_tasks or self.outbuf or self.proto_request is not None)
@@ -164,13 +168,16 @@ class DrainingChannel(HTTPServerChannel):
 class NoObserver:
     """A server's observer when it has no scoreboard."""
 
-    def request_started(self, request_line):
+    def channel_opened(self, channel):
+        pass
+
+    def channel_closed(self, channel):
+        pass
+
+    def request_started(self, channel, request_line):
         pass
 
     def request_finished(self):
-        pass
-
-    def connections_changed(self, connections):
         pass
 
     def may_accept(self):
@@ -210,7 +217,7 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def executeRequest(self, task):
         self.requests = next(self.served)
-        self.observer.request_started(task.request_data.first_line)  # scoreboard hook
+        self.observer.request_started(task.channel, task.request_data.first_line)  # scoreboard hook
         try:
             super().executeRequest(task)
         except Exception:
@@ -219,14 +226,8 @@ class SharedSocketServer(WSGIHTTPServer):
         finally:
             self.observer.request_finished()  # scoreboard hook
 
-    # -- scoreboard hooks: accepting ----------------------------------------
-
     def readable(self):
-        return super().readable() and self.observer.may_accept()
-
-    def handle_accept(self):
-        super().handle_accept()
-        self.observer.connections_changed(len(DrainingChannel.active_channels))
+        return super().readable() and self.observer.may_accept()  # scoreboard hook (balancing)
 
     @staticmethod
     def _answer_failure(task):
