@@ -28,6 +28,7 @@ setup(
         'ZConfig >= 3.6',
         'setproctitle',
         'psutil',
+        'prometheus_client',
     ],
     extras_require={
         'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography',

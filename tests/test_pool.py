@@ -90,6 +90,7 @@ def test_reload_replaces_one_at_a_time_each_ready_before_its_old_one_retires():
     assert sorted(replaced) == sorted(old)
     assert {w.generation for w in hands.pool.workers.values()} == {1}
     assert hands.pool.all_ready() and not hands.pool.reloading()
+    assert hands.pool.restarts == {'reload': 3}
 
 
 def test_a_replacement_that_fails_to_boot_halts_the_reload_and_the_next_reload_retries(caplog):
@@ -202,6 +203,8 @@ def test_heartbeat_timeout_kills_once_and_the_loop_waits_for_the_reap(caplog):
     assert hands.pool.workers[alive].requests == 7
     hands.exit(frozen, 'killed by SIGKILL')
     assert hands.converge() == [Spawn(0)]
+    hands.exit(alive, 'exit status 1')
+    assert hands.pool.restarts == {'timeout': 1, 'exited': 1}
 
 
 def test_a_retiring_worker_is_killed_after_graceful_timeout_and_grace():
@@ -212,6 +215,7 @@ def test_a_retiring_worker_is_killed_after_graceful_timeout_and_grace():
     assert hands.converge() == [Spawn(0), Spawn(1)]  # its replacement, and the new slot
     hands.ready(*(p for p in hands.pool.workers if p != pid))
     assert hands.converge() == [Retire(pid, 'served 300 requests (max_requests)')]
+    assert hands.pool.restarts == {'max_requests': 1}
     assert hands.tick(10 + KILL_GRACE - 0.1) == []
     assert hands.tick(0.1) == [Kill(pid, 'still running after graceful_timeout')]
     assert hands.tick(100) == []

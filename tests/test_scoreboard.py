@@ -376,3 +376,69 @@ def test_a_thousand_keep_alive_connections_on_two_workers(start):
     print('connections per worker:', held, 'requests per worker:', sorted(pids.values()))
     assert errors == []
     assert sum(held) == 1000 and min(held) >= 400  # each about its share
+
+
+# -- metrics (issue 13, item 6) ----------------------------------------------
+
+def scrape(monitor):
+    """GET /metrics on the monitor port, parsed: {sample name: {labels: value}}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    connection = http.client.HTTPConnection(*monitor, timeout=10)
+    connection.request('GET', '/metrics')
+    response = connection.getresponse()
+    text = response.read().decode()
+    connection.close()
+    assert response.status == 200 and response.version == 10
+    assert response.getheader('Content-Type').startswith('text/plain; version=0.0.4')
+    samples = collections.defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[sample.name][tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
+
+
+def test_metrics_match_real_traffic(start):
+    server, monitor = start('workers = 2\nthreads = 2\n')
+    for _ in range(20):
+        assert get(server.port, '/')[0] == 200
+    slow = [in_thread(get, server.port, '/?ms=400') for _ in range(4)]
+    before = wait_until(lambda: (lambda s: s if sum(s['zkprefork_worker_busy_threads'].values()) == 4 else None)(
+        scrape(monitor)), message='four busy threads in the metrics')
+    assert before['zkprefork_request_duration_seconds_count'][()] == 20
+    for result in slow:
+        result.thread.join(10)
+    old = server.worker_pids()
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: not server.worker_pids() & old and len(server.worker_pids()) == 2, message='a reload')
+    for _ in range(6):
+        assert get(server.port, '/')[0] == 200
+    samples = scrape(monitor)
+    duration = samples['zkprefork_request_duration_seconds_bucket']
+    # Every request, the reaped workers' included: 20 + 6 fast ones, 4 of 0.4 s.
+    assert samples['zkprefork_request_duration_seconds_count'][()] == 30
+    assert duration[(('le', '0.25'),)] == 26 and duration[(('le', '0.5'),)] == 30
+    assert duration[(('le', '+Inf'),)] == 30
+    assert 1.6 <= samples['zkprefork_request_duration_seconds_sum'][()] < 3
+    per_worker = samples['zkprefork_worker_requests_total']
+    assert {dict(labels)['pid'] for labels in per_worker} == {str(pid) for pid in server.worker_pids()}
+    assert sum(per_worker.values()) == 6
+    assert sum(samples['zkprefork_worker_busy_threads'].values()) == 0
+    assert samples['zkprefork_worker_restarts_total'] == {(('reason', 'reload'),): 2}
+    assert samples['zkprefork_reloads_total'][()] == 1
+    assert samples['zkprefork_workers'][()] == 2
+    assert samples['zkprefork_registration_state'][(('state', 'off'),)] == 1
+    assert samples['zkprefork_registration_state'][(('state', 'connected'),)] == 0
+    # The same text from the line command.
+    assert 'zkprefork_reloads_total 1.0' in ask(monitor, b'metrics\n')
+
+
+def test_metrics_over_http_errors_and_the_line_protocol_side_by_side(start):
+    server, monitor = start('workers = 1\n')
+    answers = {}
+    for request in (b'GET /other HTTP/1.1\r\nHost: x\r\n\r\n', b'POST /metrics HTTP/1.1\r\n\r\n',
+                    b'GET /metrics HTTP/1.0\r\n' + b'X-Long: ' + b'y' * 9000 + b'\r\n\r\n'):
+        answers[request[:12]] = ask(monitor, request).split('\r\n')[0]
+    assert list(answers.values()) == ['HTTP/1.0 404 Not Found', 'HTTP/1.0 405 Method Not Allowed',
+                                      'HTTP/1.0 400 Bad Request']
+    assert json.loads(ask(monitor, b'status\n'))['pid'] == server.pid
+    assert ask(monitor, b'GET /metrics HTTP/1.0\n\n').startswith('HTTP/1.0 200 OK\r\n')  # printf | nc
