@@ -44,17 +44,6 @@ def start(servers, ini, tmp_path):
     return start
 
 
-def get(port, path, timeout=30):
-    """GET on a new connection: (status, body)."""
-    connection = http.client.HTTPConnection('127.0.0.1', port, timeout=timeout)
-    try:
-        connection.request('GET', path)
-        response = connection.getresponse()
-        return response.status, response.read()
-    finally:
-        connection.close()
-
-
 class Result(list):
     """A thread's result (appended when it returns), and the thread."""
 
@@ -127,7 +116,7 @@ def test_monitor_shows_connections_and_busy_threads(start):
     idle = http.client.HTTPConnection('127.0.0.1', server.port, timeout=10)
     idle.request('GET', '/')
     idle.getresponse().read()
-    slow = in_thread(get, server.port, '/slow?ms=3000')
+    slow = in_thread(server.request, '/slow?ms=3000', 30)
 
     def busy():
         [worker] = json.loads(ask(monitor, b'status\n'))['workers']
@@ -154,7 +143,7 @@ def test_max_requests_is_checked_at_the_request(start):
     # ends keep-alive: its overshoot is what it already had in hand.
     server, _ = start('workers = 1\nthreads = 2\nmax_requests = 100\n')
     for _ in range(50):
-        get(server.port, '/')
+        server.request('/')
     # A second worker 50 requests behind: the two never wear out together
     # (what max_requests_jitter is for), so one serves while the other's
     # replacement boots.
@@ -303,7 +292,7 @@ def test_clients_idling_between_requests_lose_nothing_to_hup_ttou_and_recycling(
 
 def test_a_request_past_request_timeout_gets_its_worker_replaced_and_its_stack_logged(start):
     server, monitor = start('workers = 2\nthreads = 2\nrequest_timeout = 1\ngraceful_timeout = 2\n')
-    stuck = in_thread(get, server.port, '/?ms=30000')
+    stuck = in_thread(server.request, '/?ms=30000', 30)
     busy = wait_until(lambda: [w for w in json.loads(ask(monitor, b'status\n'))['workers'] if w['busy_threads']],
                       message='the stuck request in the scoreboard')
     victim = busy[0]['pid']
@@ -346,7 +335,7 @@ def test_two_concurrent_slow_requests_on_new_connections_land_on_two_workers(sta
     # Before: on one worker (2 s, the other idle) in 4 of 10 trials.
     server, _ = start('workers = 2\nthreads = 1\n')
     for trial in range(10):
-        pair = [in_thread(get, server.port, '/?ms=1000') for _ in range(2)]
+        pair = [in_thread(server.request, '/?ms=1000', 30) for _ in range(2)]
         for result in pair:
             result.thread.join(10)
         statuses = {result[0][0] for result in pair}
@@ -400,8 +389,8 @@ def scrape(monitor):
 def test_metrics_match_real_traffic(start):
     server, monitor = start('workers = 2\nthreads = 2\n')
     for _ in range(20):
-        assert get(server.port, '/')[0] == 200
-    slow = [in_thread(get, server.port, '/?ms=400') for _ in range(4)]
+        assert server.request('/')[0] == 200
+    slow = [in_thread(server.request, '/?ms=400', 30) for _ in range(4)]
     before = wait_until(lambda: (lambda s: s if sum(s['zkprefork_worker_busy_threads'].values()) == 4 else None)(
         scrape(monitor)), message='four busy threads in the metrics')
     assert before['zkprefork_request_duration_seconds_count'][()] == 20
@@ -411,7 +400,7 @@ def test_metrics_match_real_traffic(start):
     server.signal(signal.SIGHUP)
     wait_until(lambda: not server.worker_pids() & old and len(server.worker_pids()) == 2, message='a reload')
     for _ in range(6):
-        assert get(server.port, '/')[0] == 200
+        assert server.request('/')[0] == 200
     samples = scrape(monitor)
     duration = samples['zkprefork_request_duration_seconds_bucket']
     # Every request, the reaped workers' included: 20 + 6 fast ones, 4 of 0.4 s.

@@ -36,20 +36,25 @@ class Standing(NamedTuple):
 
 def slack(standings):
     """How many more connections than another a worker may hold (at least one)."""
-    total = sum(s.connections for s in standings)
+    total = sum(connections for _, connections in standings)
     return 1 + total // (8 * len(standings))
 
 
 def defer(mine, others):
-    """Whether one of `others` (Standings of live, serving workers) is a
-    better home for the next connection than `mine`."""
+    """Whether one of `others` (Standings, or (free threads, connections)
+    pairs, of live, serving workers) is a better home for the next
+    connection than `mine`."""
     if not others:
         return False
-    allowed = slack([mine, *others])
-    for other in others:
-        if (other.free_threads > 0) != (mine.free_threads > 0):
-            if other.free_threads > 0:
+    free, connections = mine
+    total = connections  # slack(), inline: this runs at every turn of the loop
+    for _, other_connections in others:
+        total += other_connections
+    allowed = 1 + total // (8 * (len(others) + 1))
+    for other_free, other_connections in others:
+        if (other_free > 0) != (free > 0):
+            if other_free > 0:
                 return True
-        elif other.connections + allowed <= mine.connections:
+        elif other_connections + allowed <= connections:
             return True
     return False

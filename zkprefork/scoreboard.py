@@ -150,6 +150,7 @@ class Scorekeeper:
         self._busy = 0
         self._waiting = set()  # channels accepted whose first request has not started
         self._connections = set()
+        self._others_used, self._others = 0, []  # the board's other records
 
     def booting(self, pid, threads):
         self.record.head.pid = pid
@@ -166,15 +167,24 @@ class Scorekeeper:
 
     def decide_accepting(self):
         """Whether the loop watches the listening socket this turn (see
-        balance.py); a worn-out worker leaves new connections to any live
-        worker that serves."""
-        now = time.monotonic()
-        others = [r.standing() for r in self.record.board.others(self.record)
-                  if r.state == SERVING and r.live(now)]
-        if self.record.head.state == WORN:
+        balance.py); a worn-out worker leaves new connections to any
+        live worker that serves. Runs at every turn of the loop: kept lean."""
+        board = self.record.board
+        if self._others_used != board.header.used:  # the master claimed a record
+            self._others_used = board.header.used
+            self._others = [r for r in board.records[:self._others_used] if r is not self.record]
+        live_since = time.monotonic() - LIVE_SECONDS
+        others = []
+        for record in self._others:
+            head = record.head
+            if head.state == SERVING and head.loop_beat > live_since:
+                others.append((head.threads - head.busy - head.waiting, head.connections))
+        mine = self.record.head
+        if mine.state == WORN:
             self.accepting = not others
         else:
-            self.accepting = not balance.defer(self.record.standing(), others)
+            standing = (mine.threads - mine.busy - mine.waiting, mine.connections)
+            self.accepting = not balance.defer(standing, others)
         return self.accepting
 
     def may_accept(self):
@@ -182,24 +192,19 @@ class Scorekeeper:
 
     # -- hooks -------------------------------------------------------------
 
-    def _counts_changed(self):
-        """Under the lock."""
-        head = self.record.head
-        head.busy = self._busy
-        head.waiting = len(self._waiting)
-        head.connections = len(self._connections)
-
     def channel_opened(self, channel):
         with self._lock:
             self._connections.add(channel)
             self._waiting.add(channel)
-            self._counts_changed()
+            self.record.head.connections = len(self._connections)
+            self.record.head.waiting = len(self._waiting)
 
     def channel_closed(self, channel):
         with self._lock:
             self._connections.discard(channel)
             self._waiting.discard(channel)
-            self._counts_changed()
+            self.record.head.connections = len(self._connections)
+            self.record.head.waiting = len(self._waiting)
 
     def request_started(self, channel, request_line):
         entry = self._entry()
@@ -209,8 +214,10 @@ class Scorekeeper:
         with self._lock:
             self._started += 1
             self._busy += 1
-            self._waiting.discard(channel)
-            self._counts_changed()
+            self.record.head.busy = self._busy
+            if channel in self._waiting:
+                self._waiting.discard(channel)
+                self.record.head.waiting = len(self._waiting)
             count = self._started
         if self.on_request:
             self.on_request(count)
@@ -218,14 +225,16 @@ class Scorekeeper:
     def request_finished(self):
         with self._lock:
             self._busy -= 1
-            self._counts_changed()
+            self.record.head.busy = self._busy
         entry = self._entry()
-        if entry is None or not entry.started:
+        if entry is None:
             return
-        duration = time.monotonic() - entry.started
-        entry.started = 0.0
-        entry.buckets[bisect.bisect_left(BUCKETS, duration)] += 1
-        entry.duration_sum += duration
+        started = entry.started
+        if started:
+            duration = time.monotonic() - started
+            entry.started = 0.0
+            self._local.buckets[bisect.bisect_left(BUCKETS, duration)] += 1
+            entry.duration_sum += duration
 
     def _entry(self):
         """This thread's entry (None beyond the board's capacity)."""
@@ -238,6 +247,7 @@ class Scorekeeper:
             entry = self.record.threads[number] if number < len(self.record.threads) else None
             if entry is not None:
                 entry.ident = threading.get_ident()
+                self._local.buckets = entry.buckets  # ctypes makes a new view at each access
             self._local.entry = entry
             return entry
 
