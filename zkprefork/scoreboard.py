@@ -46,7 +46,6 @@ LIVE_SECONDS = 2.0  # a worker whose loop has not turned for this long may be st
 MIN_RECORDS = 64
 
 EMPTY, BOOTING, SERVING, WORN, DRAINING = range(5)
-STATES = ('empty', 'booting', 'serving', 'worn', 'draining')
 
 
 class ThreadEntry(ctypes.Structure):
@@ -98,10 +97,11 @@ class Record:
         return now - self.head.loop_beat < LIVE_SECONDS
 
     def standing(self):
-        """What balancing reads: a connection accepted whose first request
-        has not started counts as a thread taken, as it soon will be."""
+        """What balancing reads, (free threads, connections) as in
+        balance.Standing: a connection accepted whose first request has not
+        started counts as a thread taken, as it soon will be."""
         head = self.head
-        return balance.Standing(head.threads - head.busy - head.waiting, head.connections)
+        return head.threads - head.busy - head.waiting, head.connections
 
     def busy(self):
         """[(thread number, started, request line, thread ident)] of the
@@ -178,13 +178,11 @@ class Scorekeeper:
         for record in self._others:
             head = record.head
             if head.state == SERVING and head.loop_beat > live_since:
-                others.append((head.threads - head.busy - head.waiting, head.connections))
-        mine = self.record.head
-        if mine.state == WORN:
+                others.append(record.standing())
+        if self.record.head.state == WORN:
             self.accepting = not others
         else:
-            standing = (mine.threads - mine.busy - mine.waiting, mine.connections)
-            self.accepting = not balance.defer(standing, others)
+            self.accepting = not balance.defer(self.record.standing(), others)
         return self.accepting
 
     def may_accept(self):
