@@ -411,6 +411,7 @@ def test_metrics_match_real_traffic(start):
     per_worker = samples['zkprefork_worker_requests_total']
     assert {dict(labels)['pid'] for labels in per_worker} == {str(pid) for pid in server.worker_pids()}
     assert sum(per_worker.values()) == 6
+    assert sum(samples['zkprefork_worker_request_duration_seconds_count'].values()) == 6
     assert sum(samples['zkprefork_worker_busy_threads'].values()) == 0
     assert samples['zkprefork_worker_restarts_total'] == {(('reason', 'reload'),): 2}
     assert samples['zkprefork_reloads_total'][()] == 1

@@ -37,12 +37,17 @@ class MasterCollector:
         busy = GaugeMetricFamily('zkprefork_worker_busy_threads', 'Threads running a request', labels=labels)
         connections = GaugeMetricFamily('zkprefork_worker_connections', 'Open client connections',
                                         labels=labels)
+        durations = HistogramMetricFamily('zkprefork_worker_request_duration_seconds',
+                                          'Time the application took for each request of this worker',
+                                          labels=labels)
         for worker in sorted(self.master.pool.workers.values(), key=lambda w: (w.slot, w.pid)):
             values = [str(worker.slot), str(worker.pid)]
-            requests.add_metric(values, worker.record.requests())
+            counts, total = worker.record.histogram()
+            requests.add_metric(values, sum(counts))
             busy.add_metric(values, len(worker.record.busy()))
             connections.add_metric(values, worker.record.head.connections)
-        return requests, busy, connections
+            durations.add_metric(values, cumulative_buckets(counts), total)
+        return requests, busy, connections, durations
 
     def _durations(self):
         boards = self.master.scoreboards
@@ -51,13 +56,9 @@ class MasterCollector:
             live, live_sum = worker.record.histogram()
             counts = [a + b for a, b in zip(counts, live)]
             total += live_sum
-        cumulative, buckets = 0, []
-        for bound, count in zip((*map(repr, BUCKETS), '+Inf'), counts):
-            cumulative += count
-            buckets.append((bound, cumulative))
         return HistogramMetricFamily('zkprefork_request_duration_seconds',
                                      'Time the application took for each request, from every worker',
-                                     buckets=buckets, sum_value=total)
+                                     buckets=cumulative_buckets(counts), sum_value=total)
 
     def _master(self):
         pool = self.master.pool
@@ -79,6 +80,15 @@ class MasterCollector:
         yield state
         yield GaugeMetricFamily('zkprefork_registered_nodes', 'Nodes registered in ZooKeeper',
                                 value=len(registration['nodes']))
+
+
+def cumulative_buckets(counts):
+    """[(upper bound, requests at most that long)] from counts per bucket."""
+    cumulative, buckets = 0, []
+    for bound, count in zip((*map(repr, BUCKETS), '+Inf'), counts):
+        cumulative += count
+        buckets.append((bound, cumulative))
+    return buckets
 
 
 def exposition(registry):
