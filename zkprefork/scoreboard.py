@@ -191,16 +191,15 @@ class Scorekeeper:
     # -- hooks -------------------------------------------------------------
 
     def channel_opened(self, channel):
-        with self._lock:
-            self._connections.add(channel)
-            self._waiting.add(channel)
-            self.record.head.connections = len(self._connections)
-            self.record.head.waiting = len(self._waiting)
+        self._count_channel(set.add, channel)
 
     def channel_closed(self, channel):
+        self._count_channel(set.discard, channel)
+
+    def _count_channel(self, change, channel):
         with self._lock:
-            self._connections.discard(channel)
-            self._waiting.discard(channel)
+            change(self._connections, channel)
+            change(self._waiting, channel)
             self.record.head.connections = len(self._connections)
             self.record.head.waiting = len(self._waiting)
 
