@@ -31,6 +31,7 @@ setup(
         'setproctitle',
         'psutil',
         'httptools >= 0.9',
+        'prometheus_client',
     ],
     extras_require={
         'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography',

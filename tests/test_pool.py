@@ -90,6 +90,7 @@ def test_reload_replaces_one_at_a_time_each_ready_before_its_old_one_retires():
     assert sorted(replaced) == sorted(old)
     assert {w.generation for w in hands.pool.workers.values()} == {1}
     assert hands.pool.all_ready() and not hands.pool.reloading()
+    assert hands.pool.restarts == {'reload': 3}
 
 
 def test_a_replacement_that_fails_to_boot_halts_the_reload_and_the_next_reload_retries(caplog):
@@ -202,16 +203,19 @@ def test_heartbeat_timeout_kills_once_and_the_loop_waits_for_the_reap(caplog):
     assert hands.pool.workers[alive].requests == 7
     hands.exit(frozen, 'killed by SIGKILL')
     assert hands.converge() == [Spawn(0)]
+    hands.exit(alive, 'exit status 1')
+    assert hands.pool.restarts == {'timeout': 1, 'exited': 1}
 
 
 def test_a_retiring_worker_is_killed_after_graceful_timeout_and_grace():
     hands = Hands(workers=1, graceful_timeout=10)
     [pid] = hands.booted()
     hands.pool.resize(+1)
-    hands.pool.heard(pid, [RetireRequest('served 300 requests (max_requests)')], hands.now)
+    hands.pool.heard(pid, [RetireRequest('max_requests', 'served 300 requests (max_requests)')], hands.now)
     assert hands.converge() == [Spawn(0), Spawn(1)]  # its replacement, and the new slot
     hands.ready(*(p for p in hands.pool.workers if p != pid))
     assert hands.converge() == [Retire(pid, 'served 300 requests (max_requests)')]
+    assert hands.pool.restarts == {'max_requests': 1}
     assert hands.tick(10 + KILL_GRACE - 0.1) == []
     assert hands.tick(0.1) == [Kill(pid, 'still running after graceful_timeout')]
     assert hands.tick(100) == []
@@ -245,13 +249,13 @@ def test_stopping_retires_everyone_and_spawns_nothing(caplog):
 
 
 def test_worker_protocol_round_trip():
-    for message in (Ready(42), Heartbeat(1234), RetireRequest('resident memory 300 MB > max_memory'),
+    for message in (Ready(42), Heartbeat(1234), RetireRequest('max_memory', 'resident memory 300 MB > max_memory'),
                     BootFailed('ImportError: no module named x')):
         line = worker_protocol.encode(message)
         assert line.endswith(b'\n') and line.count(b'\n') == 1
         assert worker_protocol.decode(line.decode().rstrip('\n')) == message
     assert worker_protocol.encode(BootFailed('two\nlines')) == b'boot-failed two lines\n'
-    for garbage in ('hb many', 'frobnicate 1', 'ready', ''):
+    for garbage in ('hb many', 'frobnicate 1', 'ready', '', 'retire max_requests'):
         assert worker_protocol.decode(garbage) is None
 
 

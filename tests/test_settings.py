@@ -75,6 +75,7 @@ def test_session_timeout_is_milliseconds():
     ('port', '0', 0), ('port', '8080', 8080), ('port', '65535', 65535),
     ('session_timeout', '1', 1), ('session_timeout', '600000', 600000),
     ('graceful_timeout', '0', 0.0), ('graceful_timeout', '2.5', 2.5),
+    ('request_timeout', '0', 0.0), ('request_timeout', '30', 30.0),
 ])
 def test_good_numbers(option, value, expected):
     assert getattr(make_settings({option: value}), option) == expected
@@ -87,7 +88,7 @@ def test_good_numbers(option, value, expected):
     ('port', '-1'), ('port', '65536'), ('port', '70000'), ('port', 'http'),
     ('session_timeout', '0'), ('session_timeout', 'abc'), ('session_timeout', '10s'),
     ('graceful_timeout', '-1'), ('graceful_timeout', 'nan'), ('graceful_timeout', 'inf'),
-    ('graceful_timeout', 'soon'),
+    ('graceful_timeout', 'soon'), ('request_timeout', '-1'),
 ])
 def test_bad_numbers(option, value):
     message = rejected(option, value)

@@ -26,6 +26,7 @@ from zkprefork import logsetup, proctitle, spawn, status, systemd
 from zkprefork.monitor import NoMonitor
 from zkprefork.pool import BootFailedAtStart, Kill, Pool, Retire, Spawn
 from zkprefork.registrar_link import NoRegistrar
+from zkprefork.scoreboard import Scoreboards
 from zkprefork.settings import RESTART_ONLY, ConfigError
 from zkprefork.signalqueue import SignalQueue
 from zkprefork.status import BOOTING, CLOSING, DONE, DRAINING, RUNNING, UNREGISTERING
@@ -61,6 +62,7 @@ class Master:
         self.monitor = monitor or NoMonitor()
         self.reload_settings = reload_settings  # () -> Settings, re-reading the config
         self.pool = Pool(settings)
+        self.scoreboards = Scoreboards(settings.workers, settings.threads)  # before any fork
         self.phase = BOOTING
         self.exit_status = 0
         self.stop_signal = None  # SIGTERM (drain) or SIGQUIT (now), once a stop is asked
@@ -177,12 +179,14 @@ class Master:
                     self.stop_signal = self.stop_signal or signal.SIGTERM
 
     def _spawn(self, slot):
+        record = self.scoreboards.claim(self.pool.count, self.settings.threads)
+
         def serve(link):
-            Worker(slot, self.settings, self.listener, link, self.app).run()
+            Worker(slot, self.settings, self.listener, link, record, self.app).run()
         masters_fds = (self.signals.fds() + [w.link.fileno() for w in self.pool.workers.values()]
                        + self.link.child_fds() + self.monitor.fds())
         pid, link = spawn.fork_worker(serve, self.selector, masters_fds, HANDLED_SIGNALS)
-        self.pool.started(slot, pid, time.monotonic(), link)
+        self.pool.started(slot, pid, time.monotonic(), link).record = record
         self.selector.register(link.sock, selectors.EVENT_READ, lambda: self._on_worker_link(pid, link))
 
     def _on_worker_link(self, pid, link):
@@ -213,6 +217,7 @@ class Master:
             self._on_worker_link(pid, worker.link)  # what it said last
             self._forget(worker.link.sock)
             worker.link.close()
+            self.scoreboards.release(worker.record)
             self._perform(self.pool.exited(pid, describe_exit(wait_status), now))
 
     # -- phases: each step returns the phase to move to, or None to stay --
@@ -275,6 +280,7 @@ class Master:
         if quit_now:
             self.link.close()  # the session closes, the node goes with it
         self.link.stand_down()
+        self.scoreboards.stopping()
         self.drain_signal = self.stop_signal
         self.deadline = None
         for pid in self.pool.retire_all(now, graceful=not quit_now):

@@ -6,6 +6,10 @@ selector with no threads, so every client is bounded (line length, clients
 at once, time) and none can stall the loop: sockets are non-blocking and
 answers are written as the peer reads them.
 
+An HTTP request line (``GET /metrics HTTP/1.1``, as Prometheus scrapes)
+is answered in HTTP/1.0 instead, once its header block has arrived: the
+`metrics` command's output for ``/metrics``, an error status otherwise.
+
 Plugins: other packages add commands through the entry point group
 ``zkprefork.monitor``; each entry point names a callable
 ``command(connection, *args)`` that writes its answer with
@@ -13,6 +17,7 @@ Plugins: other packages add commands through the entry point group
 dict as the `status` command).
 """
 import logging
+import re
 import selectors
 import socket
 import time
@@ -21,6 +26,8 @@ from importlib.metadata import entry_points
 log = logging.getLogger('zkprefork.monitor')
 
 MAX_LINE = 1024  # bytes, newline included
+MAX_HTTP_HEAD = 8192  # bytes of an HTTP request's line and headers
+HTTP_REQUEST_LINE = re.compile(rb'([A-Z]+) (\S+) HTTP/1\.[01]\r?')
 MAX_CLIENTS = 16
 CLIENT_SECONDS = 5.0  # to send a line and read the answer
 PLUGIN_GROUP = 'zkprefork.monitor'
@@ -71,7 +78,10 @@ class Connection:
         chunk = self.sock.recv(MAX_LINE)
         self.inbox += chunk
         line, newline, _ = self.inbox.partition(b'\n')
-        if newline or not chunk:
+        http_request = HTTP_REQUEST_LINE.fullmatch(line) if newline else None
+        if http_request:
+            self._receive_http(http_request, chunk)
+        elif newline or not chunk:
             self._answer(line.decode(errors='replace').strip())
         elif len(self.inbox) >= MAX_LINE:
             self.inbox = b''
@@ -85,6 +95,33 @@ class Connection:
         else:
             self.write("error: no command; try 'help'\n")
         self._answered()
+
+    def _receive_http(self, request_line, chunk):
+        """Answer once the headers are in (a client that gets its answer
+        before it has sent them all could see its connection reset)."""
+        ended = b'\r\n\r\n' in self.inbox or b'\n\n' in self.inbox
+        if ended or not chunk or len(self.inbox) > MAX_HTTP_HEAD:
+            method, target = request_line.group(1, 2)
+            self._answer_http(method, target.partition(b'?')[0], len(self.inbox) <= MAX_HTTP_HEAD)
+            self._answered()
+
+    def _answer_http(self, method, path, short_enough):
+        from zkprefork.metrics import CONTENT_TYPE
+        if not short_enough:
+            status, body = '400 Bad Request', f'the request headers are over {MAX_HTTP_HEAD} bytes\n'
+        elif path != b'/metrics':
+            status, body = '404 Not Found', 'only /metrics is served here\n'
+        elif method not in (b'GET', b'HEAD'):
+            status, body = '405 Method Not Allowed', 'GET or HEAD\n'
+        else:
+            self.monitor.run_command(self, 'metrics', [])
+            status, body = '200 OK', self.outbox.decode()
+            self.outbox = b''
+        content_type = CONTENT_TYPE if status == '200 OK' else 'text/plain; charset=utf-8'
+        self.write(f'HTTP/1.0 {status}\r\nContent-Type: {content_type}\r\n'
+                   f'Content-Length: {len(body.encode())}\r\nConnection: close\r\n\r\n')
+        if method != b'HEAD':
+            self.write(body)
 
     def _answered(self):
         self.answered = True

@@ -59,11 +59,13 @@ class WorkerProcess:
     generation: int
     started: float  # monotonic seconds
     link: object = None  # the master's end of its socket; the pool never touches it
+    record: object = None  # its scoreboard.Record; nor this
     last_seen: float = None  # last message, monotonic seconds
     ready: bool = False
     boot_error: str = None
     requests: int = 0
     wants_replacement: str = None  # the reason it gave
+    limit_reached: str = None  # and the option it reached (max_requests...)
     retiring: bool = False
     kill_at: float = NEVER  # when a retiring worker is killed
     killed: bool = False  # SIGKILL decided: nothing more to do but reap it
@@ -86,6 +88,7 @@ class Pool:
         self.booting = True  # until the master runs: a first boot failure is fatal
         self.stopping = False  # the master stops: exits are expected, nothing respawns
         self.backoff = collections.defaultdict(Backoff)  # slot -> its start back-off
+        self.restarts = collections.Counter()  # workers replaced, by reason (for metrics)
 
     # -- what the master tells the pool ----------------------------------
 
@@ -127,6 +130,7 @@ class Pool:
             log.info('worker %d (pid %d) ready', worker.slot, worker.pid)
         elif isinstance(message, RetireRequest) and worker.wants_replacement is None:
             worker.wants_replacement = message.reason
+            worker.limit_reached = message.limit
             log.info('worker %d (pid %d) asks to be replaced: %s', worker.slot, worker.pid, message.reason)
         elif isinstance(message, BootFailed):
             worker.boot_error = message.error
@@ -141,11 +145,13 @@ class Pool:
         elif not worker.ready:
             return self._boot_failed(worker, worker.boot_error or how, now)
         else:
+            self.restarts['timeout' if worker.killed else 'exited'] += 1
             log.warning('worker %d (pid %d) exited unexpectedly: %s; replacing it',
                         worker.slot, worker.pid, how)
         return []
 
     def _boot_failed(self, worker, reason, now):
+        self.restarts['boot_failed'] += 1
         if self.booting and worker.generation == 0:
             log.error('worker %d (pid %d) failed to boot: %s', worker.slot, worker.pid, reason)
             return [BootFailedAtStart(worker.slot, worker.pid, reason)]
@@ -198,8 +204,10 @@ class Pool:
             if not here:
                 actions += self._spawn_when_due(slot, now)
             elif stale and any(w.ready for w in fresh):
-                actions += [self._retire(w, w.wants_replacement or 'reloaded: its replacement is ready', now)
-                            for w in stale]
+                for w in stale:
+                    self.restarts[w.limit_reached or 'reload'] += 1
+                    reason = w.wants_replacement or 'reloaded: its replacement is ready'
+                    actions.append(self._retire(w, reason, now))
             elif stale and not fresh and not replacing:
                 spawn = self._spawn_when_due(slot, now)
                 replacing = bool(spawn)

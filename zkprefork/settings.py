@@ -298,6 +298,7 @@ class Settings:
     max_requests: int = option(0, _integer(0))  # 0 = never recycle
     max_requests_jitter: int = option(0, _integer(0))
     max_memory: int = option(0, _integer(0))  # MB of resident memory; 0 = no limit
+    request_timeout: float = option(0.0, _seconds)  # seconds a request may run; 0 = no limit
     preload: bool = option(False, _boolean, restart_only=True)
     access_log: str = option(None, _access_log, restart_only=True)  # a file, or '-' for stdout
     # A file, or an environment variable, holding user:password.

@@ -9,7 +9,7 @@ import time
 import psutil
 
 import zkprefork
-from zkprefork import listener
+from zkprefork import listener, metrics
 
 # The master's phases, in the order it goes through them (as status reports them).
 BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
@@ -51,19 +51,28 @@ def _worker_status(worker, now):
     except psutil.Error:
         rss = None
     state = 'retiring' if worker.retiring else 'ready' if worker.ready else 'booting'
+    record = worker.record
+    busy = [{'thread': number, 'busy': round(now - started, 3), 'request': request}
+            for number, started, request, _ in record.busy()]
     return {'slot': worker.slot, 'pid': worker.pid, 'age': round(now - worker.started, 3),
-            'requests': worker.requests, 'rss': rss, 'state': state,
-            'generation': worker.generation}
+            'requests': record.requests(), 'rss': rss, 'state': state,
+            'generation': worker.generation, 'connections': record.head.connections,
+            'busy_threads': busy}
 
 
 def workers_table(connection):
-    """The `workers` command: one line per worker, rss in MB."""
+    """The `workers` command: one line per worker (rss in MB), then one
+    line per busy thread with how long its request has been running."""
     connection.write(f'{"slot":>4} {"pid":>7} {"state":<8} {"gen":>3} {"age s":>9} '
-                     f'{"requests":>9} {"rss MB":>7}\n')
+                     f'{"requests":>9} {"conns":>5} {"busy":>4} {"rss MB":>7}\n')
     for w in connection.status()['workers']:
         rss = f'{w["rss"] / 1048576:.1f}' if w['rss'] is not None else '-'
         connection.write(f'{w["slot"]:>4} {w["pid"]:>7} {w["state"]:<8} {w["generation"]:>3} '
-                         f'{w["age"]:>9.1f} {w["requests"]:>9} {rss:>7}\n')
+                         f'{w["age"]:>9.1f} {w["requests"]:>9} {w["connections"]:>5} '
+                         f'{len(w["busy_threads"]):>4} {rss:>7}\n')
+        for thread in w['busy_threads']:
+            connection.write(f'{"":>13}thread {thread["thread"]} busy {thread["busy"]:.1f} s: '
+                             f'{thread["request"]}\n')
 
 
 def monitor_commands(master):
@@ -71,11 +80,14 @@ def monitor_commands(master):
     def queue(signum):
         return lambda connection: (master.signals.append(signum),
                                    connection.write(f'{signal.Signals(signum).name} queued\n'))
+    registry = metrics.registry_of(master)
     return {
         'help': (lambda c: master.monitor.help(c), 'the commands, one line each'),
         'status': (lambda c: c.write(json.dumps(c.status(), indent=1) + '\n'),
                    'the master and every worker, as JSON'),
         'workers': (workers_table, 'the workers, as a table'),
+        'metrics': (lambda c: c.write(metrics.exposition(registry)),
+                    "Prometheus's text format (also GET /metrics on this port)"),
         'reload': (queue(signal.SIGHUP), 'rolling reload, as SIGHUP'),
         'ttin': (queue(signal.SIGTTIN), 'one worker more, as SIGTTIN'),
         'ttou': (queue(signal.SIGTTOU), 'one worker less, as SIGTTOU'),

@@ -7,12 +7,13 @@ import logging
 import os
 import random
 import signal
+import sys
 import time
 import traceback
 
 import psutil
 
-from zkprefork import inifile, logsetup, proctitle
+from zkprefork import balance, inifile, logsetup, proctitle, scoreboard
 from zkprefork.supervision import MASTER_ONLY_SIGNALS
 from zkprefork.worker_protocol import BootFailed, Heartbeat, Ready, RetireRequest, encode
 
@@ -20,7 +21,12 @@ log = logging.getLogger('zkprefork.worker')
 
 BOOT_FAILED = 3
 POLL_SECONDS = 1.0      # longest sleep of the serving loop (heartbeat period)
-DRAIN_IDLE_SECONDS = 0.5  # an idle keep-alive channel this old is closed on drain
+# A worker that stops with the server closes a keep-alive connection idle
+# this long; one that retires while others serve (a reload, SIGTTOU,
+# recycling) keeps it for a keep-alive timeout, so that a client sending its
+# next request on it gets an answer (with Connection: close), not a reset.
+STOP_IDLE_SECONDS = 0.5
+RETIRE_KEEPALIVE_SECONDS = 5.0
 
 
 _reopen_logs = []  # SIGUSR1 seen, not yet acted on (it may come while the app loads)
@@ -37,7 +43,8 @@ def reset_signals(inherited):
 
 class Worker:
 
-    def __init__(self, slot, settings, listener, link, app=None):
+    def __init__(self, slot, settings, listener, link, record, app=None):
+        """`record`: this worker's scoreboard.Record."""
         self.slot = slot
         self.settings = settings
         self.listener = listener
@@ -46,7 +53,11 @@ class Worker:
         self.stop_reason = None
         self.quit_now = False
         self.retire_asked = False
+        self.worn_out = None  # (limit, reason) it wants a replacement for; set by any thread
+        self.server = None
+        self._wake_loop = None
         self._process = psutil.Process()  # this worker, for max_memory
+        self.score = scoreboard.Scorekeeper(record, self._request_started)
         # Staggered, so that workers started together are not recycled together.
         self.max_requests = settings.max_requests and (
             settings.max_requests + random.randint(0, settings.max_requests_jitter))
@@ -65,10 +76,13 @@ class Worker:
 
     def _run(self):
         proctitle.set(f'worker {self.slot} {self.settings.config_file or ""}'.rstrip())
+        self.score.booting(os.getpid(), self.settings.threads)
         app = self._load_app()
         if app is None:
             return BOOT_FAILED
         server, dispatcher = self._start_server(app)
+        self.server = server
+        self.score.set_state(scoreboard.SERVING)
         self._tell_master(Ready(os.getpid()))
         log.info('worker %d (pid %d) serving', self.slot, os.getpid())
         self._serve(server)
@@ -92,6 +106,7 @@ class Worker:
     def _start_server(self, app):
         from zkprefork import httprequest, wakeup, zopeserver  # already imported by the master (spawn.py)
         zopeserver.fresh_wakeup()
+        self._wake_loop = zopeserver.wake_loop
         self._install_signals(wakeup)
         wakeup.LinkWatcher(self.link, self._master_gone)
         dispatcher = zopeserver.TaskDispatcher()
@@ -99,7 +114,7 @@ class Worker:
         hit_log = zopeserver.access_logger() if self.settings.access_log else None
         server = zopeserver.server_class(self.settings.zservertracelog)(
             self.listener, app, self.settings.name, self.settings.host, dispatcher, hit_log,
-            httprequest.Limits.from_settings(self.settings))
+            httprequest.Limits.from_settings(self.settings), self.score)
         return server, dispatcher
 
     def _install_signals(self, wakeup):
@@ -127,7 +142,10 @@ class Worker:
         import asyncore
         next_beat = 0
         while self.stop_reason is None:
-            asyncore.poll2(POLL_SECONDS)
+            self.score.loop_turned()  # before the first poll too: others see this worker live
+            accepting = self.score.decide_accepting()
+            asyncore.poll2(POLL_SECONDS if accepting else balance.DEFER_POLL_SECONDS)
+            self._retire_if_worn_out()
             if _reopen_logs:
                 _reopen_logs.clear()
                 logsetup.reopen()
@@ -138,36 +156,71 @@ class Worker:
                 server.expire_stalled_requests()
 
     def _heartbeat(self, server):
-        """Tell the master this loop is alive; ask to be replaced when worn out.
-
-        The master replaces a worker before retiring it, so recycling never
-        leaves a slot without a serving worker."""
+        """Tell the master this loop is alive; check max_memory and request_timeout."""
         self._tell_master(Heartbeat(server.requests))
-        if self.retire_asked:
-            return
-        reason = None
-        if self.max_requests and server.requests >= self.max_requests:
-            reason = f'served {server.requests} requests (max_requests)'
-        elif self.settings.max_memory:
+        if not self.worn_out and self.settings.max_memory:
             rss = self._process.memory_info().rss
             if rss > self.settings.max_memory * 1024 * 1024:
-                reason = f'resident memory {rss // 1048576} MB > max_memory'
-        if reason:
+                self._wear_out('max_memory', f'resident memory {rss // 1048576} MB > max_memory')
+        if not self.worn_out and self.settings.request_timeout:
+            self._check_request_timeout(self.settings.request_timeout)
+
+    def _check_request_timeout(self, limit):
+        """A request running longer than `limit` seconds: log where each
+        such thread is stuck (its Python stack), and ask to be replaced; the
+        thread is not interrupted (Python cannot), so the worker drains and
+        is killed after graceful_timeout like any other."""
+        now = time.monotonic()
+        overdue = [(number, started, request, ident)
+                   for number, started, request, ident in self.score.record.busy()
+                   if now - started > limit]
+        if not overdue:
+            return
+        frames = sys._current_frames()
+        for number, started, request, ident in overdue:
+            frame = frames.get(ident)
+            stack = ''.join(traceback.format_stack(frame)).rstrip() if frame else '(the thread is gone)'
+            log.error('worker %d (pid %d): request %r has run for %.1f s (request_timeout %g s) '
+                      'in thread %d; its stack:\n%s',
+                      self.slot, os.getpid(), request, now - started, limit, number, stack)
+        self._wear_out('request_timeout', f'a request ran longer than request_timeout: {overdue[0][2]}')
+
+    def _request_started(self, count):
+        """In the pool thread about to run the `count`th request: max_requests
+        is checked here, so that the worker stops taking requests at once."""
+        if count == self.max_requests:
+            self._wear_out('max_requests', f'served {count} requests (max_requests)')
+
+    def _wear_out(self, limit, reason):
+        """From any thread: responses end keep-alive from now on (this one's
+        too), and the loop asks for a replacement at once."""
+        self.worn_out = (limit, reason)
+        self.server.draining = True
+        self._wake_loop()
+
+    def _retire_if_worn_out(self):
+        """Ask to be replaced, once. Until the replacement is ready (the
+        master replaces a worker before retiring it, so recycling never
+        leaves a slot unserved), responses end keep-alive and new
+        connections go to other workers (see scoreboard.Scorekeeper.may_accept)."""
+        if self.worn_out and not self.retire_asked:
             self.retire_asked = True
-            self._tell_master(RetireRequest(reason))
+            self.score.set_state(scoreboard.WORN)
+            self._tell_master(RetireRequest(*self.worn_out))
 
     def _drain(self, server):
         """Stop accepting, then let in-flight requests finish (bounded)."""
         import asyncore
+        self.score.set_state(scoreboard.DRAINING)
         server.stop_accepting()
         if self.quit_now:
             return
         deadline = time.monotonic() + self.settings.graceful_timeout
         while not self.quit_now and time.monotonic() < deadline:
-            now = time.time()
-            channels = server.channels()
-            for channel in channels:
-                if not channel.busy() and channel.last_activity < now - DRAIN_IDLE_SECONDS:
+            stopping = self.score.record.board.header.stopping
+            idle_since = time.time() - (STOP_IDLE_SECONDS if stopping else RETIRE_KEEPALIVE_SECONDS)
+            for channel in server.channels():
+                if not channel.busy() and channel.last_activity < idle_since:
                     channel.close()
             if not server.channels():
                 return

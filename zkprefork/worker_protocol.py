@@ -3,7 +3,8 @@ socketpair each worker gets at fork:
 
     ready PID               the application is loaded and the server listens
     hb REQUESTS             heartbeat (about once a second): requests served so far
-    retire REASON           worn out (max_requests, max_memory): please replace me
+    retire LIMIT REASON     worn out (LIMIT: max_requests, max_memory or
+                            request_timeout, the option that was reached): please replace me
     boot-failed ERROR       the application did not load (one-line summary)
 
 The worker writes with `encode`, the master reads with `Link` and `decode`.
@@ -23,6 +24,7 @@ class Heartbeat(NamedTuple):
 
 
 class RetireRequest(NamedTuple):
+    limit: str  # the option that was reached (one word)
     reason: str
 
 
@@ -35,8 +37,9 @@ TYPES = {word: kind for kind, word in WORDS.items()}
 
 
 def encode(message):
-    """One message as the bytes of one line."""
-    text = str(message[0]).replace('\n', ' ')
+    """One message as the bytes of one line: its fields, space-separated
+    (only the last may hold spaces)."""
+    text = ' '.join(str(field).replace('\n', ' ') for field in message)
     return f'{WORDS[type(message)]} {text}\n'.encode()
 
 
@@ -46,9 +49,12 @@ def decode(line):
     kind = TYPES.get(word)
     if kind is None:
         return None
-    convert = next(iter(kind.__annotations__.values()))
+    converters = list(kind.__annotations__.values())
+    parts = text.split(' ', len(converters) - 1)
+    if len(parts) != len(converters):
+        return None
     try:
-        return kind(convert(text))
+        return kind(*(convert(part) for convert, part in zip(converters, parts)))
     except ValueError:
         return None
 

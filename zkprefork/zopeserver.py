@@ -39,6 +39,11 @@ def fresh_wakeup():
     dualmodechannel.the_trigger = trigger.trigger()
 
 
+def wake_loop():
+    """Wake the asyncore loop from another thread."""
+    dualmodechannel.the_trigger.pull_trigger()
+
+
 def adjustments(limits):
     adj = Adjustments()
     adj.limits = limits  # read by the request parser (zope.server hands it the adjustments)
@@ -227,6 +232,7 @@ class DrainingChannel(HTTPServerChannel):
     def __init__(self, server, conn, addr, adj=None):
         self.parse_lock = threading.Lock()  # the loop reads; a pool thread resumes parsing
         super().__init__(server, conn, addr, adj)
+        server.observer.channel_opened(self)  # scoreboard hook
 
     def readable(self):
         return not self.will_close and not self.inbuf
@@ -362,9 +368,29 @@ class DrainingChannel(HTTPServerChannel):
         fd = self._fileno
         super().del_channel(map)
         self.active_channels.pop(fd, None)
+        self.server.observer.channel_closed(self)  # scoreboard hook
 
     def busy(self):
         return bool(self.running_tasks or self.outbuf or self.proto_request is not None or self.inbuf)
+
+
+class NoObserver:
+    """A server's observer when it has no scoreboard."""
+
+    def channel_opened(self, channel):
+        pass
+
+    def channel_closed(self, channel):
+        pass
+
+    def request_started(self, channel, request_line):
+        pass
+
+    def request_finished(self):
+        pass
+
+    def may_accept(self):
+        return True
 
 
 class SharedSocketServer(WSGIHTTPServer):
@@ -373,8 +399,11 @@ class SharedSocketServer(WSGIHTTPServer):
     channel_class = DrainingChannel
     draining = False
 
-    def __init__(self, sock, application, name, host, task_dispatcher, hit_log, limits):
+    def __init__(self, sock, application, name, host, task_dispatcher, hit_log, limits, observer=None):
         self._inherited = sock
+        # The worker's scoreboard.Scorekeeper: the hooks below tell it about
+        # accepts, connections and requests (no-ops without one).
+        self.observer = observer or NoObserver()
         self.served = itertools.count(1)
         self.requests = 0
         # SERVER_PORT comes from this port argument: pass the real one.
@@ -397,11 +426,17 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def executeRequest(self, task):
         self.requests = next(self.served)
+        self.observer.request_started(task.channel, task.request_data.first_line)  # scoreboard hook
         try:
             self.run_application(task)
         except Exception:
             log.exception('the application failed on %s', task.request_data.first_line)
             self._answer_failure(task)
+        finally:
+            self.observer.request_finished()  # scoreboard hook
+
+    def readable(self):
+        return super().readable() and self.observer.may_accept()  # scoreboard hook (balancing)
 
     def run_application(self, task):
         """WSGIHTTPServer.executeRequest, with a start_response that refuses
