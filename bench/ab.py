@@ -41,8 +41,8 @@ listening.bind(('127.0.0.1', 0))
 listening.listen(5)
 dispatcher = Dispatcher()
 try:
-    from zkprefork import httprequest
-    extra = (None, httprequest.Limits(4094, 200, 65536, 262144, 1 << 30, 30.0))
+    from zkprefork import httprequest, settings
+    extra = (None, httprequest.Limits.from_settings(settings.make_settings({})))
 except ImportError:
     extra = ()
 server = zopeserver.SharedSocketServer(listening, apps.app, None, '127.0.0.1', dispatcher, *extra)

@@ -777,7 +777,8 @@ def test_the_limits_default_to_their_documented_values():
     from zkprefork.settings import make_settings
     assert Limits.from_settings(make_settings({})) == Limits(
         limit_request_line=4094, limit_request_fields=200, limit_request_field_size=65536,
-        limit_request_header_size=262144, max_request_body_size=1 << 30, request_read_timeout=30.0)
+        limit_request_header_size=262144, max_request_body_size=1 << 30, request_read_timeout=30.0,
+        outbuf_high_watermark=4 << 20, send_timeout=60.0)
 
 
 @pytest.mark.parametrize('option,value', [

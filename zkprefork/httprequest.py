@@ -44,6 +44,8 @@ class Limits:
     limit_request_header_size: int  # bytes of the request line and header fields -> 431
     max_request_body_size: int      # bytes of the body, de-chunked -> 413
     request_read_timeout: float     # s for the headers, and of silence inside a body -> 408
+    outbuf_high_watermark: int      # bytes of a response buffered before the application waits
+    send_timeout: float             # s a client may read nothing of a response before it is dropped
 
     @classmethod
     def from_settings(cls, settings):

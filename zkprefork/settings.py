@@ -193,6 +193,8 @@ class Settings:
     limit_request_header_size: int = 262144  # bytes of the request line and header fields -> 431
     max_request_body_size: int = 1 << 30  # bytes (1 GiB), de-chunked -> 413
     request_read_timeout: float = 30.0  # s for the headers, and of silence inside a body -> 408
+    outbuf_high_watermark: int = 4 << 20  # bytes of response buffered before the application waits
+    send_timeout: float = 60.0  # s a client may read nothing of a response before it is dropped
 
     @property
     def registered(self):
@@ -315,6 +317,8 @@ _CHECKS = {
     'limit_request_header_size': lambda v: _integer('limit_request_header_size', v, 256, 1 << 26),
     'max_request_body_size': lambda v: _integer('max_request_body_size', v, 0),
     'request_read_timeout': lambda v: _positive_seconds('request_read_timeout', v),
+    'outbuf_high_watermark': lambda v: _integer('outbuf_high_watermark', v, 65536),
+    'send_timeout': lambda v: _positive_seconds('send_timeout', v),
 }
 
 # Options a reload cannot change: they are the socket, the session or the

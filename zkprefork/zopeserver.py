@@ -12,8 +12,11 @@ import itertools
 import logging
 import operator
 import queue
+import os
 import resource
+import select
 import socket
+import stat
 import threading
 import time
 
@@ -22,7 +25,8 @@ from zope.server.adjustments import Adjustments
 from zope.server.http.httpserverchannel import HTTPServerChannel
 from zope.server.http.http_date import build_http_date
 from zope.server.http.httptask import HTTPTask
-from zope.server.http.wsgihttpserver import WSGIHTTPServer, fakeWrite
+from zope.server.http.wsgihttpserver import WSGIHTTPServer
+from zope.server.task import AbstractTask
 from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
@@ -30,6 +34,10 @@ from zkprefork import httprequest
 
 
 log = logging.getLogger('zkprefork.worker')
+
+
+class ClientGone(ConnectionError):
+    """The client closed the connection, or stopped reading."""
 
 
 def fresh_wakeup():
@@ -43,6 +51,9 @@ def fresh_wakeup():
 def adjustments(limits):
     adj = Adjustments()
     adj.limits = limits  # read by the request parser (zope.server hands it the adjustments)
+    adj.send_bytes = 1 << 16  # per send(): zope.server's 9000 cost a syscall per 9 kB
+    adj.outbuf_overflow = limits.outbuf_high_watermark  # kept in memory: it is bounded
+    adj.log_socket_errors = False  # a client that goes is no error of ours
     # The default limit (~97) counts idle keep-alive channels and would leave
     # clients waiting in the backlog; the real bound is the fd limit (poll()
     # is used, so fds above 1024 are fine).
@@ -91,18 +102,48 @@ def start_response_for(task):
         code, _, reason = status.partition(' ')
         if not (len(code) == 3 and code.isdigit()):
             raise ValueError(f'not an HTTP status: {status!r}')
+        for name, value in headers:
+            if not (isinstance(name, str) and isinstance(value, str)):
+                raise TypeError(f'a response header is not a pair of str: {(name, value)!r}')
+            if name.lower() == 'content-length' and not value.strip().isdigit():
+                raise ValueError(f'not a Content-Length: {value!r}')
         task.setResponseStatus(code, reason)
         task.accumulated_headers = None
         task.response_headers = {}
         task.appendResponseHeaders([f'{name}: {value}' for name, value in headers])
-        return fakeWrite
+        return write
+    def write(data):
+        if not isinstance(data, bytes):
+            raise TypeError(f'write() takes bytes, not {type(data).__name__}')
+        task.write(data)
     return start_response
+
+
+class FileWrapper:
+    """wsgi.file_wrapper (PEP 3333): a regular file is sent with os.sendfile,
+    anything else read in blocks."""
+
+    def __init__(self, file, block_size=8192):
+        self.file = file
+        self.block_size = block_size
+        if hasattr(file, 'close'):
+            self.close = file.close
+
+    def __iter__(self):
+        return iter(lambda: self.file.read(self.block_size), b'')
 
 
 class DrainingTask(HTTPTask):
     """A request to answer: the application's (the environ of PEP 3333,
-    100 Continue on the first read of a body the client holds back), or the
-    server's own refusal of a request it would not pass on."""
+    100 Continue on the first read of a body the client holds back, the
+    body streamed as it is made), or the server's own refusal of a request
+    it would not pass on."""
+
+    chunked_response = False  # the body goes out in chunks (HTTP/1.1 without Content-Length)
+    no_body = False           # HEAD, 204, 304
+    body_limit = None         # the Content-Length the application declared
+    body_sent = 0
+    failed = False            # cut short: no last chunk, and the connection closes
 
     def __init__(self, channel, request_data):
         super().__init__(channel, request_data)
@@ -125,6 +166,7 @@ class DrainingTask(HTTPTask):
     def answer(self, status, reason, text):
         """A plain-text response of the server's own (an error)."""
         body = text.encode()
+        self.body_limit = None
         self.setResponseStatus(str(status), reason)
         self.accumulated_headers = None
         self.response_headers = {'Content-Type': 'text/plain; charset=utf-8',
@@ -139,17 +181,26 @@ class DrainingTask(HTTPTask):
     def appendResponseHeaders(self, lst):
         for line in lst:
             _check_header_text(line)
+            line.encode('latin-1')  # PEP 3333: anything else is the application's error
         super().appendResponseHeaders(lst)
 
     def prepareResponseHeaders(self):
         """zope.server's choice of keeping the connection, and its Server and
-        Date fields, in one pass over the application's header lines."""
+        Date fields, in one pass over the application's header lines; the
+        framing of the body: the application's Content-Length (enforced),
+        else chunked for HTTP/1.1, else the end of the connection."""
         request = self.request_data
-        names = {name.lower(): value for name, _, value in map(
+        names = {name.lower(): value.strip() for name, _, value in map(
             operator.methodcaller('partition', ':'), self.accumulated_headers or ())}
         headers = self.response_headers
-        framed = 'content-length' in names or 'Content-Length' in headers or self.status in NO_BODY
-        close = (not request.keep_alive or not framed or names.get('connection', '').strip().lower() == 'close'
+        self.no_body = request.command == 'HEAD' or self.status in NO_BODY
+        if 'content-length' in names:
+            self.body_limit = int(names['content-length'])
+        framed = self.body_limit is not None or 'Content-Length' in headers or self.no_body
+        if not framed and self.version == '1.1':
+            framed = self.chunked_response = True
+            headers['Transfer-Encoding'] = 'chunked'
+        close = (not request.keep_alive or not framed or names.get('connection', '').lower() == 'close'
                  # Ends keep-alive once the worker drains, so clients reconnect
                  # to a worker that stays instead of losing their next request.
                  or self.channel.server.draining
@@ -167,6 +218,13 @@ class DrainingTask(HTTPTask):
         if 'date' not in names:
             headers['Date'] = http_date(self.start_time)
 
+    def buildResponseHeader(self):
+        self.prepareResponseHeaders()
+        lines = [f'HTTP/{self.version} {self.status} {self.reason}',
+                 *(f'{name}: {value}' for name, value in self.response_headers.items()),
+                 *(self.accumulated_headers or ())]
+        return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')  # PEP 3333: latin-1
+
     def getCGIEnvironment(self):
         """PEP 3333's environ: PATH_INFO is the unquoted path's bytes as
         latin-1, every header field is HTTP_*, CONTENT_LENGTH is the body's
@@ -180,7 +238,8 @@ class DrainingTask(HTTPTask):
                'SERVER_PORT': str(server.port), 'SERVER_PROTOCOL': f'HTTP/{request.version}',
                'SERVER_SOFTWARE': server.SERVER_IDENT, 'GATEWAY_INTERFACE': 'CGI/1.1',
                'REMOTE_ADDR': channel.addr[0], 'CHANNEL_CREATION_TIME': str(channel.creation_time),
-               'wsgi.input_terminated': True}
+               'REMOTE_PORT': str(channel.addr[1]), 'RAW_URI': request.uri, 'REQUEST_URI': request.uri,
+               'wsgi.input_terminated': True, 'wsgi.file_wrapper': FileWrapper}
         for key, value in request.headers.items():
             if key not in ('CONTENT_LENGTH', 'CONTENT_TYPE'):
                 key = 'HTTP_' + key
@@ -191,18 +250,60 @@ class DrainingTask(HTTPTask):
         return env
 
     def write(self, data):
-        if self.request_data.command == 'HEAD':
-            data = b''  # headers only, whatever the application returns (RFC 9110, 9.3.2)
-        # The header goes out with the first chunk of the body: one append
-        # to the output buffer and, for a small response, one send.
+        """Send a piece of the body now (the header goes with the first)."""
         if not isinstance(data, bytes):  # zc.zservertracelog writes a whole iterable
-            super().write(data)
-        elif not self.wrote_header:
+            for piece in data:
+                self.write(piece)
+            return
+        if not self.wrote_header:
             head = self.buildResponseHeader()
             self.wrote_header = 1
-            self.bytes_written += self.channel.write(head + data if data else head)
+            self.bytes_written += self.channel.write_now(head + self._frame(data))
         elif data:
-            self.bytes_written += self.channel.write(data)
+            self.bytes_written += self.channel.write_now(self._frame(data))
+
+    def _frame(self, data):
+        if self.no_body:
+            return b''  # whatever the application returns (RFC 9110, 6.4.1 and 9.3.2)
+        if self.body_limit is not None and len(data) > self.body_limit - self.body_sent:
+            log.warning('the application sent more than its Content-Length %d on %s: cut',
+                        self.body_limit, self.request_data.first_line)
+            data = data[:self.body_limit - self.body_sent]
+        self.body_sent += len(data)
+        if self.chunked_response and data:
+            return b'%x\r\n%s\r\n' % (len(data), data)
+        return data
+
+    def finish(self):
+        if not self.wrote_header:
+            self.write(b'')
+        if self.chunked_response and not self.failed:
+            self.bytes_written += self.channel.write_now(b'0\r\n\r\n')
+        elif self.body_limit is not None and self.body_sent < self.body_limit and not self.no_body:
+            self.close_on_finish = 1  # the client must not wait for the rest
+        AbstractTask.finish(self)
+
+    def sendfile(self, file):
+        """Send `file` from its position with os.sendfile; False (nothing
+        sent) when it is no regular file or the body is chunked."""
+        try:
+            fd = file.fileno()
+            size = os.fstat(fd).st_size if stat.S_ISREG(os.fstat(fd).st_mode) else None
+            offset = file.tell()
+        except (AttributeError, OSError, ValueError):
+            return False
+        if size is None:
+            return False
+        self.write(b'')
+        if self.chunked_response or self.no_body:
+            return False
+        count = size - offset
+        if self.body_limit is not None:
+            count = min(count, self.body_limit - self.body_sent)
+        sent = self.channel.sendfile(fd, offset, count)
+        self.body_sent += sent
+        self.bytes_written += sent
+        return True
 
 
 class DrainingChannel(HTTPServerChannel):
@@ -346,6 +447,75 @@ class DrainingChannel(HTTPServerChannel):
         with task_lock:
             self.tasks = []
 
+    # -- sending, from the thread that owns the channel --
+
+    def send(self, data):
+        """asyncore's send, but a gone client raises ClientGone (asyncore
+        returned 0 and the application went on producing for no one)."""
+        try:
+            return self.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as error:
+            raise ClientGone(f'the client is gone: {error}') from error
+
+    def handle_comm_error(self):
+        # A socket error is the client's doing, not a bug to log.
+        if self.async_mode:
+            self.close()
+        else:
+            self.will_close = True
+
+    def close_when_done(self):
+        try:
+            super().close_when_done()
+        except ClientGone:
+            self.will_close = True  # nothing more can be sent: the loop closes it
+            if not self.async_mode:
+                self.async_mode = True
+                self.pull_trigger()
+
+    def write_now(self, data):
+        """Queue `data` and send what the socket takes now; past the output
+        high-water mark, wait for the client to read (ClientGone if it does
+        not within send_timeout)."""
+        if data:
+            self.outbuf.append(data)
+            while self._flush_some():
+                pass
+            while len(self.outbuf) > self.adj.limits.outbuf_high_watermark:
+                self._wait_writable()
+                while self._flush_some():
+                    pass
+        return len(data)
+
+    def _wait_writable(self):
+        poller = select.poll()
+        poller.register(self._fileno, select.POLLOUT)
+        if not poller.poll(self.adj.limits.send_timeout * 1000):
+            raise ClientGone(f'the client read nothing for {self.adj.limits.send_timeout:g} s')
+
+    def sendfile(self, fd, offset, count):
+        """os.sendfile `count` bytes of `fd` from `offset`, after what is
+        queued; returns the bytes sent."""
+        while self.outbuf:
+            self._wait_writable()
+            while self._flush_some():
+                pass
+        sent = 0
+        while sent < count:
+            try:
+                done = os.sendfile(self._fileno, fd, offset + sent, count - sent)
+            except (BlockingIOError, InterruptedError):
+                self._wait_writable()
+                continue
+            except OSError as error:
+                raise ClientGone(f'the client is gone: {error}') from error
+            if not done:
+                break  # the file is shorter than it was
+            sent += done
+        return sent
+
     def send_now(self):
         try:
             while self._flush_some():
@@ -400,6 +570,9 @@ class SharedSocketServer(WSGIHTTPServer):
         self.requests = next(self.served)
         try:
             self.run_application(task)
+        except ClientGone:
+            task.failed = True
+            task.close_on_finish = 1
         except Exception:
             log.exception('the application failed on %s', task.request_data.first_line)
             self._answer_failure(task)
@@ -409,8 +582,9 @@ class SharedSocketServer(WSGIHTTPServer):
         what would split the response."""
         result = self.application(self._constructWSGIEnvironment(task), start_response_for(task))
         try:
-            for data in result:
-                task.write(data)
+            if not (isinstance(result, FileWrapper) and task.sendfile(result.file)):
+                for data in result:
+                    task.write(data)
         finally:
             if hasattr(result, 'close'):
                 result.close()
@@ -421,6 +595,7 @@ class SharedSocketServer(WSGIHTTPServer):
         open after a response cut short: a 500 if nothing was sent yet, else
         an end to the connection (the client must not wait for the rest)."""
         if task.wroteResponseHeader():
+            task.failed = True
             task.close_on_finish = 1
         else:
             task.answer(500, 'Internal Server Error', 'Internal Server Error\n')
