@@ -42,7 +42,7 @@ listening.listen(5)
 dispatcher = Dispatcher()
 try:
     from zkprefork import httprequest, settings
-    extra = (None, httprequest.Limits.from_settings(settings.make_settings({})))
+    extra = (None, httprequest.HTTPOptions.from_settings(settings.make_settings({})))
 except ImportError:
     extra = ()
 server = zopeserver.SharedSocketServer(listening, apps.app, None, '127.0.0.1', dispatcher, *extra)

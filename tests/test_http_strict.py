@@ -772,21 +772,23 @@ def test_the_server_still_serves_and_no_worker_was_lost(strict_server):
 
 # -- the options (checked with the others in zkprefork.settings) --
 
-def test_the_limits_default_to_their_documented_values():
-    from zkprefork.httprequest import Limits
+def test_the_http_options_default_to_their_documented_values():
+    from zkprefork.httprequest import HTTPOptions
     from zkprefork.settings import make_settings
-    assert Limits.from_settings(make_settings({})) == Limits(
+    assert HTTPOptions.from_settings(make_settings({})) == HTTPOptions(
         limit_request_line=4094, limit_request_fields=200, limit_request_field_size=65536,
         limit_request_header_size=262144, max_request_body_size=1 << 30, request_read_timeout=30.0,
-        outbuf_high_watermark=4 << 20, send_timeout=60.0)
+        outbuf_high_watermark=4 << 20, send_timeout=60.0, forwarded_allow_ips=('127.0.0.1/32',))
 
 
 @pytest.mark.parametrize('option,value', [
     ('limit_request_line', '10'), ('limit_request_line', 'x'), ('limit_request_fields', '0'),
     ('limit_request_field_size', '-1'), ('limit_request_header_size', '1.5'),
     ('max_request_body_size', '-1'), ('request_read_timeout', '0'), ('request_read_timeout', 'soon'),
+    ('outbuf_high_watermark', '1000'), ('send_timeout', '0'), ('forwarded_allow_ips', '10.0.0.300'),
+    ('forwarded_allow_ips', '*, 10.0.0.1'),
 ])
-def test_a_bad_limit_is_a_one_line_error(option, value):
+def test_a_bad_http_option_is_a_one_line_error(option, value):
     from zkprefork.settings import ConfigError, make_settings
     with pytest.raises(ConfigError, match=f'^{option}: ') as caught:
         make_settings({option: value})

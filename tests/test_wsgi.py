@@ -366,3 +366,32 @@ def test_204_and_304_keep_the_connection(wsgi_server, code):
         status, headers, body = reader.response()
         assert status == code and 'connection' not in headers and 'transfer-encoding' not in headers
         assert still_open(reader, wsgi_server)
+
+
+# -- 7. forwarded_allow_ips (gunicorn's name and meaning) --
+
+FORWARDED = 'X-Forwarded-For: 6.6.6.6, 192.0.2.7\r\nX-Forwarded-Proto: https\r\n'
+
+
+def test_forwarded_headers_from_an_allowed_peer_set_the_scheme_and_address(wsgi_server):
+    # The default, 127.0.0.1: the test client is a trusted proxy.
+    with connect(wsgi_server) as sock:
+        sock.sendall(get('/env', headers=FORWARDED))
+        env = json.loads(Reader(sock).response()[2])
+    assert env['wsgi.url_scheme'] == 'https'
+    assert env['REMOTE_ADDR'] == '192.0.2.7'  # what the proxy saw, not what the client claimed
+
+
+@pytest.mark.parametrize('allowed,trusted', [('10.0.0.1', False), ('10.0.0.0/8, ::1', False),
+                                             ('127.0.0.0/8', True), ('*', True)])
+def test_forwarded_allow_ips_decides_whose_forwarded_headers_count(tmp_path, allowed, trusted):
+    server = start_wsgi_server(tmp_path, f'forwarded_allow_ips = {allowed}\n')
+    try:
+        with connect(server) as sock:
+            sock.sendall(get('/env', headers=FORWARDED))
+            env = json.loads(Reader(sock).response()[2])
+    finally:
+        server.stop()
+    expected = ('https', '192.0.2.7') if trusted else ('http', '127.0.0.1')
+    assert (env['wsgi.url_scheme'], env['REMOTE_ADDR']) == expected
+    assert env['HTTP_X_FORWARDED_FOR'] == '6.6.6.6, 192.0.2.7'

@@ -6,6 +6,7 @@ mapping of option name to string; nothing downstream re-checks a value.
 import dataclasses
 import importlib.util
 import io
+import ipaddress
 import logging
 import os
 import re
@@ -43,6 +44,18 @@ def _positive_seconds(option, value):
     if number == 0:
         raise ConfigError(f'{option}: {value!r} must be more than zero seconds')
     return number
+
+
+def _forwarded_allow_ips(value):
+    """Addresses or networks, separated by commas or spaces; `*` for all."""
+    items = tuple(value.replace(',', ' ').split())
+    if items == ('*',):
+        return items
+    try:
+        return tuple(str(ipaddress.ip_network(item, strict=False)) for item in items)
+    except ValueError:
+        raise ConfigError(f'forwarded_allow_ips: {value!r} is not a list of addresses or networks, '
+                          'or *') from None
 
 
 def _boolean(option, value):
@@ -186,7 +199,7 @@ class Settings:
     zookeeper_check_hostname: bool = True
     node_format: str = 'zk'
     properties: tuple = ()  # ((key, value), ...) added to the node data
-    # HTTP limits (httprequest.Limits; gunicorn's names where they match)
+    # HTTP (httprequest.HTTPOptions; gunicorn's names where they match)
     limit_request_line: int = 4094  # bytes -> 414
     limit_request_fields: int = 200  # header fields -> 431
     limit_request_field_size: int = 65536  # bytes of one header field -> 431
@@ -195,6 +208,7 @@ class Settings:
     request_read_timeout: float = 30.0  # s for the headers, and of silence inside a body -> 408
     outbuf_high_watermark: int = 4 << 20  # bytes of response buffered before the application waits
     send_timeout: float = 60.0  # s a client may read nothing of a response before it is dropped
+    forwarded_allow_ips: tuple = ('127.0.0.1/32',)  # networks trusted for X-Forwarded-*, or ('*',)
 
     @property
     def registered(self):
@@ -310,7 +324,7 @@ _CHECKS = {
     'zookeeper_check_hostname': lambda v: _boolean('zookeeper_check_hostname', v),
     'node_format': lambda v: _choice('node_format', v, ('zk', 'serverset', 'curator')),
     'properties': _properties,
-    # HTTP limits
+    # HTTP
     'limit_request_line': lambda v: _integer('limit_request_line', v, 64, 1 << 20),
     'limit_request_fields': lambda v: _integer('limit_request_fields', v, 1, 32768),
     'limit_request_field_size': lambda v: _integer('limit_request_field_size', v, 64, 1 << 24),
@@ -319,6 +333,7 @@ _CHECKS = {
     'request_read_timeout': lambda v: _positive_seconds('request_read_timeout', v),
     'outbuf_high_watermark': lambda v: _integer('outbuf_high_watermark', v, 65536),
     'send_timeout': lambda v: _positive_seconds('send_timeout', v),
+    'forwarded_allow_ips': _forwarded_allow_ips,
 }
 
 # Options a reload cannot change: they are the socket, the session or the

@@ -8,6 +8,7 @@ imported zope.server before fork (preload).
 """
 import asyncore
 import datetime
+import ipaddress
 import itertools
 import logging
 import operator
@@ -48,11 +49,11 @@ def fresh_wakeup():
     dualmodechannel.the_trigger = trigger.trigger()
 
 
-def adjustments(limits):
+def adjustments(options):
     adj = Adjustments()
-    adj.limits = limits  # read by the request parser (zope.server hands it the adjustments)
+    adj.http = options  # read by the request parser (zope.server hands it the adjustments)
     adj.send_bytes = 1 << 16  # per send(): zope.server's 9000 cost a syscall per 9 kB
-    adj.outbuf_overflow = limits.outbuf_high_watermark  # kept in memory: it is bounded
+    adj.outbuf_overflow = options.outbuf_high_watermark  # kept in memory: it is bounded
     adj.log_socket_errors = False  # a client that goes is no error of ours
     # The default limit (~97) counts idle keep-alive channels and would leave
     # clients waiting in the backlog; the real bound is the fd limit (poll()
@@ -392,7 +393,7 @@ class DrainingChannel(HTTPServerChannel):
         """408 and the end of the connection for a request whose headers took
         longer than request_read_timeout, or whose body stopped arriving."""
         request = self.proto_request
-        timeout = self.adj.limits.request_read_timeout
+        timeout = self.adj.http.request_read_timeout
         if request is None or self.will_close or self.ended or (
                 now - request.started < timeout if not request.headers_complete
                 else time.time() - self.last_activity < timeout):
@@ -483,7 +484,7 @@ class DrainingChannel(HTTPServerChannel):
             self.outbuf.append(data)
             while self._flush_some():
                 pass
-            while len(self.outbuf) > self.adj.limits.outbuf_high_watermark:
+            while len(self.outbuf) > self.adj.http.outbuf_high_watermark:
                 self._wait_writable()
                 while self._flush_some():
                     pass
@@ -492,8 +493,8 @@ class DrainingChannel(HTTPServerChannel):
     def _wait_writable(self):
         poller = select.poll()
         poller.register(self._fileno, select.POLLOUT)
-        if not poller.poll(self.adj.limits.send_timeout * 1000):
-            raise ClientGone(f'the client read nothing for {self.adj.limits.send_timeout:g} s')
+        if not poller.poll(self.adj.http.send_timeout * 1000):
+            raise ClientGone(f'the client read nothing for {self.adj.http.send_timeout:g} s')
 
     def sendfile(self, fd, offset, count):
         """os.sendfile `count` bytes of `fd` from `offset`, after what is
@@ -544,13 +545,38 @@ class SharedSocketServer(WSGIHTTPServer):
     channel_class = DrainingChannel
     draining = False
 
-    def __init__(self, sock, application, name, host, task_dispatcher, hit_log, limits):
+    def __init__(self, sock, application, name, host, task_dispatcher, hit_log, options):
         self._inherited = sock
+        allowed = options.forwarded_allow_ips
+        self._forwarded_networks = None if allowed == ('*',) else [ipaddress.ip_network(a) for a in allowed]
         self.served = itertools.count(1)
         self.requests = 0
         # SERVER_PORT comes from this port argument: pass the real one.
         super().__init__(application, name, host, sock.getsockname()[1], task_dispatcher=task_dispatcher,
-                         adj=adjustments(limits), hit_log=hit_log)
+                         adj=adjustments(options), hit_log=hit_log)
+
+    def _constructWSGIEnvironment(self, task):
+        env = super()._constructWSGIEnvironment(task)
+        if self.trusts_forwarded(env['REMOTE_ADDR']):
+            forwarded_for = env.get('HTTP_X_FORWARDED_FOR', '').rpartition(',')[2].strip()
+            if forwarded_for:
+                env['REMOTE_ADDR'] = forwarded_for  # the address our proxy saw (the last it added)
+            scheme = env.get('HTTP_X_FORWARDED_PROTO', '').strip().lower()
+            if scheme in ('http', 'https'):
+                env['wsgi.url_scheme'] = scheme
+        return env
+
+    def trusts_forwarded(self, address):
+        """Whether X-Forwarded-For/-Proto from `address` are believed
+        (forwarded_allow_ips, gunicorn's meaning)."""
+        if self._forwarded_networks is None:
+            return True
+        try:
+            peer = ipaddress.ip_address(address)
+        except ValueError:
+            return False
+        peer = getattr(peer, 'ipv4_mapped', None) or peer  # ::ffff:a.b.c.d on a dual-stack socket
+        return any(peer in network for network in self._forwarded_networks)
 
     def create_socket(self, family=None, type=None):
         self._inherited.setblocking(False)
