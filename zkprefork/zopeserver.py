@@ -8,12 +8,11 @@ imported zope.server before fork (preload).
 """
 import asyncore
 import datetime
-import ipaddress
 import itertools
 import logging
 import operator
-import queue
 import os
+import queue
 import resource
 import select
 import socket
@@ -24,14 +23,13 @@ import time
 from zope.server import dualmodechannel, trigger
 from zope.server.adjustments import Adjustments
 from zope.server.http.httpserverchannel import HTTPServerChannel
-from zope.server.http.http_date import build_http_date
 from zope.server.http.httptask import HTTPTask
 from zope.server.http.wsgihttpserver import WSGIHTTPServer
 from zope.server.task import AbstractTask
 from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
-from zkprefork import httprequest
+from zkprefork import httprequest, wsgi
 
 
 log = logging.getLogger('zkprefork.worker')
@@ -70,68 +68,6 @@ class TaskDispatcher(ThreadedTaskDispatcher):
     def __init__(self):
         super().__init__()
         self.queue = queue.SimpleQueue()
-
-
-def _check_header_text(text):
-    if '\r' in text or '\n' in text or '\0' in text:
-        raise ValueError(f'CR, LF or NUL in a response header or status: {text!r}')
-
-
-NO_BODY = ('204', '304')  # statuses framed without a body (RFC 9110, 6.4.1)
-_date = [None, '']  # the second and its IMF-fixdate, cached: one response after another asks
-
-
-def http_date(when):
-    second = int(when)
-    if second != _date[0]:
-        _date[:] = second, build_http_date(second)
-    return _date[1]
-
-
-def start_response_for(task):
-    """PEP 3333's start_response for `task`. A status or header that holds
-    CR, LF or NUL is the application's error (ValueError), never sent."""
-    def start_response(status, headers, exc_info=None):
-        if exc_info:
-            try:
-                if task.wroteResponseHeader():
-                    raise exc_info[1].with_traceback(exc_info[2])
-            finally:
-                exc_info = None
-        elif task.accumulated_headers is not None:
-            raise AssertionError('start_response called a second time without exc_info')
-        code, _, reason = status.partition(' ')
-        if not (len(code) == 3 and code.isdigit()):
-            raise ValueError(f'not an HTTP status: {status!r}')
-        for name, value in headers:
-            if not (isinstance(name, str) and isinstance(value, str)):
-                raise TypeError(f'a response header is not a pair of str: {(name, value)!r}')
-            if name.lower() == 'content-length' and not value.strip().isdigit():
-                raise ValueError(f'not a Content-Length: {value!r}')
-        task.setResponseStatus(code, reason)
-        task.accumulated_headers = None
-        task.response_headers = {}
-        task.appendResponseHeaders([f'{name}: {value}' for name, value in headers])
-        return write
-    def write(data):
-        if not isinstance(data, bytes):
-            raise TypeError(f'write() takes bytes, not {type(data).__name__}')
-        task.write(data)
-    return start_response
-
-
-class FileWrapper:
-    """wsgi.file_wrapper (PEP 3333): a regular file is sent with os.sendfile,
-    anything else read in blocks."""
-
-    def __init__(self, file, block_size=8192):
-        self.file = file
-        self.block_size = block_size
-        if hasattr(file, 'close'):
-            self.close = file.close
-
-    def __iter__(self):
-        return iter(lambda: self.file.read(self.block_size), b'')
 
 
 class DrainingTask(HTTPTask):
@@ -176,12 +112,12 @@ class DrainingTask(HTTPTask):
 
     # Response splitting: the application's error, raised in start_response.
     def setResponseStatus(self, status, reason):
-        _check_header_text(f'{status} {reason}')
+        wsgi.check_header_text(f'{status} {reason}')
         super().setResponseStatus(status, reason)
 
     def appendResponseHeaders(self, lst):
         for line in lst:
-            _check_header_text(line)
+            wsgi.check_header_text(line)
             line.encode('latin-1')  # PEP 3333: anything else is the application's error
         super().appendResponseHeaders(lst)
 
@@ -194,7 +130,7 @@ class DrainingTask(HTTPTask):
         names = {name.lower(): value.strip() for name, _, value in map(
             operator.methodcaller('partition', ':'), self.accumulated_headers or ())}
         headers = self.response_headers
-        self.no_body = request.command == 'HEAD' or self.status in NO_BODY
+        self.no_body = request.command == 'HEAD' or self.status in wsgi.NO_BODY
         if 'content-length' in names:
             self.body_limit = int(names['content-length'])
         framed = self.body_limit is not None or 'Content-Length' in headers or self.no_body
@@ -217,7 +153,7 @@ class DrainingTask(HTTPTask):
         else:
             headers['Server'] = server
         if 'date' not in names:
-            headers['Date'] = http_date(self.start_time)
+            headers['Date'] = wsgi.http_date(self.start_time)
 
     def buildResponseHeader(self):
         self.prepareResponseHeaders()
@@ -240,7 +176,7 @@ class DrainingTask(HTTPTask):
                'SERVER_SOFTWARE': server.SERVER_IDENT, 'GATEWAY_INTERFACE': 'CGI/1.1',
                'REMOTE_ADDR': channel.addr[0], 'CHANNEL_CREATION_TIME': str(channel.creation_time),
                'REMOTE_PORT': str(channel.addr[1]), 'RAW_URI': request.uri, 'REQUEST_URI': request.uri,
-               'wsgi.input_terminated': True, 'wsgi.file_wrapper': FileWrapper}
+               'wsgi.input_terminated': True, 'wsgi.file_wrapper': wsgi.FileWrapper}
         for key, value in request.headers.items():
             if key not in ('CONTENT_LENGTH', 'CONTENT_TYPE'):
                 key = 'HTTP_' + key
@@ -547,8 +483,7 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def __init__(self, sock, application, name, host, task_dispatcher, hit_log, options):
         self._inherited = sock
-        allowed = options.forwarded_allow_ips
-        self._forwarded_networks = None if allowed == ('*',) else [ipaddress.ip_network(a) for a in allowed]
+        self.forwarded = wsgi.ForwardedPeers(options.forwarded_allow_ips)
         self.served = itertools.count(1)
         self.requests = 0
         # SERVER_PORT comes from this port argument: pass the real one.
@@ -557,26 +492,8 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def _constructWSGIEnvironment(self, task):
         env = super()._constructWSGIEnvironment(task)
-        if self.trusts_forwarded(env['REMOTE_ADDR']):
-            forwarded_for = env.get('HTTP_X_FORWARDED_FOR', '').rpartition(',')[2].strip()
-            if forwarded_for:
-                env['REMOTE_ADDR'] = forwarded_for  # the address our proxy saw (the last it added)
-            scheme = env.get('HTTP_X_FORWARDED_PROTO', '').strip().lower()
-            if scheme in ('http', 'https'):
-                env['wsgi.url_scheme'] = scheme
+        self.forwarded.apply(env)
         return env
-
-    def trusts_forwarded(self, address):
-        """Whether X-Forwarded-For/-Proto from `address` are believed
-        (forwarded_allow_ips, gunicorn's meaning)."""
-        if self._forwarded_networks is None:
-            return True
-        try:
-            peer = ipaddress.ip_address(address)
-        except ValueError:
-            return False
-        peer = getattr(peer, 'ipv4_mapped', None) or peer  # ::ffff:a.b.c.d on a dual-stack socket
-        return any(peer in network for network in self._forwarded_networks)
 
     def create_socket(self, family=None, type=None):
         self._inherited.setblocking(False)
@@ -606,9 +523,9 @@ class SharedSocketServer(WSGIHTTPServer):
     def run_application(self, task):
         """WSGIHTTPServer.executeRequest, with a start_response that refuses
         what would split the response."""
-        result = self.application(self._constructWSGIEnvironment(task), start_response_for(task))
+        result = self.application(self._constructWSGIEnvironment(task), wsgi.start_response_for(task))
         try:
-            if not (isinstance(result, FileWrapper) and task.sendfile(result.file)):
+            if not (isinstance(result, wsgi.FileWrapper) and task.sendfile(result.file)):
                 for data in result:
                     task.write(data)
         finally:
