@@ -39,21 +39,28 @@ READ_TIMEOUT = 5  # seconds: every case ends with the server closing the connect
 
 # -- servers: one with the default limits, one with small ones --
 
-def start_echo_server(directory, options=''):
-    log = os.path.join(directory, 'echo.log')
+def start_app_server(directory, app, options=''):
+    """zkprefork (2 workers x 4 threads) serving tests/APP.py, whose log
+    ($APP_LOG, e.g. ECHOAPP_LOG) is the server's .app_log."""
+    log = os.path.join(directory, f'{app}.log')
     config = write_ini(str(directory), f'host = 127.0.0.1\nworkers = 2\nthreads = 4\n{options}',
-                       app='call:echoapp:factory')
+                       app=f'call:{app}:factory')
     pythonpath = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get('PYTHONPATH')]))
-    server = Server([config], str(directory), env={'PYTHONPATH': pythonpath, 'ECHOAPP_LOG': log}).start()
+    env = {'PYTHONPATH': pythonpath, f'{app.upper()}_LOG': log}
+    server = Server([config], str(directory), env=env).start()
     try:
         server.wait_serving()
-        server.echo_log = log
+        server.app_log = log
         server.workers_at_start = wait_until(
             lambda: (pids := server.worker_pids()) and len(pids) == 2 and pids, message='2 workers')
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def start_echo_server(directory, options=''):
+    return start_app_server(directory, 'echoapp', options)
 
 
 @pytest.fixture(scope='module')
@@ -131,7 +138,7 @@ def parse_responses(data):
 def records(server, token):
     """What the application saw of the requests carrying `token`."""
     try:
-        with open(server.echo_log) as file:
+        with open(server.app_log) as file:
             lines = file.read().splitlines()
     except FileNotFoundError:
         return []

@@ -14,35 +14,20 @@ import uuid
 import psutil
 import pytest
 
-from support import Server, wait_until, write_ini
+from support import wait_until
+from test_http_strict import start_app_server
 
 pytestmark = pytest.mark.timeout(120)
-
-TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
-
-
-def start_wsgi_server(directory, options=''):
-    log = os.path.join(directory, 'wsgiapp.log')
-    config = write_ini(str(directory), f'host = 127.0.0.1\nworkers = 2\nthreads = 4\n{options}',
-                       app='call:wsgiapp:factory')
-    pythonpath = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get('PYTHONPATH')]))
-    server = Server([config], str(directory), env={'PYTHONPATH': pythonpath, 'WSGIAPP_LOG': log}).start()
-    try:
-        server.wait_serving()
-        server.app_log = log
-        server.workers_at_start = wait_until(
-            lambda: (pids := server.worker_pids()) and len(pids) == 2 and pids, message='2 workers')
-    except BaseException:
-        server.stop()
-        raise
-    return server
 
 
 @pytest.fixture(scope='module')
 def wsgi_server(tmp_path_factory):
-    server = start_wsgi_server(tmp_path_factory.mktemp('wsgi'))
-    yield server
-    server.stop()
+    """One server for the module's tests (those with options start their own)."""
+    server = start_app_server(tmp_path_factory.mktemp('wsgi'), 'wsgiapp')
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def app_log(server):
@@ -259,7 +244,7 @@ def test_a_chunked_request_body_is_read_whole(wsgi_server, chunks):
 
 
 def test_a_chunked_request_body_over_the_limit_is_413(tmp_path):
-    server = start_wsgi_server(tmp_path, 'max_request_body_size = 100\n')
+    server = start_app_server(tmp_path, 'wsgiapp', 'max_request_body_size = 100\n')
     try:
         with connect(server) as sock:
             sock.sendall(b'POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n'
@@ -385,7 +370,7 @@ def test_forwarded_headers_from_an_allowed_peer_set_the_scheme_and_address(wsgi_
 @pytest.mark.parametrize('allowed,trusted', [('10.0.0.1', False), ('10.0.0.0/8, ::1', False),
                                              ('127.0.0.0/8', True), ('*', True)])
 def test_forwarded_allow_ips_decides_whose_forwarded_headers_count(tmp_path, allowed, trusted):
-    server = start_wsgi_server(tmp_path, f'forwarded_allow_ips = {allowed}\n')
+    server = start_app_server(tmp_path, 'wsgiapp', f'forwarded_allow_ips = {allowed}\n')
     try:
         with connect(server) as sock:
             sock.sendall(get('/env', headers=FORWARDED))
