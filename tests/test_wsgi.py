@@ -176,6 +176,16 @@ def test_a_slow_reader_holds_back_the_application_instead_of_a_temp_file(wsgi_se
     assert_healthy(wsgi_server)
 
 
+def test_one_large_piece_to_a_slow_reader_is_not_spooled_either(wsgi_server):
+    with connect(wsgi_server, rcvbuf=65536) as sock:
+        sock.sendall(get('/one-piece?mb=40'))
+        time.sleep(1)
+        assert temp_files(wsgi_server) == []
+        status, headers, body = Reader(sock).response()
+        assert status == 200 and body == b'o' * (40 << 20)
+    assert_healthy(wsgi_server)
+
+
 # -- 2. streaming: pieces go out as they are made; chunked for HTTP/1.1 --
 
 def test_server_sent_events_arrive_when_they_are_yielded(wsgi_server):

@@ -6,6 +6,7 @@ file named by $WSGIAPP_LOG.
 Routes:
   /endless?id=X&ms=N     an endless event stream, a piece every N ms; close() logs 'closed X'
   /generated?id=X&mb=N   N MiB in 64 KiB blocks, no Content-Length; each block logs 'block X'
+  /one-piece?mb=N        N MiB as one bytes object, with Content-Length
   /events?n=N&ms=M       N events M ms apart (server-sent events), no Content-Length
   /stream?n=N            N pieces, no Content-Length
   /raise-in-stream       two pieces, no Content-Length, then an exception
@@ -77,6 +78,10 @@ def app(environ, start_response):
     if path == '/generated':
         start_response('200 OK', [('Content-Type', 'application/octet-stream')])
         return generated(args['id'], int(args['mb']))
+    if path == '/one-piece':
+        body = b'o' * (int(args['mb']) << 20)
+        start_response('200 OK', [('Content-Type', 'application/octet-stream'), ('Content-Length', str(len(body)))])
+        return [body]
     if path == '/events':
         start_response('200 OK', [('Content-Type', 'text/event-stream')])
         return events(int(args['n']), int(args['ms']) / 1000)

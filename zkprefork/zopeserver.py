@@ -51,7 +51,7 @@ def adjustments(options):
     adj = Adjustments()
     adj.http = options  # read by the request parser (zope.server hands it the adjustments)
     adj.send_bytes = 1 << 16  # per send(): zope.server's 9000 cost a syscall per 9 kB
-    adj.outbuf_overflow = options.outbuf_high_watermark  # kept in memory: it is bounded
+    adj.outbuf_overflow = 2 * options.outbuf_high_watermark  # kept in memory: write_now bounds it
     adj.log_socket_errors = False  # a client that goes is no error of ours
     # The default limit (~97) counts idle keep-alive channels and would leave
     # clients waiting in the backlog; the real bound is the fd limit (poll()
@@ -415,12 +415,15 @@ class DrainingChannel(HTTPServerChannel):
     def write_now(self, data):
         """Queue `data` and send what the socket takes now; past the output
         high-water mark, wait for the client to read (ClientGone if it does
-        not within send_timeout)."""
-        if data:
-            self.outbuf.append(data)
+        not within send_timeout). A large piece goes in slices, so that the
+        buffer stays in memory."""
+        mark = self.adj.http.outbuf_high_watermark
+        view = memoryview(data) if len(data) > mark else data
+        for start in range(0, len(data), mark):
+            self.outbuf.append(view[start:start + mark])
             while self._flush_some():
                 pass
-            while len(self.outbuf) > self.adj.http.outbuf_high_watermark:
+            while len(self.outbuf) > mark:
                 self._wait_writable()
                 while self._flush_some():
                     pass
