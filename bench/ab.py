@@ -43,7 +43,7 @@ dispatcher = Dispatcher()
 try:
     from zkprefork import httprequest, settings
     extra = (None, httprequest.HTTPOptions.from_settings(settings.make_settings({})))
-except ImportError:
+except (ImportError, AttributeError):  # a tree from before the HTTP options
     extra = ()
 server = zopeserver.SharedSocketServer(listening, apps.app, None, '127.0.0.1', dispatcher, *extra)
 ours, theirs = socket.socketpair()

@@ -42,15 +42,15 @@ def start_response_for(task):
         code, _, reason = status.partition(' ')
         if not (len(code) == 3 and code.isdigit()):
             raise ValueError(f'not an HTTP status: {status!r}')
+        lines = []
         for name, value in headers:
-            if not (isinstance(name, str) and isinstance(value, str)):
+            if type(name) is not str or type(value) is not str:
                 raise TypeError(f'a response header is not a pair of str: {(name, value)!r}')
-            if name.lower() == 'content-length' and not value.strip().isdigit():
-                raise ValueError(f'not a Content-Length: {value!r}')
+            lines.append(f'{name}: {value}')
         task.setResponseStatus(code, reason)
         task.accumulated_headers = None
         task.response_headers = {}
-        task.appendResponseHeaders([f'{name}: {value}' for name, value in headers])
+        task.appendResponseHeaders(lines)
         return write
     def write(data):
         if not isinstance(data, bytes):
@@ -93,7 +93,8 @@ class ForwardedPeers:
         return any(peer in network for network in self.networks)
 
     def apply(self, env):
-        if not self.trusts(env['REMOTE_ADDR']):
+        if ('HTTP_X_FORWARDED_FOR' not in env and 'HTTP_X_FORWARDED_PROTO' not in env
+                or not self.trusts(env['REMOTE_ADDR'])):
             return
         forwarded_for = env.get('HTTP_X_FORWARDED_FOR', '').rpartition(',')[2].strip()
         if forwarded_for:

@@ -118,7 +118,6 @@ class DrainingTask(HTTPTask):
     def appendResponseHeaders(self, lst):
         for line in lst:
             wsgi.check_header_text(line)
-            line.encode('latin-1')  # PEP 3333: anything else is the application's error
         super().appendResponseHeaders(lst)
 
     def prepareResponseHeaders(self):
@@ -127,17 +126,17 @@ class DrainingTask(HTTPTask):
         framing of the body: the application's Content-Length (enforced),
         else chunked for HTTP/1.1, else the end of the connection."""
         request = self.request_data
-        names = {name.lower(): value.strip() for name, _, value in map(
+        names = {name.lower(): value for name, _, value in map(
             operator.methodcaller('partition', ':'), self.accumulated_headers or ())}
         headers = self.response_headers
         self.no_body = request.command == 'HEAD' or self.status in wsgi.NO_BODY
         if 'content-length' in names:
-            self.body_limit = int(names['content-length'])
+            self.body_limit = int(names['content-length'])  # ValueError: the application's error
         framed = self.body_limit is not None or 'Content-Length' in headers or self.no_body
         if not framed and self.version == '1.1':
             framed = self.chunked_response = True
             headers['Transfer-Encoding'] = 'chunked'
-        close = (not request.keep_alive or not framed or names.get('connection', '').lower() == 'close'
+        close = (not request.keep_alive or not framed or names.get('connection', '').strip().lower() == 'close'
                  # Ends keep-alive once the worker drains, so clients reconnect
                  # to a worker that stays instead of losing their next request.
                  or self.channel.server.draining
@@ -157,10 +156,11 @@ class DrainingTask(HTTPTask):
 
     def buildResponseHeader(self):
         self.prepareResponseHeaders()
-        lines = [f'HTTP/{self.version} {self.status} {self.reason}',
-                 *(f'{name}: {value}' for name, value in self.response_headers.items()),
-                 *(self.accumulated_headers or ())]
-        return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')  # PEP 3333: latin-1
+        lines = [f'HTTP/{self.version} {self.status} {self.reason}']
+        lines += [f'{name}: {value}' for name, value in self.response_headers.items()]
+        lines += self.accumulated_headers or ()
+        # PEP 3333: latin-1; anything else is the application's error (a 500)
+        return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
 
     def getCGIEnvironment(self):
         """PEP 3333's environ: PATH_INFO is the unquoted path's bytes as
@@ -418,12 +418,17 @@ class DrainingChannel(HTTPServerChannel):
         not within send_timeout). A large piece goes in slices, so that the
         buffer stays in memory."""
         mark = self.adj.http.outbuf_high_watermark
-        view = memoryview(data) if len(data) > mark else data
-        for start in range(0, len(data), mark):
-            self.outbuf.append(view[start:start + mark])
+        if len(data) <= mark:
+            pieces = (data,)
+        else:
+            view = memoryview(data)
+            pieces = (view[start:start + mark] for start in range(0, len(data), mark))
+        outbuf = self.outbuf
+        for piece in pieces:
+            outbuf.append(piece)
             while self._flush_some():
                 pass
-            while len(self.outbuf) > mark:
+            while len(outbuf) > mark:
                 self._wait_writable()
                 while self._flush_some():
                     pass
