@@ -326,6 +326,16 @@ def test_file_wrapper_sends_a_file_with_sendfile(wsgi_server, tmp_path):
     assert cpu['sendfile'] < cpu['copy=1&'] / 3, cpu
 
 
+def test_file_wrapper_reads_what_is_not_a_file_in_blocks(wsgi_server):
+    with connect(wsgi_server) as sock:
+        reader = Reader(sock)
+        sock.sendall(get('/file-like'))
+        status, headers, body = reader.response()
+        assert status == 200 and headers['transfer-encoding'] == 'chunked'
+        assert body == b'not a file ' * 1000
+        assert still_open(reader, wsgi_server)
+
+
 def test_remote_port_raw_uri_and_double_slash_paths(wsgi_server):
     with connect(wsgi_server) as sock:
         reader = Reader(sock)

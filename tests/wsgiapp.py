@@ -13,12 +13,14 @@ Routes:
   /length?declared=D&sent=S  Content-Length D, S bytes sent
   /write                 the body through start_response's write(), then an iterable
   /header?value=V        a header X-Value whose value is V (percent-decoded, UTF-8)
+  /file-like             a BytesIO through wsgi.file_wrapper, no Content-Length
   /file?path=P[&copy=1]  the file P through wsgi.file_wrapper (copy=1: read and yielded)
   .../env                the CGI part of the environ, as JSON (any path ending in /env)
   /echo                  the request body read up to CONTENT_LENGTH (or to its end
                          without one), as JSON with CONTENT_LENGTH and wsgi.input_terminated
   /status?code=N         a response with status N and no body
 """
+import io
 import json
 import os
 import time
@@ -101,6 +103,9 @@ def app(environ, start_response):
     if path == '/header':
         start_response('200 OK', text + [('X-Value', unquote(args['value'])), ('Content-Length', '2')])
         return [b'ok']
+    if path == '/file-like':  # no fileno(): read in blocks, and chunked without Content-Length
+        start_response('200 OK', [('Content-Type', 'application/octet-stream')])
+        return environ['wsgi.file_wrapper'](io.BytesIO(b'not a file ' * 1000), 100)
     if path == '/file':
         size = os.path.getsize(args['path'])
         start_response('200 OK', [('Content-Type', 'application/octet-stream'), ('Content-Length', str(size))])

@@ -225,16 +225,16 @@ class DrainingTask(HTTPTask):
         sent) when it is no regular file or the body is chunked."""
         try:
             fd = file.fileno()
-            size = os.fstat(fd).st_size if stat.S_ISREG(os.fstat(fd).st_mode) else None
+            info = os.fstat(fd)
             offset = file.tell()
         except (AttributeError, OSError, ValueError):
             return False
-        if size is None:
+        if not stat.S_ISREG(info.st_mode):
             return False
         self.write(b'')
         if self.chunked_response or self.no_body:
             return False
-        count = size - offset
+        count = info.st_size - offset
         if self.body_limit is not None:
             count = min(count, self.body_limit - self.body_sent)
         sent = self.channel.sendfile(fd, offset, count)
