@@ -176,6 +176,21 @@ def test_a_slow_reader_holds_back_the_application_instead_of_a_temp_file(wsgi_se
     assert_healthy(wsgi_server)
 
 
+def test_a_client_that_reads_nothing_for_send_timeout_is_dropped(tmp_path):
+    server = start_app_server(tmp_path, 'wsgiapp', 'send_timeout = 1\noutbuf_high_watermark = 65536\n')
+    token = uuid.uuid4().hex[:12]
+    try:
+        with connect(server, rcvbuf=65536) as sock:
+            sock.sendall(get(f'/generated?id={token}&mb=256'))
+            start = time.monotonic()
+            wait_until(lambda: f'closed {token}' in app_log(server), timeout=15, message='close() of the response')
+            assert time.monotonic() - start > 0.9
+            assert app_log(server).count(f'block {token}') < 256 * 16
+        assert_healthy(server)
+    finally:
+        server.stop()
+
+
 def test_one_large_piece_to_a_slow_reader_is_not_spooled_either(wsgi_server):
     with connect(wsgi_server, rcvbuf=65536) as sock:
         sock.sendall(get('/one-piece?mb=40'))

@@ -5,7 +5,8 @@ file named by $WSGIAPP_LOG.
 
 Routes:
   /endless?id=X&ms=N     an endless event stream, a piece every N ms; close() logs 'closed X'
-  /generated?id=X&mb=N   N MiB in 64 KiB blocks, no Content-Length; each block logs 'block X'
+  /generated?id=X&mb=N   N MiB in 64 KiB blocks, no Content-Length; each block logs 'block X',
+                         close() 'closed X'
   /one-piece?mb=N        N MiB as one bytes object, with Content-Length
   /events?n=N&ms=M       N events M ms apart (server-sent events), no Content-Length
   /stream?n=N            N pieces, no Content-Length
@@ -51,11 +52,18 @@ class Endless:
         log(f'closed {self.token}')
 
 
-def generated(token, megabytes):
-    block = b'g' * 65536
-    for _ in range(megabytes * 16):
-        log(f'block {token}')
-        yield block
+class Generated:
+    def __init__(self, token, megabytes):
+        self.token, self.megabytes = token, megabytes
+
+    def __iter__(self):
+        block = b'g' * 65536
+        for _ in range(self.megabytes * 16):
+            log(f'block {self.token}')
+            yield block
+
+    def close(self):
+        log(f'closed {self.token}')
 
 
 def events(count, every):
@@ -79,7 +87,7 @@ def app(environ, start_response):
         return Endless(args['id'], int(args.get('ms', '50')) / 1000)
     if path == '/generated':
         start_response('200 OK', [('Content-Type', 'application/octet-stream')])
-        return generated(args['id'], int(args['mb']))
+        return Generated(args['id'], int(args['mb']))
     if path == '/one-piece':
         body = b'o' * (int(args['mb']) << 20)
         start_response('200 OK', [('Content-Type', 'application/octet-stream'), ('Content-Length', str(len(body)))])
