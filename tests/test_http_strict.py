@@ -681,6 +681,24 @@ def test_100_continue_with_a_chunked_body(strict_server):
     assert [entry['body'] for entry in saw] == ['abcde'] and 'CONTENT_LENGTH' not in saw[0]
 
 
+def test_a_client_that_leaves_in_the_middle_of_a_continued_body(strict_server):
+    # The application is reading the body as it arrives: its read fails
+    # (OSError) instead of waiting for ever, and the worker lives on.
+    token = uuid.uuid4().hex[:12]
+    head = (f'POST /{token} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n'
+            '\r\n').encode()
+    with socket.create_connection(('127.0.0.1', strict_server.port)) as sock:
+        sock.sendall(head)
+        assert read_until(sock, b'\r\n\r\n', timeout=0.5) == b'HTTP/1.1 100 Continue\r\n\r\n'
+        sock.sendall(b'only part of it')
+        time.sleep(0.1)
+    wait_until(lambda: 'the request body was not received' in strict_server.log(), timeout=5,
+               message="the application's failed read in the log")
+    assert records(strict_server, token) == []  # echoapp records after reading the body
+    check(strict_server, req(b''), [200], ['/'])
+    assert_workers_kept(strict_server)
+
+
 def test_no_100_continue_when_the_application_answers_without_reading(strict_server):
     token = uuid.uuid4().hex[:12]
     head = (f'POST /noread?{token} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n'
