@@ -41,9 +41,9 @@ listening.bind(('127.0.0.1', 0))
 listening.listen(5)
 dispatcher = Dispatcher()
 try:
-    from zkprefork import httprequest
-    extra = (None, httprequest.Limits(4094, 200, 65536, 262144, 1 << 30, 30.0))
-except ImportError:
+    from zkprefork import httprequest, settings
+    extra = (None, httprequest.HTTPOptions.from_settings(settings.make_settings({})))
+except (ImportError, AttributeError):  # a tree from before the HTTP options
     extra = ()
 server = zopeserver.SharedSocketServer(listening, apps.app, None, '127.0.0.1', dispatcher, *extra)
 ours, theirs = socket.socketpair()

@@ -39,21 +39,28 @@ READ_TIMEOUT = 5  # seconds: every case ends with the server closing the connect
 
 # -- servers: one with the default limits, one with small ones --
 
-def start_echo_server(directory, options=''):
-    log = os.path.join(directory, 'echo.log')
+def start_app_server(directory, app, options=''):
+    """zkprefork (2 workers x 4 threads) serving tests/APP.py, whose log
+    ($APP_LOG, e.g. ECHOAPP_LOG) is the server's .app_log."""
+    log = os.path.join(directory, f'{app}.log')
     config = write_ini(str(directory), f'host = 127.0.0.1\nworkers = 2\nthreads = 4\n{options}',
-                       app='call:echoapp:factory')
+                       app=f'call:{app}:factory')
     pythonpath = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get('PYTHONPATH')]))
-    server = Server([config], str(directory), env={'PYTHONPATH': pythonpath, 'ECHOAPP_LOG': log}).start()
+    env = {'PYTHONPATH': pythonpath, f'{app.upper()}_LOG': log}
+    server = Server([config], str(directory), env=env).start()
     try:
         server.wait_serving()
-        server.echo_log = log
+        server.app_log = log
         server.workers_at_start = wait_until(
             lambda: (pids := server.worker_pids()) and len(pids) == 2 and pids, message='2 workers')
     except BaseException:
         server.stop()
         raise
     return server
+
+
+def start_echo_server(directory, options=''):
+    return start_app_server(directory, 'echoapp', options)
 
 
 @pytest.fixture(scope='module')
@@ -131,7 +138,7 @@ def parse_responses(data):
 def records(server, token):
     """What the application saw of the requests carrying `token`."""
     try:
-        with open(server.echo_log) as file:
+        with open(server.app_log) as file:
             lines = file.read().splitlines()
     except FileNotFoundError:
         return []
@@ -674,6 +681,24 @@ def test_100_continue_with_a_chunked_body(strict_server):
     assert [entry['body'] for entry in saw] == ['abcde'] and 'CONTENT_LENGTH' not in saw[0]
 
 
+def test_a_client_that_leaves_in_the_middle_of_a_continued_body(strict_server):
+    # The application is reading the body as it arrives: its read fails
+    # (OSError) instead of waiting for ever, and the worker lives on.
+    token = uuid.uuid4().hex[:12]
+    head = (f'POST /{token} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\nExpect: 100-continue\r\n'
+            '\r\n').encode()
+    with socket.create_connection(('127.0.0.1', strict_server.port)) as sock:
+        sock.sendall(head)
+        assert read_until(sock, b'\r\n\r\n', timeout=0.5) == b'HTTP/1.1 100 Continue\r\n\r\n'
+        sock.sendall(b'only part of it')
+        time.sleep(0.1)
+    wait_until(lambda: 'the request body was not received' in strict_server.log(), timeout=5,
+               message="the application's failed read in the log")
+    assert records(strict_server, token) == []  # echoapp records after reading the body
+    check(strict_server, req(b''), [200], ['/'])
+    assert_workers_kept(strict_server)
+
+
 def test_no_100_continue_when_the_application_answers_without_reading(strict_server):
     token = uuid.uuid4().hex[:12]
     head = (f'POST /noread?{token} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nExpect: 100-continue\r\n'
@@ -772,20 +797,23 @@ def test_the_server_still_serves_and_no_worker_was_lost(strict_server):
 
 # -- the options (checked with the others in zkprefork.settings) --
 
-def test_the_limits_default_to_their_documented_values():
-    from zkprefork.httprequest import Limits
+def test_the_http_options_default_to_their_documented_values():
+    from zkprefork.httprequest import HTTPOptions
     from zkprefork.settings import make_settings
-    assert Limits.from_settings(make_settings({})) == Limits(
+    assert HTTPOptions.from_settings(make_settings({})) == HTTPOptions(
         limit_request_line=4094, limit_request_fields=200, limit_request_field_size=65536,
-        limit_request_header_size=262144, max_request_body_size=1 << 30, request_read_timeout=30.0)
+        limit_request_header_size=262144, max_request_body_size=1 << 30, request_read_timeout=30.0,
+        outbuf_high_watermark=4 << 20, send_timeout=60.0, forwarded_allow_ips=('127.0.0.1/32',))
 
 
 @pytest.mark.parametrize('option,value', [
     ('limit_request_line', '10'), ('limit_request_line', 'x'), ('limit_request_fields', '0'),
     ('limit_request_field_size', '-1'), ('limit_request_header_size', '1.5'),
     ('max_request_body_size', '-1'), ('request_read_timeout', '0'), ('request_read_timeout', 'soon'),
+    ('outbuf_high_watermark', '1000'), ('send_timeout', '0'), ('forwarded_allow_ips', '10.0.0.300'),
+    ('forwarded_allow_ips', '*, 10.0.0.1'),
 ])
-def test_a_bad_limit_is_a_one_line_error(option, value):
+def test_a_bad_http_option_is_a_one_line_error(option, value):
     from zkprefork.settings import ConfigError, make_settings
     with pytest.raises(ConfigError, match=f'^{option}: ') as caught:
         make_settings({option: value})

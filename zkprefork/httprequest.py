@@ -5,7 +5,7 @@ channels and tasks read (its `HTTPRequestParser` interface: `received()`,
 
 llhttp does the parsing and is strict by default (RFC 9112): what it
 refuses becomes a 400. This module only maps its callbacks and enforces the
-rules it leaves to the server: the limits (`Limits`), a transfer coding
+rules it leaves to the server: the limits (`HTTPOptions`), a transfer coding
 other than chunked (501), Transfer-Encoding in HTTP/1.0, a missing or
 duplicated Host, a request line of another shape than
 ``method SP request-target SP HTTP-version`` (400), versions other than
@@ -33,10 +33,9 @@ END_OF_HEAD = b'\r\n\r\n'
 
 
 @dataclasses.dataclass(frozen=True)
-class Limits:
-    """Bounds on what a client may send: the options of the same names
-    (defaults and ranges in zkprefork.settings; gunicorn's names where they
-    mean the same)."""
+class HTTPOptions:
+    """The HTTP options of the same names (defaults and ranges in
+    zkprefork.settings; gunicorn's names where they mean the same)."""
 
     limit_request_line: int         # bytes of the request line -> 414
     limit_request_fields: int       # header fields -> 431
@@ -44,6 +43,9 @@ class Limits:
     limit_request_header_size: int  # bytes of the request line and header fields -> 431
     max_request_body_size: int      # bytes of the body, de-chunked -> 413
     request_read_timeout: float     # s for the headers, and of silence inside a body -> 408
+    outbuf_high_watermark: int      # bytes of a response buffered before the application waits
+    send_timeout: float             # s a client may read nothing of a response before it is dropped
+    forwarded_allow_ips: tuple      # peers whose X-Forwarded-For/-Proto are believed: networks, or ('*',)
 
     @classmethod
     def from_settings(cls, settings):
@@ -89,7 +91,7 @@ class Request:
     _body = None
 
     def __init__(self, adj):
-        self.limits = adj.limits
+        self.limits = adj.http
         self.started = time.monotonic()
         self.headers = {}
         self._url = []

@@ -6,6 +6,7 @@ mapping of option name to string; nothing downstream re-checks a value.
 import dataclasses
 import importlib.util
 import io
+import ipaddress
 import logging
 import os
 import re
@@ -48,6 +49,18 @@ def _positive_seconds(option, value):
     if number == 0:
         raise ConfigError(f'{option}: {value!r} must be more than zero seconds')
     return number
+
+
+def _forwarded_allow_ips(option, value):
+    """Addresses or networks, separated by commas or spaces; `*` for all."""
+    items = tuple(value.replace(',', ' ').split())
+    if items == ('*',):
+        return items
+    try:
+        return tuple(str(ipaddress.ip_network(item, strict=False)) for item in items)
+    except ValueError:
+        raise ConfigError(f'{option}: {value!r} is not a list of addresses or networks, '
+                          'or *') from None
 
 
 def _boolean(option, value):
@@ -313,7 +326,7 @@ class Settings:
     node_format: str = option('zk', _node_format, restart_only=True)
     # ((key, value), ...) added to the node data
     properties: tuple = option((), _properties, restart_only=True)
-    # HTTP limits (httprequest.Limits; gunicorn's names where they match)
+    # HTTP (httprequest.HTTPOptions; gunicorn's names where they match)
     limit_request_line: int = option(4094, _integer(64, 1 << 20))  # bytes -> 414
     limit_request_fields: int = option(200, _integer(1, 32768))  # header fields -> 431
     limit_request_field_size: int = option(65536, _integer(64, 1 << 24))  # bytes of one field -> 431
@@ -322,6 +335,12 @@ class Settings:
     max_request_body_size: int = option(1 << 30, _integer(0))  # bytes (1 GiB), de-chunked -> 413
     # seconds for the headers, and of silence inside a body -> 408
     request_read_timeout: float = option(30.0, _positive_seconds)
+    # bytes of response buffered before the application waits
+    outbuf_high_watermark: int = option(4 << 20, _integer(65536))
+    # seconds a client may read nothing of a response before it is dropped
+    send_timeout: float = option(60.0, _positive_seconds)
+    # networks trusted for X-Forwarded-*, or ('*',)
+    forwarded_allow_ips: tuple = option(('127.0.0.1/32',), _forwarded_allow_ips)
     # Health-gated registration, in HAProxy's terms and with its defaults
     # (inter 2 s, rise 2, fall 3; timeout: the interval, as `timeout check`).
     health_check: str = option(None, _request_path, restart_only=True)  # a path; None: off

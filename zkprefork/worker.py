@@ -114,7 +114,7 @@ class Worker:
         hit_log = zopeserver.access_logger() if self.settings.access_log else None
         server = zopeserver.server_class(self.settings.zservertracelog)(
             self.listener, app, self.settings.name, self.settings.host, dispatcher, hit_log,
-            httprequest.Limits.from_settings(self.settings), self.score)
+            httprequest.HTTPOptions.from_settings(self.settings), self.score)
         return server, dispatcher
 
     def _install_signals(self, wakeup):

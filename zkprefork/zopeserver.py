@@ -10,25 +10,32 @@ import datetime
 import itertools
 import logging
 import operator
+import os
 import queue
 import resource
+import select
 import socket
+import stat
 import threading
 import time
 
 from zope.server import dualmodechannel, trigger
 from zope.server.adjustments import Adjustments
 from zope.server.http.httpserverchannel import HTTPServerChannel
-from zope.server.http.http_date import build_http_date
 from zope.server.http.httptask import HTTPTask
-from zope.server.http.wsgihttpserver import WSGIHTTPServer, fakeWrite
+from zope.server.http.wsgihttpserver import WSGIHTTPServer
+from zope.server.task import AbstractTask
 from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
-from zkprefork import httprequest
+from zkprefork import httprequest, wsgi
 
 
 log = logging.getLogger('zkprefork.worker')
+
+
+class ClientGone(ConnectionError):
+    """The client closed the connection, or stopped reading."""
 
 
 def fresh_wakeup():
@@ -44,9 +51,12 @@ def wake_loop():
     dualmodechannel.the_trigger.pull_trigger()
 
 
-def adjustments(limits):
+def adjustments(options):
     adj = Adjustments()
-    adj.limits = limits  # read by the request parser (zope.server hands it the adjustments)
+    adj.http = options  # read by the request parser (zope.server hands it the adjustments)
+    adj.send_bytes = 1 << 16  # per send(): zope.server's 9000 cost a syscall per 9 kB
+    adj.outbuf_overflow = 2 * options.outbuf_high_watermark  # kept in memory: write_now bounds it
+    adj.log_socket_errors = False  # a client that goes is no error of ours
     # The default limit (~97) counts idle keep-alive channels and would leave
     # clients waiting in the backlog; the real bound is the fd limit (poll()
     # is used, so fds above 1024 are fine).
@@ -64,49 +74,17 @@ class TaskDispatcher(ThreadedTaskDispatcher):
         self.queue = queue.SimpleQueue()
 
 
-def _check_header_text(text):
-    if '\r' in text or '\n' in text or '\0' in text:
-        raise ValueError(f'CR, LF or NUL in a response header or status: {text!r}')
-
-
-NO_BODY = ('204', '304')  # statuses framed without a body (RFC 9110, 6.4.1)
-_date = [None, '']  # the second and its IMF-fixdate, cached: one response after another asks
-
-
-def http_date(when):
-    second = int(when)
-    if second != _date[0]:
-        _date[:] = second, build_http_date(second)
-    return _date[1]
-
-
-def start_response_for(task):
-    """PEP 3333's start_response for `task`. A status or header that holds
-    CR, LF or NUL is the application's error (ValueError), never sent."""
-    def start_response(status, headers, exc_info=None):
-        if exc_info:
-            try:
-                if task.wroteResponseHeader():
-                    raise exc_info[1].with_traceback(exc_info[2])
-            finally:
-                exc_info = None
-        elif task.accumulated_headers is not None:
-            raise AssertionError('start_response called a second time without exc_info')
-        code, _, reason = status.partition(' ')
-        if not (len(code) == 3 and code.isdigit()):
-            raise ValueError(f'not an HTTP status: {status!r}')
-        task.setResponseStatus(code, reason)
-        task.accumulated_headers = None
-        task.response_headers = {}
-        task.appendResponseHeaders([f'{name}: {value}' for name, value in headers])
-        return fakeWrite
-    return start_response
-
-
 class DrainingTask(HTTPTask):
     """A request to answer: the application's (the environ of PEP 3333,
-    100 Continue on the first read of a body the client holds back), or the
-    server's own refusal of a request it would not pass on."""
+    100 Continue on the first read of a body the client holds back, the
+    body streamed as it is made), or the server's own refusal of a request
+    it would not pass on."""
+
+    chunked_response = False  # the body goes out in chunks (HTTP/1.1 without Content-Length)
+    no_body = False           # HEAD, 204, 304
+    body_limit = None         # the Content-Length the application declared
+    body_sent = 0
+    failed = False            # cut short: no last chunk, and the connection closes
 
     def __init__(self, channel, request_data):
         super().__init__(channel, request_data)
@@ -129,6 +107,7 @@ class DrainingTask(HTTPTask):
     def answer(self, status, reason, text):
         """A plain-text response of the server's own (an error)."""
         body = text.encode()
+        self.body_limit = None
         self.setResponseStatus(str(status), reason)
         self.accumulated_headers = None
         self.response_headers = {'Content-Type': 'text/plain; charset=utf-8',
@@ -137,22 +116,30 @@ class DrainingTask(HTTPTask):
 
     # Response splitting: the application's error, raised in start_response.
     def setResponseStatus(self, status, reason):
-        _check_header_text(f'{status} {reason}')
+        wsgi.check_header_text(f'{status} {reason}')
         super().setResponseStatus(status, reason)
 
     def appendResponseHeaders(self, lst):
         for line in lst:
-            _check_header_text(line)
+            wsgi.check_header_text(line)
         super().appendResponseHeaders(lst)
 
     def prepareResponseHeaders(self):
         """zope.server's choice of keeping the connection, and its Server and
-        Date fields, in one pass over the application's header lines."""
+        Date fields, in one pass over the application's header lines; the
+        framing of the body: the application's Content-Length (enforced),
+        else chunked for HTTP/1.1, else the end of the connection."""
         request = self.request_data
         names = {name.lower(): value for name, _, value in map(
             operator.methodcaller('partition', ':'), self.accumulated_headers or ())}
         headers = self.response_headers
-        framed = 'content-length' in names or 'Content-Length' in headers or self.status in NO_BODY
+        self.no_body = request.command == 'HEAD' or self.status in wsgi.NO_BODY
+        if 'content-length' in names:
+            self.body_limit = int(names['content-length'])  # ValueError: the application's error
+        framed = self.body_limit is not None or 'Content-Length' in headers or self.no_body
+        if not framed and self.version == '1.1':
+            framed = self.chunked_response = True
+            headers['Transfer-Encoding'] = 'chunked'
         close = (not request.keep_alive or not framed or names.get('connection', '').strip().lower() == 'close'
                  # Ends keep-alive once the worker drains, so clients reconnect
                  # to a worker that stays instead of losing their next request.
@@ -169,7 +156,15 @@ class DrainingTask(HTTPTask):
         else:
             headers['Server'] = server
         if 'date' not in names:
-            headers['Date'] = http_date(self.start_time)
+            headers['Date'] = wsgi.http_date(self.start_time)
+
+    def buildResponseHeader(self):
+        self.prepareResponseHeaders()
+        lines = [f'HTTP/{self.version} {self.status} {self.reason}']
+        lines += [f'{name}: {value}' for name, value in self.response_headers.items()]
+        lines += self.accumulated_headers or ()
+        # PEP 3333: latin-1; anything else is the application's error (a 500)
+        return ('\r\n'.join(lines) + '\r\n\r\n').encode('latin-1')
 
     def getCGIEnvironment(self):
         """PEP 3333's environ: PATH_INFO is the unquoted path's bytes as
@@ -184,7 +179,8 @@ class DrainingTask(HTTPTask):
                'SERVER_PORT': str(server.port), 'SERVER_PROTOCOL': f'HTTP/{request.version}',
                'SERVER_SOFTWARE': server.SERVER_IDENT, 'GATEWAY_INTERFACE': 'CGI/1.1',
                'REMOTE_ADDR': channel.addr[0], 'CHANNEL_CREATION_TIME': str(channel.creation_time),
-               'wsgi.input_terminated': True}
+               'REMOTE_PORT': str(channel.addr[1]), 'RAW_URI': request.uri, 'REQUEST_URI': request.uri,
+               'wsgi.input_terminated': True, 'wsgi.file_wrapper': wsgi.FileWrapper}
         for key, value in request.headers.items():
             if key not in ('CONTENT_LENGTH', 'CONTENT_TYPE'):
                 key = 'HTTP_' + key
@@ -195,18 +191,60 @@ class DrainingTask(HTTPTask):
         return env
 
     def write(self, data):
-        if self.request_data.command == 'HEAD':
-            data = b''  # headers only, whatever the application returns (RFC 9110, 9.3.2)
-        # The header goes out with the first chunk of the body: one append
-        # to the output buffer and, for a small response, one send.
+        """Send a piece of the body now (the header goes with the first)."""
         if not isinstance(data, bytes):  # zc.zservertracelog writes a whole iterable
-            super().write(data)
-        elif not self.wrote_header:
+            for piece in data:
+                self.write(piece)
+            return
+        if not self.wrote_header:
             head = self.buildResponseHeader()
             self.wrote_header = 1
-            self.bytes_written += self.channel.write(head + data if data else head)
+            self.bytes_written += self.channel.write_now(head + self._frame(data))
         elif data:
-            self.bytes_written += self.channel.write(data)
+            self.bytes_written += self.channel.write_now(self._frame(data))
+
+    def _frame(self, data):
+        if self.no_body:
+            return b''  # whatever the application returns (RFC 9110, 6.4.1 and 9.3.2)
+        if self.body_limit is not None and len(data) > self.body_limit - self.body_sent:
+            log.warning('the application sent more than its Content-Length %d on %s: cut',
+                        self.body_limit, self.request_data.first_line)
+            data = data[:self.body_limit - self.body_sent]
+        self.body_sent += len(data)
+        if self.chunked_response and data:
+            return b'%x\r\n%s\r\n' % (len(data), data)
+        return data
+
+    def finish(self):
+        if not self.wrote_header:
+            self.write(b'')
+        if self.chunked_response and not self.failed:
+            self.bytes_written += self.channel.write_now(b'0\r\n\r\n')
+        elif self.body_limit is not None and self.body_sent < self.body_limit and not self.no_body:
+            self.close_on_finish = 1  # the client must not wait for the rest
+        AbstractTask.finish(self)
+
+    def sendfile(self, file):
+        """Send `file` from its position with os.sendfile; False (nothing
+        sent) when it is no regular file or the body is chunked."""
+        try:
+            fd = file.fileno()
+            info = os.fstat(fd)
+            offset = file.tell()
+        except (AttributeError, OSError, ValueError):
+            return False
+        if not stat.S_ISREG(info.st_mode):
+            return False
+        self.write(b'')
+        if self.chunked_response or self.no_body:
+            return False
+        count = info.st_size - offset
+        if self.body_limit is not None:
+            count = min(count, self.body_limit - self.body_sent)
+        sent = self.channel.sendfile(fd, offset, count)
+        self.body_sent += sent
+        self.bytes_written += sent
+        return True
 
 
 class DrainingChannel(HTTPServerChannel):
@@ -296,7 +334,7 @@ class DrainingChannel(HTTPServerChannel):
         """408 and the end of the connection for a request whose headers took
         longer than request_read_timeout, or whose body stopped arriving."""
         request = self.proto_request
-        timeout = self.adj.limits.request_read_timeout
+        timeout = self.adj.http.request_read_timeout
         if request is None or self.will_close or self.ended or (
                 now - request.started < timeout if not request.headers_complete
                 else time.time() - self.last_activity < timeout):
@@ -351,6 +389,83 @@ class DrainingChannel(HTTPServerChannel):
         with task_lock:
             self.tasks = []
 
+    # -- sending, from the thread that owns the channel --
+
+    def send(self, data):
+        """asyncore's send, but a gone client raises ClientGone (asyncore
+        returned 0 and the application went on producing for no one)."""
+        try:
+            return self.socket.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as error:
+            raise ClientGone(f'the client is gone: {error}') from error
+
+    def handle_comm_error(self):
+        # A socket error is the client's doing, not a bug to log.
+        if self.async_mode:
+            self.close()
+        else:
+            self.will_close = True
+
+    def close_when_done(self):
+        try:
+            super().close_when_done()
+        except ClientGone:
+            self.will_close = True  # nothing more can be sent: the loop closes it
+            if not self.async_mode:
+                self.async_mode = True
+                self.pull_trigger()
+
+    def write_now(self, data):
+        """Queue `data` and send what the socket takes now; past the output
+        high-water mark, wait for the client to read (ClientGone if it does
+        not within send_timeout). A large piece goes in slices, so that the
+        buffer stays in memory."""
+        mark = self.adj.http.outbuf_high_watermark
+        if len(data) <= mark:
+            pieces = (data,)
+        else:
+            view = memoryview(data)
+            pieces = (view[start:start + mark] for start in range(0, len(data), mark))
+        outbuf = self.outbuf
+        for piece in pieces:
+            outbuf.append(piece)
+            while self._flush_some():
+                pass
+            while len(outbuf) > mark:
+                self._wait_writable()
+                while self._flush_some():
+                    pass
+        return len(data)
+
+    def _wait_writable(self):
+        poller = select.poll()
+        poller.register(self._fileno, select.POLLOUT)
+        if not poller.poll(self.adj.http.send_timeout * 1000):
+            raise ClientGone(f'the client read nothing for {self.adj.http.send_timeout:g} s')
+
+    def sendfile(self, fd, offset, count):
+        """os.sendfile `count` bytes of `fd` from `offset`, after what is
+        queued; returns the bytes sent."""
+        while self.outbuf:
+            self._wait_writable()
+            while self._flush_some():
+                pass
+        sent = 0
+        while sent < count:
+            try:
+                done = os.sendfile(self._fileno, fd, offset + sent, count - sent)
+            except (BlockingIOError, InterruptedError):
+                self._wait_writable()
+                continue
+            except OSError as error:
+                raise ClientGone(f'the client is gone: {error}') from error
+            if not done:
+                break  # the file is shorter than it was
+            sent += done
+        return sent
+
     def send_now(self):
         try:
             while self._flush_some():
@@ -399,8 +514,9 @@ class SharedSocketServer(WSGIHTTPServer):
     channel_class = DrainingChannel
     draining = False
 
-    def __init__(self, sock, application, name, host, task_dispatcher, hit_log, limits, observer=None):
+    def __init__(self, sock, application, name, host, task_dispatcher, hit_log, options, observer=None):
         self._inherited = sock
+        self.forwarded = wsgi.ForwardedPeers(options.forwarded_allow_ips)
         # The worker's scoreboard.Scorekeeper: the hooks below tell it about
         # accepts, connections and requests (no-ops without one).
         self.observer = observer or NoObserver()
@@ -408,7 +524,12 @@ class SharedSocketServer(WSGIHTTPServer):
         self.requests = 0
         # SERVER_PORT comes from this port argument: pass the real one.
         super().__init__(application, name, host, sock.getsockname()[1], task_dispatcher=task_dispatcher,
-                         adj=adjustments(limits), hit_log=hit_log)
+                         adj=adjustments(options), hit_log=hit_log)
+
+    def _constructWSGIEnvironment(self, task):
+        env = super()._constructWSGIEnvironment(task)
+        self.forwarded.apply(env)
+        return env
 
     def create_socket(self, family=None, type=None):
         self._inherited.setblocking(False)
@@ -429,6 +550,9 @@ class SharedSocketServer(WSGIHTTPServer):
         self.observer.request_started(task.channel, task.request_data.first_line)  # scoreboard hook
         try:
             self.run_application(task)
+        except ClientGone:
+            task.failed = True
+            task.close_on_finish = 1
         except Exception:
             log.exception('the application failed on %s', task.request_data.first_line)
             self._answer_failure(task)
@@ -441,10 +565,11 @@ class SharedSocketServer(WSGIHTTPServer):
     def run_application(self, task):
         """WSGIHTTPServer.executeRequest, with a start_response that refuses
         what would split the response."""
-        result = self.application(self._constructWSGIEnvironment(task), start_response_for(task))
+        result = self.application(self._constructWSGIEnvironment(task), wsgi.start_response_for(task))
         try:
-            for data in result:
-                task.write(data)
+            if not (isinstance(result, wsgi.FileWrapper) and task.sendfile(result.file)):
+                for data in result:
+                    task.write(data)
         finally:
             if hasattr(result, 'close'):
                 result.close()
@@ -455,6 +580,7 @@ class SharedSocketServer(WSGIHTTPServer):
         open after a response cut short: a 500 if nothing was sent yet, else
         an end to the connection (the client must not wait for the rest)."""
         if task.wroteResponseHeader():
+            task.failed = True
             task.close_on_finish = 1
         else:
             task.answer(500, 'Internal Server Error', 'Internal Server Error\n')
