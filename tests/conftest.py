@@ -2,6 +2,7 @@ import itertools
 
 import pytest
 from kazoo.client import KazooClient
+from kazoo.retry import KazooRetry
 
 from support import Processes, Server, ZooKeeperServer, write_ini
 
@@ -90,6 +91,10 @@ def kazoo_client():
     clients = []
 
     def make(hosts, **options):
+        # Reconnect within half a second of ZooKeeper coming back: kazoo's
+        # default back-off grows past a test's session timeout while a
+        # restarted ZooKeeper boots, and the session expires.
+        options.setdefault('connection_retry', KazooRetry(max_tries=-1, max_delay=0.5))
         client = KazooClient(hosts=hosts, **options)
         client.start(15)
         clients.append(client)
