@@ -10,7 +10,8 @@ other than chunked (501), Transfer-Encoding in HTTP/1.0, a missing or
 duplicated Host, a request line of another shape than
 ``method SP request-target SP HTTP-version`` (400), versions other than
 1.0 and 1.1 (505), and header names containing ``_``, which are dropped
-(they would alias a name with ``-`` in the WSGI environ).
+(they would alias a name with ``-`` in the WSGI environ). Trailer fields
+are counted against the limits and dropped.
 
 One `Request` reads one message. It feeds llhttp the input in pieces that
 end where a message can end (after a blank line, or at the last byte of a
@@ -183,8 +184,8 @@ class Request:
             raise Refused(431, f'more than {limits.limit_request_fields} header fields')
         if len(name) + len(value) > limits.limit_request_field_size:
             raise Refused(431, f'a header field larger than {limits.limit_request_field_size} bytes')
-        if b'_' in name:
-            return
+        if b'_' in name or self.headers_complete:
+            return  # a trailer field is never merged into the header fields (RFC 9110, 6.5.1)
         key = name.upper().replace(b'-', b'_').decode('ascii')
         value = value.strip(b' \t').decode('latin-1')
         headers = self.headers
