@@ -58,3 +58,56 @@ def test_framing_trailers_are_still_400(server, trailer):
     # llhttp refuses them: a proxy might apply them.
     body = b'5\r\nabcde\r\n0\r\n' + trailer + b'\r\n'
     check(server, req(TE_CHUNKED, body=body + SMUGGLED, close=False), [400], [])
+
+
+# -- F5: Host (RFC 9112 3.2, RFC 3986 3.2.2) and absolute-form targets (RFC 9112 3.2.2, RFC 9110 4.2.4) --
+
+def host_request(host, path=b'/{t}', close=False):
+    return req(b'Host: ' + host + b'\r\n', path=path, method=b'GET', host=False, close=close)
+
+
+BAD_HOSTS = {'list': b'a, b', 'space': b'a b', 'slash-userinfo': b'a/b@c', 'port-letters': b'x:abc',
+             'userinfo': b'a@b', 'pct-crlf': b'a%0d%0ab', 'pct-nul': b'a%00b', 'bad-ipv6': b'[::g]',
+             'unclosed-ipv6': b'[::1', 'two-ports': b'a:1:2', 'quote': b'a"b', 'backslash': b'a\\b',
+             'pct-short': b'a%4'}
+
+
+@pytest.mark.parametrize('host', BAD_HOSTS.values(), ids=BAD_HOSTS.keys())
+def test_an_invalid_host_is_400_and_nothing_runs(server, host):
+    responses, _ = check(server, host_request(host) + SMUGGLED, [400], [])
+    assert responses[0][1]['connection'] == 'close'
+
+
+GOOD_HOSTS = [b'example.com', b'example.com:8080', b'127.0.0.1:80', b'[::1]:8080', b'[v1.x]', b'a%41b',
+              b'x:', b'a,b', b'xn--bcher-kva.example']
+
+
+@pytest.mark.parametrize('host', GOOD_HOSTS)
+def test_a_valid_host_reaches_the_application(server, host):
+    _, saw = check(server, host_request(host, close=True), [200], ['/'])
+    assert saw[0]['HTTP_HOST'] == host.decode()
+
+
+@pytest.mark.parametrize('target,host', [
+    (b'http://evil.example/{t}', 'evil.example'),
+    (b'HTTPS://evil.example:8443/{t}?x=1', 'evil.example:8443'),
+    (b'http://[::1]:80/{t}', '[::1]:80'),
+])
+def test_an_absolute_form_target_sets_the_host(server, target, host):
+    _, saw = check(server, host_request(b'example.com', path=target, close=True), [200], ['/'])
+    assert saw[0]['HTTP_HOST'] == host
+
+
+def test_an_absolute_form_target_with_a_query_and_no_path(server):
+    _, saw = check(server, host_request(b'example.com', path=b'http://evil?{t}=1', close=True), [200], ['/'])
+    assert saw[0]['HTTP_HOST'] == 'evil' and saw[0]['PATH_INFO'] == '/'
+
+
+BAD_TARGETS = {'userinfo': b'http://u:p@evil.example/{t}', 'user': b'http://u@evil.example/{t}',
+               'ftp': b'ftp://evil.example/{t}', 'file': b'file://evil.example/{t}',
+               'no-host': b'http:///{t}', 'bad-port': b'http://evil:x/{t}'}
+
+
+@pytest.mark.parametrize('target', BAD_TARGETS.values(), ids=BAD_TARGETS.keys())
+def test_an_unusable_absolute_form_target_is_400(server, target):
+    check(server, host_request(b'example.com', path=target) + SMUGGLED, [400], [])

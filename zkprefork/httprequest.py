@@ -19,6 +19,8 @@ Content-Length body), so that it stops exactly at the end of its request
 and the channel decides when to parse the next one.
 """
 import dataclasses
+import ipaddress
+import re
 import tempfile
 import threading
 import time
@@ -31,6 +33,11 @@ REASONS = {400: 'Bad Request', 408: 'Request Timeout', 413: 'Content Too Large',
            431: 'Request Header Fields Too Large', 501: 'Not Implemented',
            505: 'HTTP Version Not Supported'}
 END_OF_HEAD = b'\r\n\r\n'
+# RFC 9112 3.2: Host = uri-host [ ":" port ], uri-host being RFC 3986's
+# IP-literal, IPv4address or reg-name (pct-encoded octets that are no controls).
+HOST = re.compile(r"(?:\[(?P<literal>[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[-\w.~!$&'()*+,;=:]+)\]"
+                  r"|(?:[-A-Za-z0-9._~!$&'()*+,;=]|%(?![01]|7[Ff])[0-9A-Fa-f]{2})*)(?::[0-9]*)?", re.ASCII)
+AUTHORITY = re.compile(rb'[^/?#]*')  # RFC 3986 3.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,7 +234,7 @@ class Request:
             url = httptools.parse_url(target)  # absolute-form (RFC 9112, 3.2.2)
             path, query = url.path or b'/', url.query or b''
             self.proxy_scheme = url.schema.decode('latin-1')
-            self.proxy_netloc = self.headers['HOST'] = target.split(b'/')[2].decode('latin-1')
+            self.proxy_netloc = self.headers['HOST'] = self._authority(target, url)
         else:
             raise Refused(400 if self.command != 'CONNECT' else 501, 'unsupported request-target form')
         if b'#' in target:
@@ -235,10 +242,24 @@ class Request:
         self.path = (unquote_to_bytes(path) if b'%' in path else path).decode('latin-1')
         self.query = query.decode('latin-1') if query else None
 
+    def _authority(self, target, url):
+        """The Host of an absolute-form target: its authority, without
+        userinfo (RFC 9110 4.2.4), for the schemes http and https only."""
+        if self.proxy_scheme.lower() not in ('http', 'https') or not target.startswith(url.schema + b'://'):
+            raise Refused(400, 'a request target with a scheme other than http or https')
+        authority = AUTHORITY.match(target, len(url.schema) + 3)[0].decode('latin-1')
+        if '@' in authority:
+            raise Refused(400, 'userinfo in the request target')
+        if not url.host or not valid_host(authority):
+            raise Refused(400, 'an invalid authority in the request target')
+        return authority
+
     def _check_framing(self):
         headers, limits = self.headers, self.limits
         if self.version == '1.1' and 'HOST' not in headers:
             raise Refused(400, 'no Host header field')
+        if not valid_host(headers.get('HOST', '')):
+            raise Refused(400, 'an invalid Host header field')
         coding = headers.get('TRANSFER_ENCODING')
         if coding is not None:
             if self.version == '1.0':
@@ -288,6 +309,21 @@ class Request:
         """The client is gone or too slow: a reader of the body gets OSError."""
         if self._body is not None:
             self._body.fail(error)
+
+
+def valid_host(value):
+    """Whether `value` (str) is a Host field value of RFC 9112 3.2."""
+    match = HOST.fullmatch(value)
+    if match is None:
+        return False
+    literal = match['literal']
+    if literal is None or literal[:1] in 'vV':
+        return True
+    try:
+        ipaddress.IPv6Address(literal)
+    except ValueError:
+        return False
+    return True
 
 
 class Body:
