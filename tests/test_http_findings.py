@@ -4,7 +4,7 @@ workers (2 x 4 threads) serving tests/echoapp.py: every case asserts what
 the client receives AND what the application saw (see test_http_strict)."""
 import pytest
 
-from test_http_strict import CHUNKED_BODY, SMUGGLED, assert_workers_kept, check, req, start_echo_server
+from test_http_strict import SMALL_LIMITS, SMUGGLED, assert_workers_kept, check, req, start_echo_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -12,6 +12,14 @@ pytestmark = pytest.mark.timeout(120)
 @pytest.fixture(scope='module')
 def server(tmp_path_factory):
     server = start_echo_server(tmp_path_factory.mktemp('findings'))
+    yield server
+    assert_workers_kept(server)
+    server.stop()
+
+
+@pytest.fixture(scope='module')
+def small_server(tmp_path_factory):
+    server = start_echo_server(tmp_path_factory.mktemp('findings-small'), SMALL_LIMITS)
     yield server
     assert_workers_kept(server)
     server.stop()
@@ -111,3 +119,92 @@ BAD_TARGETS = {'userinfo': b'http://u:p@evil.example/{t}', 'user': b'http://u@ev
 @pytest.mark.parametrize('target', BAD_TARGETS.values(), ids=BAD_TARGETS.keys())
 def test_an_unusable_absolute_form_target_is_400(server, target):
     check(server, host_request(b'example.com', path=target) + SMUGGLED, [400], [])
+
+
+# -- F7 a: limit_request_line bounds the whole request line (100 bytes on small_server) --
+
+@pytest.mark.parametrize('extra', [1, 5, 13])
+def test_a_complete_request_line_over_limit_request_line_is_414(small_server, extra):
+    # GET /{t}... HTTP/1.1: the target alone is within the limit, the line is not
+    target_size = 100 - len(b'GET  HTTP/1.1') + extra
+    path = b'/{t}' + b'a' * (target_size - 4 - 12 + 3)
+    check(small_server, req(b'', path=path, method=b'GET'), [414], [])
+
+
+# -- F7 b: HTTP/1.x with x > 1 is served as HTTP/1.1 (RFC 9110 2.5) --
+
+@pytest.mark.parametrize('version', [b'HTTP/1.2', b'HTTP/1.9'])
+def test_a_higher_minor_version_is_served_as_1_1(server, version):
+    responses, saw = check(server, req(b'', method=b'GET', version=version), [200], ['/'])
+    assert saw[0]['SERVER_PROTOCOL'] == 'HTTP/1.1'
+
+
+def test_a_higher_minor_version_keeps_the_connection(server):
+    first = req(b'', method=b'GET', version=b'HTTP/1.2', close=False)
+    check(server, first + req(b'', path=b'/{t}2', method=b'GET'), [200, 200], ['/', '/2'])
+
+
+@pytest.mark.parametrize('version', [b'HTTP/2.0', b'HTTP/3.1', b'HTTP/0.9'])
+def test_another_major_version_is_505(server, version):
+    check(server, req(b'', method=b'GET', version=version, close=False) + SMUGGLED, [505], [])
+
+
+# -- F7 c: chunk extensions (RFC 9112 7.1.1) --
+
+@pytest.mark.parametrize('size_line', [b'5;a=b', b'5;a="x y"', b'5;a;b=c'])
+def test_a_valid_chunk_extension_is_accepted(server, size_line):
+    body = size_line + b'\r\nabcde\r\n0\r\n\r\n'
+    _, saw = check(server, req(TE_CHUNKED, body=body), [200], ['/'])
+    assert saw[0]['body'] == 'abcde'
+
+
+@pytest.mark.parametrize('size_line', [b'5 ;a=b', b'5; a=b', b'5\t;a=b'])
+def test_bws_before_a_chunk_extension_is_refused_by_llhttp(server, size_line):
+    # RFC 9112 allows it; llhttp does not (its leniency would also let "5 " through): 400, documented.
+    body = size_line + b'\r\nabcde\r\n0\r\n\r\n'
+    check(server, req(TE_CHUNKED, body=body + SMUGGLED, close=False), [400], [])
+
+
+@pytest.mark.parametrize('extension_size', [700, 100_000])
+def test_chunk_extensions_beyond_the_header_size_limit_are_431(small_server, extension_size):
+    # limit_request_header_size = 600 on small_server
+    body = b'5;a=' + b'x' * extension_size + b'\r\nabcde\r\n0\r\n\r\n'
+    check(small_server, req(TE_CHUNKED, body=body + SMUGGLED, close=False), [431], [])
+
+
+def test_chunk_extensions_are_counted_over_all_chunks(small_server):
+    chunk = b'1;a=' + b'x' * 100 + b'\r\nz\r\n'
+    body = chunk * 12 + b'0\r\n\r\n'
+    check(small_server, req(TE_CHUNKED, body=body + SMUGGLED, close=False), [431], [])
+
+
+def test_many_small_chunks_are_no_extensions(small_server):
+    body = b'1\r\nz\r\n' * 900 + b'0\r\n\r\n'  # 900 bytes of data, 5400 of framing
+    _, saw = check(small_server, req(TE_CHUNKED, body=body), [200], ['/'])
+    assert saw[0]['body'] == 'z' * 900
+
+
+# -- F7 d: an unknown method is 501 (RFC 9110 9.1), an invalid one 400 --
+
+@pytest.mark.parametrize('method', [b'FOO', b'BREW', b'X-METHOD'])
+def test_an_unknown_method_is_501(server, method):
+    check(server, req(b'', method=method, close=False) + SMUGGLED, [501], [])
+
+
+@pytest.mark.parametrize('method', [b'G(T', b'GE"T'])
+def test_a_method_that_is_no_token_is_400(server, method):
+    check(server, req(b'', method=method, close=False) + SMUGGLED, [400], [])
+
+
+# -- F7 e: the request target holds RFC 3986 characters only --
+
+@pytest.mark.parametrize('char', list(b'"<>\\^`{|}'), ids=list('"<>\\^`{|}'))
+def test_a_character_outside_rfc_3986_in_the_target_is_400(server, char):
+    check(server, req(b'', path=b'/{t}a' + bytes([char]) + b'b', method=b'GET', close=False) + SMUGGLED,
+          [400], [])
+
+
+def test_every_rfc_3986_character_is_accepted_in_the_target(server):
+    path = b"/{t}-._~:@!$&'()*+,;=%41/[x]?q=/?:@"
+    _, saw = check(server, req(b'', path=path, method=b'GET'), [200], ["/-._~:@!$&'()*+,;=A/[x]"])
+    assert saw[0]['QUERY_STRING'] == 'q=/?:@'

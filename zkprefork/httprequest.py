@@ -38,6 +38,10 @@ END_OF_HEAD = b'\r\n\r\n'
 HOST = re.compile(r"(?:\[(?P<literal>[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[-\w.~!$&'()*+,;=:]+)\]"
                   r"|(?:[-A-Za-z0-9._~!$&'()*+,;=]|%(?![01]|7[Ff])[0-9A-Fa-f]{2})*)(?::[0-9]*)?", re.ASCII)
 AUTHORITY = re.compile(rb'[^/?#]*')  # RFC 3986 3.2
+# RFC 3986 2: unreserved, reserved and "%"; llhttp lets "<>\^`{|} and obs-text by
+TARGET_CHARS = re.compile(rb"[-A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%]*")
+METHOD = re.compile(rb"[-!#$%&'*+.^_`|~A-Za-z0-9]+ ")  # RFC 9110 9.1: a token, then SP
+CHUNK_LINE = 32  # bytes of a chunk's size line and CRLFs not counted as extensions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +99,7 @@ class Request:
     _remaining = None       # bytes of a Content-Length body still to come
     _line = b''             # the request line's bytes while they arrive, then None
     _tail = b''             # the last bytes of the previous read
-    _url_size = _head_size = _fields = _body_size = 0
+    _url_size = _head_size = _fields = _body_size = _framing = _chunks = 0
     _body = None
 
     def __init__(self, adj):
@@ -104,6 +108,10 @@ class Request:
         self.headers = {}
         self._url = []
         self._parser = httptools.HttpRequestParser(self)
+        # RFC 9110 2.5: HTTP/1.x for x > 1 is served as 1.1 (llhttp refuses
+        # it otherwise). Not lenient_spaces_after_chunk_size: it would allow
+        # the BWS before a chunk extension, but also spaces with none after.
+        self._parser.set_dangerous_leniencies(lenient_version=True)
 
     # -- zope.server's IStreamConsumer --
 
@@ -117,14 +125,19 @@ class Request:
             while fed < size and not self.completed:
                 end = self._piece_end(data, fed)
                 piece = data if end == size and not fed else memoryview(data)[fed:end]
-                if not self.headers_complete:
+                in_body = self.headers_complete
+                if not in_body:
                     self._count_head(piece)
                 fed = end
                 self._parser.feed_data(piece)
+                if in_body and self.chunked:
+                    self._count_chunk_framing(len(piece))
         except Refused as refused:
             self.refuse(refused)
         except httptools.HttpParserUpgrade:
             pass  # the message is complete; keep_alive is off for upgrades
+        except httptools.HttpParserInvalidMethodError:
+            self.refuse(self._unknown_method())
         except httptools.HttpParserError as error:
             cause = error.__context__
             if isinstance(cause, _Overrun):
@@ -162,8 +175,26 @@ class Request:
         if crlf:
             self._line = None
             self.request_line = line
-        elif len(line) > limits.limit_request_line:
+        if len(line) > limits.limit_request_line:
             raise Refused(414, f'request line longer than {limits.limit_request_line} bytes')
+
+    def _count_chunk_framing(self, size):
+        """Bound the chunk extensions and the trailer section: httptools
+        does not pass them on, so the bytes of a chunked body that are not
+        data, beyond CHUNK_LINE per chunk, count against
+        limit_request_header_size."""
+        self._framing += size
+        limit = self.limits.limit_request_header_size
+        if self._framing - self._body_size - CHUNK_LINE * self._chunks > limit:
+            raise Refused(431, f'chunk extensions and trailer fields larger than {limit} bytes')
+
+    def _unknown_method(self):
+        """llhttp refuses a method it does not know: 501 if it is a token
+        (RFC 9110 9.1), else 400."""
+        line = (self.request_line or self._line or b'').lstrip(b'\r\n')
+        if METHOD.match(line):
+            return Refused(501, 'an unknown method')
+        return Refused(400, 'an invalid method')
 
     def refuse(self, refused):
         self.error = refused
@@ -208,7 +239,8 @@ class Request:
         self.version = version = parser.get_http_version()
         if version != '1.1' and version != '1.0':
             self.version = '1.1'
-            raise Refused(505, f'HTTP/{version}')
+            if version[:2] != '1.':
+                raise Refused(505, f'HTTP/{version}')
         method = parser.get_method()
         target = b''.join(self._url)
         line = b'%s %s HTTP/%s' % (method, target, version.encode())
@@ -239,6 +271,8 @@ class Request:
             raise Refused(400 if self.command != 'CONNECT' else 501, 'unsupported request-target form')
         if b'#' in target:
             raise Refused(400, 'a fragment in the request target')
+        if not TARGET_CHARS.fullmatch(target):
+            raise Refused(400, 'a character outside RFC 3986 in the request target')
         self.path = (unquote_to_bytes(path) if b'%' in path else path).decode('latin-1')
         self.query = query.decode('latin-1') if query else None
 
@@ -277,6 +311,9 @@ class Request:
         if self.chunked or self.content_length:
             self.expect_continue = self.version == '1.1' and headers.get('EXPECT', '').lower() == '100-continue'
             self._body = Body(self.expect_continue)
+
+    def on_chunk_header(self):
+        self._chunks += 1
 
     def on_body(self, data):
         self._body_size += len(data)
