@@ -2,9 +2,14 @@
 (findings F2, F5, F7, F3, F4), each as raw requests sent to real zkprefork
 workers (2 x 4 threads) serving tests/echoapp.py: every case asserts what
 the client receives AND what the application saw (see test_http_strict)."""
+import socket
+import time
+import uuid
+
 import pytest
 
-from test_http_strict import SMALL_LIMITS, SMUGGLED, assert_workers_kept, check, req, start_echo_server
+from test_http_strict import (SMALL_LIMITS, SMUGGLED, assert_workers_kept, check, exchange, parse_responses, records,
+                              req, start_echo_server)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -208,3 +213,81 @@ def test_every_rfc_3986_character_is_accepted_in_the_target(server):
     path = b"/{t}-._~:@!$&'()*+,;=%41/[x]?q=/?:@"
     _, saw = check(server, req(b'', path=path, method=b'GET'), [200], ["/-._~:@!$&'()*+,;=A/[x]"])
     assert saw[0]['QUERY_STRING'] == 'q=/?:@'
+
+
+# -- F3: a body the application reads after 100 Continue must keep arriving (request_body_min_rate) --
+
+def expect_head(path, framing):
+    return (b'POST ' + path + b' HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n' + framing + b'\r\n')
+
+
+def probe_latency(server, token):
+    start = time.monotonic()
+    data = exchange(server, req(b'', path=b'/' + token.encode() + b'probe', method=b'GET'), read_timeout=10)
+    assert parse_responses(data)[0][0] == 200
+    return time.monotonic() - start
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize('framing', [b'Content-Length: 900\r\n', b'Transfer-Encoding: chunked\r\n'],
+                         ids=['content-length', 'chunked'])
+def test_slow_bodies_after_100_continue_do_not_hold_the_threads(small_server, framing):
+    # small_server: request_read_timeout = 1, request_body_min_rate = 500 (the default):
+    # a body trickling at 1 byte/s is late after ~1 s; 16 such bodies used all 8 threads forever.
+    token = uuid.uuid4().hex[:12]
+    trickle = b'1\r\nx\r\n' if framing.startswith(b'Transfer') else b'x'
+    socks = []
+    try:
+        for _ in range(16):
+            sock = socket.create_connection(('127.0.0.1', small_server.port), timeout=10)
+            sock.sendall(expect_head(b'/' + token.encode() + b'slow', framing))
+            socks.append(sock)
+        latencies = []
+        answers = {sock: bytearray() for sock in socks}
+        ended = set()
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            for sock in socks:
+                if sock not in ended:
+                    ended.update(trickle_one(sock, trickle, answers[sock]))
+            latencies.append(probe_latency(small_server, token))
+            time.sleep(0.2)
+    finally:
+        for sock in socks:
+            sock.close()
+    assert max(latencies) < 2, latencies
+    statuses = {response_statuses(bytes(data)) for data in answers.values()}
+    # 100 Continue for those the application read, then 408; a reset may lose it
+    assert statuses <= {(100, 408), (408,), ()}, statuses
+    assert (100, 408) in statuses
+    assert [entry['PATH_INFO'] for entry in records(small_server, token)] == ['/' + token + 'probe'] * len(latencies)
+    assert 'RequestBodyTimeout' not in small_server.log()  # answered, not logged as the application's error
+
+
+def trickle_one(sock, trickle, received):
+    """Read what the server sent (into `received`), then send `trickle`;
+    [sock] once the server closed the connection."""
+    sock.setblocking(False)
+    try:
+        while chunk := sock.recv(65536):
+            received += chunk
+        return [sock]
+    except BlockingIOError:
+        pass
+    except OSError:
+        return [sock]
+    try:
+        sock.send(trickle)
+    except OSError:
+        return [sock]
+    return []
+
+
+def response_statuses(data):
+    statuses = []
+    while data.startswith(b'HTTP/1.1 100'):
+        statuses.append(100)
+        data = data.partition(b'\r\n\r\n')[2]
+    if data:
+        statuses += [status for status, _, _ in parse_responses(data)]
+    return tuple(statuses)

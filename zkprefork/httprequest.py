@@ -55,6 +55,7 @@ class HTTPOptions:
     limit_request_header_size: int  # bytes of the request line and header fields -> 431
     max_request_body_size: int      # bytes of the body, de-chunked -> 413
     request_read_timeout: float     # s for the headers, and of silence inside a body -> 408
+    request_body_min_rate: int      # bytes/s a body must average beyond request_read_timeout -> 408
     outbuf_high_watermark: int      # bytes of a response buffered before the application waits
     send_timeout: float             # s a client may read nothing of a response before it is dropped
     forwarded_allow_ips: tuple      # peers whose X-Forwarded-For/-Proto are believed: networks, or ('*',)
@@ -70,6 +71,11 @@ class Refused(Exception):
     def __init__(self, status, detail):
         super().__init__(f'{status} {REASONS[status]}: {detail}')
         self.status, self.reason, self.detail = status, REASONS[status], detail
+
+
+class RequestBodyTimeout(OSError):
+    """The application read a body that arrived too slowly: the server
+    answers 408 and closes."""
 
 
 class _Overrun(Exception):
@@ -310,7 +316,7 @@ class Request:
             raise Refused(400, 'a body in a request to upgrade or CONNECT')  # llhttp would not read it
         if self.chunked or self.content_length:
             self.expect_continue = self.version == '1.1' and headers.get('EXPECT', '').lower() == '100-continue'
-            self._body = Body(self.expect_continue)
+            self._body = Body(self.expect_continue, limits)
 
     def on_chunk_header(self):
         self._chunks += 1
@@ -336,6 +342,11 @@ class Request:
         if self._body is None:
             return BytesIO(b'')
         return self._body.stream()
+
+    def body_too_slow(self, now):
+        """Whether the body, begun but not complete, is late at `now`
+        (time.monotonic())."""
+        return self._body is not None and not self.completed and now > self._body.deadline()
 
     def when_body_read(self, callback):
         """Call `callback` (once) when the application first reads the body."""
@@ -374,18 +385,27 @@ class Body:
     SPOOL = 1 << 19
     on_first_read = None
 
-    def __init__(self, streamed):
+    def __init__(self, streamed, limits):
         self.file = tempfile.SpooledTemporaryFile(max_size=self.SPOOL)
         self.streamed = streamed
+        self.started = time.monotonic()
+        self.grace, self.min_rate = limits.request_read_timeout, limits.request_body_min_rate
         self.written = 0
         self.read_at = 0
         self.finished = False
         self.error = None
         self.changed = threading.Condition() if streamed else None
 
+    def deadline(self):
+        """When the body must be complete, as far as it came (time.monotonic()):
+        request_read_timeout, plus a second per request_body_min_rate bytes
+        received (mod_reqtimeout's MinRate)."""
+        return self.started + self.grace + self.written / self.min_rate
+
     def append(self, data):
         if not self.streamed:
             self.file.write(data)
+            self.written += len(data)
             return
         with self.changed:
             self.file.seek(0, 2)
@@ -420,11 +440,15 @@ class Body:
             while True:
                 available = self.written - self.read_at
                 if self.error is not None:
-                    raise OSError(f'the request body was not received: {self.error}')
+                    late = getattr(self.error, 'status', None) == 408
+                    raise (RequestBodyTimeout if late else OSError)(f'the request body was not received: {self.error}')
                 if self.finished or (size >= 0 and available >= size) or (
                         line and self._newline_within(available)):
                     break
-                self.changed.wait()
+                late = self.deadline() - time.monotonic()
+                if late <= 0:
+                    raise RequestBodyTimeout(f'the request body arrived slower than {self.min_rate} bytes/s')
+                self.changed.wait(late)
             self.file.seek(self.read_at)
             data = self.file.readline(size) if line else self.file.read(size)
             self.read_at += len(data)

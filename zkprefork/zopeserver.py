@@ -332,7 +332,7 @@ class DrainingChannel(HTTPServerChannel):
         timeout = self.adj.http.request_read_timeout
         if request is None or self.will_close or self.ended or (
                 now - request.started < timeout if not request.headers_complete
-                else time.time() - self.last_activity < timeout):
+                else time.time() - self.last_activity < timeout and not request.body_too_slow(now)):
             return
         refused = httprequest.Refused(408, f'no complete request within {timeout:g} s')
         with self.parse_lock:
@@ -524,9 +524,11 @@ class SharedSocketServer(WSGIHTTPServer):
         except ClientGone:
             task.failed = True
             task.close_on_finish = 1
+        except httprequest.RequestBodyTimeout as error:
+            self._answer_failure(task, 408, 'Request Timeout', f'Request Timeout: {error}\n')
         except Exception:
             log.exception('the application failed on %s', task.request_data.first_line)
-            self._answer_failure(task)
+            self._answer_failure(task, 500, 'Internal Server Error', 'Internal Server Error\n')
 
     def run_application(self, task):
         """WSGIHTTPServer.executeRequest, with a start_response that refuses
@@ -541,15 +543,15 @@ class SharedSocketServer(WSGIHTTPServer):
                 result.close()
 
     @staticmethod
-    def _answer_failure(task):
+    def _answer_failure(task, status, reason, text):
         """zope.server would close the connection without a word, or keep it
-        open after a response cut short: a 500 if nothing was sent yet, else
-        an end to the connection (the client must not wait for the rest)."""
+        open after a response cut short: this answer if nothing was sent yet,
+        else an end to the connection (the client must not wait for the rest)."""
         if task.wroteResponseHeader():
             task.failed = True
             task.close_on_finish = 1
         else:
-            task.answer(500, 'Internal Server Error', 'Internal Server Error\n')
+            task.answer(status, reason, text)
 
     def stop_accepting(self):
         self.draining = True
