@@ -291,3 +291,74 @@ def response_statuses(data):
     if data:
         statuses += [status for status, _, _ in parse_responses(data)]
     return tuple(statuses)
+
+
+# -- F4: idle connections are closed after keepalive seconds --
+
+@pytest.fixture(scope='module')
+def keepalive_server(tmp_path_factory):
+    server = start_echo_server(tmp_path_factory.mktemp('keepalive'), 'keepalive = 1\n')
+    yield server
+    assert_workers_kept(server)
+    server.stop()
+
+
+def closed_after(sock, limit=6):
+    """Seconds until the server closes `sock` (reading and discarding)."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            pass
+    except socket.timeout:
+        pytest.fail(f'still open after {limit} s')
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
+
+
+def test_a_connection_that_sends_nothing_is_closed(keepalive_server):
+    with socket.create_connection(('127.0.0.1', keepalive_server.port)) as sock:
+        assert 0.9 < closed_after(sock) < 3  # keepalive = 1, checked every second
+
+
+def test_an_idle_keep_alive_connection_is_closed(keepalive_server):
+    token = uuid.uuid4().hex[:12]
+    with socket.create_connection(('127.0.0.1', keepalive_server.port)) as sock:
+        sock.sendall(req(b'', path=b'/' + token.encode(), method=b'GET', close=False))
+        head = b''
+        while b'}' not in head:
+            head += sock.recv(65536)
+        assert head.startswith(b'HTTP/1.1 200 ')
+        assert 0.9 < closed_after(sock) < 3
+    assert len(records(keepalive_server, token)) == 1
+
+
+def test_a_connection_in_use_is_not_idle(keepalive_server):
+    # a request running 2.5 s, then a second request on the same connection 0.5 s later
+    token = uuid.uuid4().hex[:12]
+    with socket.create_connection(('127.0.0.1', keepalive_server.port), timeout=10) as sock:
+        sock.sendall(req(b'', path=b'/slow?ms=2500&' + token.encode(), method=b'GET', close=False))
+        received = b''
+        while received.count(b'HTTP/1.1 200 ') < 1 or not received.endswith(b'}'):
+            received += sock.recv(65536)
+        time.sleep(0.5)
+        sock.sendall(req(b'', path=b'/' + token.encode(), method=b'GET'))
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert [status for status, _, _ in parse_responses(received)] == [200, 200]
+
+
+def test_a_slowly_arriving_head_is_governed_by_request_read_timeout(keepalive_server):
+    # a byte every 0.5 s for 3 s: more than keepalive, less than request_read_timeout (30 s)
+    token = uuid.uuid4().hex[:12]
+    raw = req(b'', path=b'/' + token.encode(), method=b'GET')
+    with socket.create_connection(('127.0.0.1', keepalive_server.port), timeout=10) as sock:
+        for piece in (raw[:4], raw[4:8], raw[8:12], raw[12:16], raw[16:20], raw[20:]):
+            sock.sendall(piece)
+            time.sleep(0.5)
+        received = b''
+        while chunk := sock.recv(65536):
+            received += chunk
+    assert [status for status, _, _ in parse_responses(received)] == [200]
+    assert len(records(keepalive_server, token)) == 1

@@ -784,7 +784,7 @@ def test_the_http_options_default_to_their_documented_values():
     assert HTTPOptions.from_settings(make_settings({})) == HTTPOptions(
         limit_request_line=4094, limit_request_fields=200, limit_request_field_size=65536,
         limit_request_header_size=262144, max_request_body_size=1 << 30, request_read_timeout=30.0,
-        request_body_min_rate=500, outbuf_high_watermark=4 << 20, send_timeout=60.0,
+        request_body_min_rate=500, keepalive=2.0, outbuf_high_watermark=4 << 20, send_timeout=60.0,
         forwarded_allow_ips=('127.0.0.1/32',))
 
 

@@ -56,6 +56,7 @@ class HTTPOptions:
     max_request_body_size: int      # bytes of the body, de-chunked -> 413
     request_read_timeout: float     # s for the headers, and of silence inside a body -> 408
     request_body_min_rate: int      # bytes/s a body must average beyond request_read_timeout -> 408
+    keepalive: float                # s a connection may be idle (no request begun) before it is closed
     outbuf_high_watermark: int      # bytes of a response buffered before the application waits
     send_timeout: float             # s a client may read nothing of a response before it is dropped
     forwarded_allow_ips: tuple      # peers whose X-Forwarded-For/-Proto are believed: networks, or ('*',)

@@ -207,6 +207,7 @@ class Settings:
     max_request_body_size: int = 1 << 30  # bytes (1 GiB), de-chunked -> 413
     request_read_timeout: float = 30.0  # s for the headers, and of silence inside a body -> 408
     request_body_min_rate: int = 500  # bytes/s a body must average, after request_read_timeout -> 408
+    keepalive: float = 2.0  # s a connection may stay idle (before its first byte, between requests)
     outbuf_high_watermark: int = 4 << 20  # bytes of response buffered before the application waits
     send_timeout: float = 60.0  # s a client may read nothing of a response before it is dropped
     forwarded_allow_ips: tuple = ('127.0.0.1/32',)  # networks trusted for X-Forwarded-*, or ('*',)
@@ -333,6 +334,7 @@ _CHECKS = {
     'max_request_body_size': lambda v: _integer('max_request_body_size', v, 0),
     'request_read_timeout': lambda v: _positive_seconds('request_read_timeout', v),
     'request_body_min_rate': lambda v: _integer('request_body_min_rate', v, 1),
+    'keepalive': lambda v: _positive_seconds('keepalive', v),
     'outbuf_high_watermark': lambda v: _integer('outbuf_high_watermark', v, 65536),
     'send_timeout': lambda v: _positive_seconds('send_timeout', v),
     'forwarded_allow_ips': _forwarded_allow_ips,

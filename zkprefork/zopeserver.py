@@ -327,8 +327,12 @@ class DrainingChannel(HTTPServerChannel):
 
     def expire_stalled(self, now):
         """408 and the end of the connection for a request whose headers took
-        longer than request_read_timeout, or whose body stopped arriving."""
+        longer than request_read_timeout, or whose body stopped arriving; the
+        end of a connection idle for keepalive seconds."""
         request = self.proto_request
+        if request is None:
+            self._close_if_idle()
+            return
         timeout = self.adj.http.request_read_timeout
         if request is None or self.will_close or self.ended or (
                 now - request.started < timeout if not request.headers_complete
@@ -344,6 +348,14 @@ class DrainingChannel(HTTPServerChannel):
             request.dispatched = True
         if not dispatched:
             self.handle_request(request)
+
+    def _close_if_idle(self):
+        """Close the connection (from the loop's thread) if it has carried
+        nothing for keepalive seconds: no byte yet, or none since the last
+        response, and no task, input or output pending."""
+        if (self.async_mode and not self.will_close and not self.busy()
+                and time.time() - self.last_activity >= self.adj.http.keepalive):
+            self.close()
 
     def service(self):
         """ServerChannelBase.service, sending from this thread after each task."""
