@@ -406,7 +406,6 @@ def test_empty_lines_before_a_request_are_ignored(strict_server):
 BAD_REQUEST_LINES = {
     'version-suffix': (b'GET /{t} HTTP/1.1x\r\n', 400),
     'version-digits': (b'GET /{t} HTTP/111\r\n', 400),
-    'version-1.2': (b'GET /{t} HTTP/1.2\r\n', 400),
     'protocol-ftp': (b'GET /{t} FTP/1.1\r\n', 400),
     'protocol-lowercase': (b'GET /{t} http/1.1\r\n', 400),
     'tab-after-method': (b'GET\t/{t} HTTP/1.1\r\n', 400),
@@ -415,7 +414,7 @@ BAD_REQUEST_LINES = {
     'two-spaces-after-target': (b'GET /{t}  HTTP/1.1\r\n', 400),
     'space-after-version': (b'GET /{t} HTTP/1.1 \r\n', 400),
     'leading-space': (b' GET /{t} HTTP/1.1\r\n', 400),
-    'lowercase-method': (b'get /{t} HTTP/1.1\r\n', 400),
+    'lowercase-method': (b'get /{t} HTTP/1.1\r\n', 501),  # a token, but no method (case-sensitive)
     'invalid-method': (b'G@T /{t} HTTP/1.1\r\n', 400),
     'no-method': (b'/{t} HTTP/1.1\r\n', 400),
     'space-in-target': (b'GET /{t} x HTTP/1.1\r\n', 400),
@@ -803,7 +802,8 @@ def test_the_http_options_default_to_their_documented_values():
     assert HTTPOptions.from_settings(make_settings({})) == HTTPOptions(
         limit_request_line=4094, limit_request_fields=200, limit_request_field_size=65536,
         limit_request_header_size=262144, max_request_body_size=1 << 30, request_read_timeout=30.0,
-        outbuf_high_watermark=4 << 20, send_timeout=60.0, forwarded_allow_ips=('127.0.0.1/32',))
+        request_body_min_rate=500, keepalive=2.0, outbuf_high_watermark=4 << 20, send_timeout=60.0,
+        forwarded_allow_ips=('127.0.0.1/32',))
 
 
 @pytest.mark.parametrize('option,value', [

@@ -10,7 +10,8 @@ other than chunked (501), Transfer-Encoding in HTTP/1.0, a missing or
 duplicated Host, a request line of another shape than
 ``method SP request-target SP HTTP-version`` (400), versions other than
 1.0 and 1.1 (505), and header names containing ``_``, which are dropped
-(they would alias a name with ``-`` in the WSGI environ).
+(they would alias a name with ``-`` in the WSGI environ). Trailer fields
+are counted against the limits and dropped.
 
 One `Request` reads one message. It feeds llhttp the input in pieces that
 end where a message can end (after a blank line, or at the last byte of a
@@ -18,6 +19,8 @@ Content-Length body), so that it stops exactly at the end of its request
 and the channel decides when to parse the next one.
 """
 import dataclasses
+import ipaddress
+import re
 import tempfile
 import threading
 import time
@@ -30,6 +33,15 @@ REASONS = {400: 'Bad Request', 408: 'Request Timeout', 413: 'Content Too Large',
            431: 'Request Header Fields Too Large', 501: 'Not Implemented',
            505: 'HTTP Version Not Supported'}
 END_OF_HEAD = b'\r\n\r\n'
+# RFC 9112 3.2: Host = uri-host [ ":" port ], uri-host being RFC 3986's
+# IP-literal, IPv4address or reg-name (pct-encoded octets that are no controls).
+HOST = re.compile(r"(?:\[(?P<literal>[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[-\w.~!$&'()*+,;=:]+)\]"
+                  r"|(?:[-A-Za-z0-9._~!$&'()*+,;=]|%(?![01]|7[Ff])[0-9A-Fa-f]{2})*)(?::[0-9]*)?", re.ASCII)
+AUTHORITY = re.compile(rb'[^/?#]*')  # RFC 3986 3.2
+# RFC 3986 2: unreserved, reserved and "%"; llhttp lets "<>\^`{|} and obs-text by
+TARGET_CHARS = re.compile(rb"[-A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%]*")
+METHOD = re.compile(rb"[-!#$%&'*+.^_`|~A-Za-z0-9]+ ")  # RFC 9110 9.1: a token, then SP
+CHUNK_LINE = 32  # bytes of a chunk's size line and CRLFs not counted as extensions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +55,8 @@ class HTTPOptions:
     limit_request_header_size: int  # bytes of the request line and header fields -> 431
     max_request_body_size: int      # bytes of the body, de-chunked -> 413
     request_read_timeout: float     # s for the headers, and of silence inside a body -> 408
+    request_body_min_rate: int      # bytes/s a body must average beyond request_read_timeout -> 408
+    keepalive: float                # s a connection may be idle (no request begun) before it is closed
     outbuf_high_watermark: int      # bytes of a response buffered before the application waits
     send_timeout: float             # s a client may read nothing of a response before it is dropped
     forwarded_allow_ips: tuple      # peers whose X-Forwarded-For/-Proto are believed: networks, or ('*',)
@@ -58,6 +72,11 @@ class Refused(Exception):
     def __init__(self, status, detail):
         super().__init__(f'{status} {REASONS[status]}: {detail}')
         self.status, self.reason, self.detail = status, REASONS[status], detail
+
+
+class RequestBodyTimeout(OSError):
+    """The application read a body that arrived too slowly: the server
+    answers 408 and closes."""
 
 
 class _Overrun(Exception):
@@ -87,7 +106,7 @@ class Request:
     _remaining = None       # bytes of a Content-Length body still to come
     _line = b''             # the request line's bytes while they arrive, then None
     _tail = b''             # the last bytes of the previous read
-    _url_size = _head_size = _fields = _body_size = 0
+    _url_size = _head_size = _fields = _body_size = _framing = _chunks = 0
     _body = None
 
     def __init__(self, adj):
@@ -96,6 +115,10 @@ class Request:
         self.headers = {}
         self._url = []
         self._parser = httptools.HttpRequestParser(self)
+        # RFC 9110 2.5: HTTP/1.x for x > 1 is served as 1.1 (llhttp refuses
+        # it otherwise). Not lenient_spaces_after_chunk_size: it would allow
+        # the BWS before a chunk extension, but also spaces with none after.
+        self._parser.set_dangerous_leniencies(lenient_version=True)
 
     # -- zope.server's IStreamConsumer --
 
@@ -109,14 +132,19 @@ class Request:
             while fed < size and not self.completed:
                 end = self._piece_end(data, fed)
                 piece = data if end == size and not fed else memoryview(data)[fed:end]
-                if not self.headers_complete:
+                in_body = self.headers_complete
+                if not in_body:
                     self._count_head(piece)
                 fed = end
                 self._parser.feed_data(piece)
+                if in_body and self.chunked:
+                    self._count_chunk_framing(len(piece))
         except Refused as refused:
             self.refuse(refused)
         except httptools.HttpParserUpgrade:
             pass  # the message is complete; keep_alive is off for upgrades
+        except httptools.HttpParserInvalidMethodError:
+            self.refuse(self._unknown_method())
         except httptools.HttpParserError as error:
             cause = error.__context__
             if isinstance(cause, _Overrun):
@@ -154,8 +182,26 @@ class Request:
         if crlf:
             self._line = None
             self.request_line = line
-        elif len(line) > limits.limit_request_line:
+        if len(line) > limits.limit_request_line:
             raise Refused(414, f'request line longer than {limits.limit_request_line} bytes')
+
+    def _count_chunk_framing(self, size):
+        """Bound the chunk extensions and the trailer section: httptools
+        does not pass them on, so the bytes of a chunked body that are not
+        data, beyond CHUNK_LINE per chunk, count against
+        limit_request_header_size."""
+        self._framing += size
+        limit = self.limits.limit_request_header_size
+        if self._framing - self._body_size - CHUNK_LINE * self._chunks > limit:
+            raise Refused(431, f'chunk extensions and trailer fields larger than {limit} bytes')
+
+    def _unknown_method(self):
+        """llhttp refuses a method it does not know: 501 if it is a token
+        (RFC 9110 9.1), else 400."""
+        line = (self.request_line or self._line or b'').lstrip(b'\r\n')
+        if METHOD.match(line):
+            return Refused(501, 'an unknown method')
+        return Refused(400, 'an invalid method')
 
     def refuse(self, refused):
         self.error = refused
@@ -183,8 +229,8 @@ class Request:
             raise Refused(431, f'more than {limits.limit_request_fields} header fields')
         if len(name) + len(value) > limits.limit_request_field_size:
             raise Refused(431, f'a header field larger than {limits.limit_request_field_size} bytes')
-        if b'_' in name:
-            return
+        if b'_' in name or self.headers_complete:
+            return  # a trailer field is never merged into the header fields (RFC 9110, 6.5.1)
         key = name.upper().replace(b'-', b'_').decode('ascii')
         value = value.strip(b' \t').decode('latin-1')
         headers = self.headers
@@ -200,7 +246,8 @@ class Request:
         self.version = version = parser.get_http_version()
         if version != '1.1' and version != '1.0':
             self.version = '1.1'
-            raise Refused(505, f'HTTP/{version}')
+            if version[:2] != '1.':
+                raise Refused(505, f'HTTP/{version}')
         method = parser.get_method()
         target = b''.join(self._url)
         line = b'%s %s HTTP/%s' % (method, target, version.encode())
@@ -226,18 +273,34 @@ class Request:
             url = httptools.parse_url(target)  # absolute-form (RFC 9112, 3.2.2)
             path, query = url.path or b'/', url.query or b''
             self.proxy_scheme = url.schema.decode('latin-1')
-            self.proxy_netloc = self.headers['HOST'] = target.split(b'/')[2].decode('latin-1')
+            self.proxy_netloc = self.headers['HOST'] = self._authority(target, url)
         else:
             raise Refused(400 if self.command != 'CONNECT' else 501, 'unsupported request-target form')
         if b'#' in target:
             raise Refused(400, 'a fragment in the request target')
+        if not TARGET_CHARS.fullmatch(target):
+            raise Refused(400, 'a character outside RFC 3986 in the request target')
         self.path = (unquote_to_bytes(path) if b'%' in path else path).decode('latin-1')
         self.query = query.decode('latin-1') if query else None
+
+    def _authority(self, target, url):
+        """The Host of an absolute-form target: its authority, without
+        userinfo (RFC 9110 4.2.4), for the schemes http and https only."""
+        if self.proxy_scheme.lower() not in ('http', 'https') or not target.startswith(url.schema + b'://'):
+            raise Refused(400, 'a request target with a scheme other than http or https')
+        authority = AUTHORITY.match(target, len(url.schema) + 3)[0].decode('latin-1')
+        if '@' in authority:
+            raise Refused(400, 'userinfo in the request target')
+        if not url.host or not valid_host(authority):
+            raise Refused(400, 'an invalid authority in the request target')
+        return authority
 
     def _check_framing(self):
         headers, limits = self.headers, self.limits
         if self.version == '1.1' and 'HOST' not in headers:
             raise Refused(400, 'no Host header field')
+        if not valid_host(headers.get('HOST', '')):
+            raise Refused(400, 'an invalid Host header field')
         coding = headers.get('TRANSFER_ENCODING')
         if coding is not None:
             if self.version == '1.0':
@@ -254,7 +317,10 @@ class Request:
             raise Refused(400, 'a body in a request to upgrade or CONNECT')  # llhttp would not read it
         if self.chunked or self.content_length:
             self.expect_continue = self.version == '1.1' and headers.get('EXPECT', '').lower() == '100-continue'
-            self._body = Body(self.expect_continue)
+            self._body = Body(self.expect_continue, limits)
+
+    def on_chunk_header(self):
+        self._chunks += 1
 
     def on_body(self, data):
         self._body_size += len(data)
@@ -278,6 +344,11 @@ class Request:
             return BytesIO(b'')
         return self._body.stream()
 
+    def body_too_slow(self, now):
+        """Whether the body, begun but not complete, is late at `now`
+        (time.monotonic())."""
+        return self._body is not None and not self.completed and now > self._body.deadline()
+
     def when_body_read(self, callback):
         """Call `callback` (once) when the application first reads the body."""
         if self._body is not None:
@@ -287,6 +358,21 @@ class Request:
         """The client is gone or too slow: a reader of the body gets OSError."""
         if self._body is not None:
             self._body.fail(error)
+
+
+def valid_host(value):
+    """Whether `value` (str) is a Host field value of RFC 9112 3.2."""
+    match = HOST.fullmatch(value)
+    if match is None:
+        return False
+    literal = match['literal']
+    if literal is None or literal[:1] in 'vV':
+        return True
+    try:
+        ipaddress.IPv6Address(literal)
+    except ValueError:
+        return False
+    return True
 
 
 class Body:
@@ -300,18 +386,27 @@ class Body:
     SPOOL = 1 << 19
     on_first_read = None
 
-    def __init__(self, streamed):
+    def __init__(self, streamed, limits):
         self.file = tempfile.SpooledTemporaryFile(max_size=self.SPOOL)
         self.streamed = streamed
+        self.started = time.monotonic()
+        self.grace, self.min_rate = limits.request_read_timeout, limits.request_body_min_rate
         self.written = 0
         self.read_at = 0
         self.finished = False
         self.error = None
         self.changed = threading.Condition() if streamed else None
 
+    def deadline(self):
+        """When the body must be complete, as far as it came (time.monotonic()):
+        request_read_timeout, plus a second per request_body_min_rate bytes
+        received (mod_reqtimeout's MinRate)."""
+        return self.started + self.grace + self.written / self.min_rate
+
     def append(self, data):
         if not self.streamed:
             self.file.write(data)
+            self.written += len(data)
             return
         with self.changed:
             self.file.seek(0, 2)
@@ -346,11 +441,15 @@ class Body:
             while True:
                 available = self.written - self.read_at
                 if self.error is not None:
-                    raise OSError(f'the request body was not received: {self.error}')
+                    late = getattr(self.error, 'status', None) == 408
+                    raise (RequestBodyTimeout if late else OSError)(f'the request body was not received: {self.error}')
                 if self.finished or (size >= 0 and available >= size) or (
                         line and self._newline_within(available)):
                     break
-                self.changed.wait()
+                late = self.deadline() - time.monotonic()
+                if late <= 0:
+                    raise RequestBodyTimeout(f'the request body arrived slower than {self.min_rate} bytes/s')
+                self.changed.wait(late)
             self.file.seek(self.read_at)
             data = self.file.readline(size) if line else self.file.read(size)
             self.read_at += len(data)

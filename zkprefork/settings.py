@@ -335,6 +335,10 @@ class Settings:
     max_request_body_size: int = option(1 << 30, _integer(0))  # bytes (1 GiB), de-chunked -> 413
     # seconds for the headers, and of silence inside a body -> 408
     request_read_timeout: float = option(30.0, _positive_seconds)
+    # bytes/s a body must average, after request_read_timeout -> 408
+    request_body_min_rate: int = option(500, _integer(1))
+    # seconds a connection may stay idle (before its first byte, between requests)
+    keepalive: float = option(2.0, _positive_seconds)
     # bytes of response buffered before the application waits
     outbuf_high_watermark: int = option(4 << 20, _integer(65536))
     # seconds a client may read nothing of a response before it is dropped

@@ -332,12 +332,16 @@ class DrainingChannel(HTTPServerChannel):
 
     def expire_stalled(self, now):
         """408 and the end of the connection for a request whose headers took
-        longer than request_read_timeout, or whose body stopped arriving."""
+        longer than request_read_timeout, or whose body stopped arriving; the
+        end of a connection idle for keepalive seconds."""
         request = self.proto_request
+        if request is None:
+            self._close_if_idle()
+            return
         timeout = self.adj.http.request_read_timeout
         if request is None or self.will_close or self.ended or (
                 now - request.started < timeout if not request.headers_complete
-                else time.time() - self.last_activity < timeout):
+                else time.time() - self.last_activity < timeout and not request.body_too_slow(now)):
             return
         refused = httprequest.Refused(408, f'no complete request within {timeout:g} s')
         with self.parse_lock:
@@ -349,6 +353,14 @@ class DrainingChannel(HTTPServerChannel):
             request.dispatched = True
         if not dispatched:
             self.handle_request(request)
+
+    def _close_if_idle(self):
+        """Close the connection (from the loop's thread) if it has carried
+        nothing for keepalive seconds: no byte yet, or none since the last
+        response, and no task, input or output pending."""
+        if (self.async_mode and not self.will_close and not self.busy()
+                and time.time() - self.last_activity >= self.adj.http.keepalive):
+            self.close()
 
     def service(self):
         """ServerChannelBase.service, sending from this thread after each task."""
@@ -553,9 +565,11 @@ class SharedSocketServer(WSGIHTTPServer):
         except ClientGone:
             task.failed = True
             task.close_on_finish = 1
+        except httprequest.RequestBodyTimeout as error:
+            self._answer_failure(task, 408, 'Request Timeout', f'Request Timeout: {error}\n')
         except Exception:
             log.exception('the application failed on %s', task.request_data.first_line)
-            self._answer_failure(task)
+            self._answer_failure(task, 500, 'Internal Server Error', 'Internal Server Error\n')
         finally:
             self.observer.request_finished()  # scoreboard hook
 
@@ -575,15 +589,15 @@ class SharedSocketServer(WSGIHTTPServer):
                 result.close()
 
     @staticmethod
-    def _answer_failure(task):
+    def _answer_failure(task, status, reason, text):
         """zope.server would close the connection without a word, or keep it
-        open after a response cut short: a 500 if nothing was sent yet, else
-        an end to the connection (the client must not wait for the rest)."""
+        open after a response cut short: this answer if nothing was sent yet,
+        else an end to the connection (the client must not wait for the rest)."""
         if task.wroteResponseHeader():
             task.failed = True
             task.close_on_finish = 1
         else:
-            task.answer(500, 'Internal Server Error', 'Internal Server Error\n')
+            task.answer(status, reason, text)
 
     def stop_accepting(self):
         self.draining = True
