@@ -538,3 +538,26 @@ def test_a_registrar_that_closed_its_session_is_followed_by_a_new_session(server
     registrar_of(server).terminate()
     wait_owned(zk, node, other_than=first)
     assert zk.get_children(zk_path) == [node.rpartition('/')[2]]
+
+
+@pytest.mark.parametrize('after_kill', [0.1, 0.8])
+def test_sigterm_while_the_registrar_restarts_deletes_the_node_first(servers, ini, zookeeper, zk, zk_path,
+                                                                    after_kill):
+    """The registrar killed, SIGTERM before (0.1 s) or just after (0.8 s) its
+    successor starts: one is started at once to resume the session and
+    delete the node before the port closes; no state line claims nothing
+    while the session holds the node."""
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    wait_owned(zk, node)
+    os.kill(registrar_of(server).pid, signal.SIGKILL)
+    time.sleep(after_kill)
+    server.signal(signal.SIGTERM)
+    seen = first_times({'gone': lambda: not zk.exists(node), 'closed': lambda: port_closed(server.port)},
+                       timeout=10)
+    assert seen['gone'] <= seen['closed'], seen
+    assert seen['closed'] - seen['gone'] < 2.0  # deleted, not expired with the session
+    assert server.wait() == 0
+    successor = server.log().partition('killed by SIGKILL')[2]
+    claims = re.findall(r'ZooKeeper \w+, session \S+, registered: .*|unregistered /\S+', successor)
+    deleted = claims.index(f'unregistered {node}')
+    assert not any(line.endswith('registered: nothing') for line in claims[:deleted]), claims

@@ -303,8 +303,10 @@ class Registrar:
         self._emit(State(state, session_id, nodes, round(self.since, 3), problems, session.failure,
                          health))
         if changed:
+            held = ', '.join(nodes) or ('not known yet (resuming a session)'
+                                        if self.nodes.resumed else 'nothing')
             log.info('ZooKeeper %s, session %s, registered: %s%s', state, session_id or 'none',
-                     ', '.join(nodes) or 'nothing', ''.join(f'; {p}' for p in problems))
+                     held, ''.join(f'; {p}' for p in problems))
 
 
 def main():

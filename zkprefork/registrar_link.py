@@ -12,6 +12,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 
 import zkprefork
 from zkprefork.lines import LineReader
@@ -66,8 +67,12 @@ class RegistrarLink:
 
     @property
     def registered(self):
-        """A register command went to the running registrar and was not undone."""
-        return self.alive and self._node_data is not None
+        """A register command went to the running registrar and was not
+        undone, or the registrar is being restarted while its session (which
+        may hold the nodes) lives on."""
+        if self.alive:
+            return self._node_data is not None
+        return self._wanted == RUN and self._session is not None
 
     @property
     def unregistered(self):
@@ -120,9 +125,19 @@ class RegistrarLink:
         self._send(Register(endpoints(), data).line())
 
     def unregister(self):
-        """Ask for the node(s) to be deleted; `unregistered` tells when they are."""
+        """Ask for the node(s) to be deleted; `unregistered` tells when they
+        are. A registrar being restarted is started at once (no back-off): it
+        resumes the session, which may hold the nodes, to delete them."""
         self._node_data = None
+        if not self.alive and self._wanted == RUN:
+            self._unregister_anew(time.monotonic())
+        else:
+            self._send(Unregister().line())
         self._wanted = UNREGISTER
+
+    def _unregister_anew(self, now):
+        self.backoff.cancel()
+        self._spawn(now)
         self._send(Unregister().line())
 
     def stand_down(self):
@@ -186,14 +201,18 @@ class RegistrarLink:
         self._stop_watching()
         self.process.returncode = os.waitstatus_to_exitcode(status)
         self._close_stdin()
-        if self._wanted == UNREGISTER:
-            log.warning('the registrar (pid %d) exited while unregistering: %s; its session, '
-                        'and the node with it, is closed', pid, describe_exit(status))
+        if self._wanted == UNREGISTER and not self._confirmed:
+            # Killed, its session (and the node) lives on: the next one
+            # resumes it and deletes the node (within the master's bound).
+            log.warning('the registrar (pid %d) exited while unregistering: %s; starting another '
+                        'to finish', pid, describe_exit(status))
+            self._unregister_anew(now)
         elif self._wanted == RUN:
             if now - self._started > REGISTRAR_STEADY:
                 self.backoff.reset()
             delay = self.backoff.failed(now)
-            self.registration = {'state': 'restarting', 'nodes': []}  # its session is gone
+            # Its session, and the nodes, live on until the next one resumes it.
+            self.registration = {**self.registration, 'state': 'restarting'}
             log.error('the registrar (pid %d) exited: %s; restarting it in %.1f s',
                       pid, describe_exit(status), delay)
         return True
