@@ -17,7 +17,7 @@ import pytest
 from kazoo.exceptions import NoAuthError
 from kazoo.recipe.watchers import ChildrenWatch
 
-from support import (dead_pid, ensemble_hosts, free_port, read_curator_instance,
+from support import (dead_pid, ensemble_hosts, free_port, log_times, read_curator_instance,
                      read_serverset_member, read_synapse_backend, registrar_of, wait_until)
 from zkprefork.registrar_protocol import RegistrarConfig
 from zkprefork.settings import make_settings
@@ -541,7 +541,7 @@ def test_a_registrar_that_closed_its_session_is_followed_by_a_new_session(server
 
 
 @pytest.mark.parametrize('after_kill', [0.1, 0.8])
-def test_sigterm_while_the_registrar_restarts_deletes_the_node_first(servers, ini, zookeeper, zk, zk_path,
+def test_sigterm_during_a_restart_of_the_session_owner_deletes_the_node_first(servers, ini, zookeeper, zk, zk_path,
                                                                     after_kill):
     """The registrar killed, SIGTERM before (0.1 s) or just after (0.8 s) its
     successor starts: one is started at once to resume the session and
@@ -561,3 +561,31 @@ def test_sigterm_while_the_registrar_restarts_deletes_the_node_first(servers, in
     claims = re.findall(r'ZooKeeper \w+, session \S+, registered: .*|unregistered /\S+', successor)
     deleted = claims.index(f'unregistered {node}')
     assert not any(line.endswith('registered: nothing') for line in claims[:deleted]), claims
+
+
+def test_a_crash_loop_of_the_session_owner_keeps_resuming_the_session(servers, ini, zookeeper, zk, zk_path):
+    """Registrars killed one after another: the restart back-off stays short
+    enough for each successor to resume the session, so the node never goes."""
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    session = wait_owned(zk, node)
+    created = zk.exists(node)
+    gaps = []
+    watching = threading.Event()
+
+    def watch():
+        while not watching.is_set():
+            if not zk.exists(node):
+                gaps.append(time.monotonic())
+            time.sleep(0.005)
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(5):  # back-offs of 0.5, 1, 2, 4, 8 s uncapped
+            restart_registrar(server, session, node)
+    finally:
+        watching.set()
+        watcher.join()
+    assert gaps == []
+    assert zk.exists(node).czxid == created.czxid
+    assert log_times(server, 'restarting it in 1.0 s')
+    assert not log_times(server, 'restarting it in 2.0 s')

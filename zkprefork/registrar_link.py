@@ -23,6 +23,10 @@ from zkprefork.supervision import MASTER_ONLY_SIGNALS, NEVER, Backoff, describe_
 log = logging.getLogger('zkprefork.master')
 
 REGISTRAR_STEADY = 60.0  # seconds a registrar runs before its exit is not "at start"
+# While a registrar's session may be alive, its successor starts within
+# this fraction of the session timeout, so that it resumes the session (and
+# the node stays) however often registrars die.
+RESUME_WITHIN = 0.25
 
 # What the master wants of the registrar process: restart it when it exits
 # (RUN), take its exit as the end of the node(s) (UNREGISTER), let it go (STOP).
@@ -210,12 +214,19 @@ class RegistrarLink:
         elif self._wanted == RUN:
             if now - self._started > REGISTRAR_STEADY:
                 self.backoff.reset()
-            delay = self.backoff.failed(now)
+            delay = self.backoff.failed(now, self._resume_limit())
             # Its session, and the nodes, live on until the next one resumes it.
             self.registration = {**self.registration, 'state': 'restarting'}
             log.error('the registrar (pid %d) exited: %s; restarting it in %.1f s',
                       pid, describe_exit(status), delay)
         return True
+
+    def _resume_limit(self):
+        """The longest restart back-off that lets the next registrar resume
+        the session (seconds), or None without one to resume."""
+        if self._session is None:
+            return None
+        return self.settings.session_timeout / 1000.0 * RESUME_WITHIN
 
     def tend(self, now):
         """Restart an exited registrar once its back-off is over."""
@@ -261,6 +272,13 @@ class NoRegistrar:
 
     def start(self, selector, now):
         pass
+
+    def _resume_limit(self):
+        """The longest restart back-off that lets the next registrar resume
+        the session (seconds), or None without one to resume."""
+        if self._session is None:
+            return None
+        return self.settings.session_timeout / 1000.0 * RESUME_WITHIN
 
     def tend(self, now):
         pass
