@@ -589,3 +589,32 @@ def test_a_crash_loop_of_the_session_owner_keeps_resuming_the_session(servers, i
     assert zk.exists(node).czxid == created.czxid
     assert log_times(server, 'restarting it in 1.0 s')
     assert not log_times(server, 'restarting it in 2.0 s')
+
+
+def test_node_goes_as_soon_as_zookeeper_answers_after_a_long_outage_across_sigterm(
+        servers, ini, own_zookeeper, kazoo_client, zk_path):
+    """ZooKeeper down across SIGTERM for longer than the 5 s the master keeps
+    accepting: the port closes then, and the node goes as soon as ZooKeeper
+    answers again (the registrar still closes the session), not a session
+    timeout later; the master exits once that is done."""
+    zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
+    server, node = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
+                                    'session_timeout = 10000\n')
+    wait_owned(kazoo_client(zookeeper.hosts), node)
+    zookeeper.stop()
+    server.wait_for_log('ZooKeeper suspended')
+    server.signal(signal.SIGTERM)
+    server.wait_for_log('did not confirm the deregistration in time')
+    wait_until(lambda: port_closed(server.port), message='the port to close')
+    server.wait_for_log('ZooKeeper unreachable at exit')
+    time.sleep(1.0)
+    assert server.alive()
+    zookeeper.start()
+    answering = time.monotonic()
+    zk = kazoo_client(zookeeper.hosts)
+    wait_until(lambda: not zk.exists(node), timeout=10, interval=0.01, message='the node to go')
+    # Reconnection back-off (2.8 s at worst) and a connect, well within the
+    # 10 s session that ZooKeeper re-arms at its restart.
+    assert time.monotonic() - answering < 5.0
+    assert server.wait(10) == 0
+    assert 'killing it' not in server.log()

@@ -268,6 +268,11 @@ class Nodes:
         return sorted([wanted.path for wanted in self.wanted if wanted.ours]
                       + [d.path for d in self.doomed if d.confirmed])
 
+    def may_hold(self):
+        """Whether the session may hold a node of ours (confirmed, or
+        written without an answer, or not looked for yet)."""
+        return bool(self.registered()) or not self.settled() or any(w.written for w in self.wanted)
+
     def settled(self):
         """Nothing left to delete (nor any resumed session's nodes to look for)."""
         return not self.doomed and self.resumed is None
