@@ -618,3 +618,12 @@ def test_node_goes_as_soon_as_zookeeper_answers_after_a_long_outage_across_sigte
     assert time.monotonic() - answering < 5.0
     assert server.wait(10) == 0
     assert 'killing it' not in server.log()
+
+
+def test_an_unresolvable_zookeeper_is_named_once_not_ten_times_a_second(servers, ini, zk_path):
+    server = servers(ini(f'zookeeper = no-such-host.invalid:2181\npath = {zk_path}\n'
+                         'host = 127.0.0.1\n')).wait_serving()
+    server.wait_for_log('Cannot resolve no-such-host.invalid')
+    time.sleep(3.0)
+    assert server.request('/')[0] == 200
+    assert server.log().count('Cannot resolve') == 1, server.log()

@@ -342,6 +342,7 @@ def main():
         unreadable = None
     zksecurity.redact_logs(credentials or zksecurity.own_credentials(config.identity))
     logsetup.configure(config.loggers)
+    zksession.quiet_kazoo_repeats()
     proctitle.set(f'registrar {config.path}')
     if unreadable:
         _without_credentials(unreadable)
