@@ -1,6 +1,7 @@
 """Registration that never lies, against a real ZooKeeper: session expiry,
 restarts, absence at start, stale, foreign and persistent nodes, external
 deletes, an ensemble losing the member we talk to, and each node format."""
+import contextlib
 import json
 import os
 import re
@@ -138,10 +139,10 @@ def restart_registrar(server, session, node):
                message=f'a new registrar holding {node} in session 0x{session:x}')
 
 
-def test_restarted_registrar_resumes_the_session_and_keeps_the_node(servers, ini, zookeeper, zk, zk_path):
-    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
-    first = wait_owned(zk, node)
-    before = zk.exists(node)
+@contextlib.contextmanager
+def gaps_of(zk, node):
+    """The times (monotonic) `node` was seen missing while in the block,
+    sampled every 5 ms (the scenario: a watcher that samples that often)."""
     gaps = []
     watching = threading.Event()
 
@@ -149,14 +150,22 @@ def test_restarted_registrar_resumes_the_session_and_keeps_the_node(servers, ini
         while not watching.is_set():
             if not zk.exists(node):
                 gaps.append(time.monotonic())
-            time.sleep(0.005)  # the scenario: a watcher that samples every 5 ms
+            time.sleep(0.005)
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        restart_registrar(server, first, node)
+        yield gaps
     finally:
         watching.set()
         watcher.join()
+
+
+def test_restarted_registrar_resumes_the_session_and_keeps_the_node(servers, ini, zookeeper, zk, zk_path):
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    first = wait_owned(zk, node)
+    before = zk.exists(node)
+    with gaps_of(zk, node) as gaps:
+        restart_registrar(server, first, node)
     assert gaps == []
     after = zk.exists(node)
     # The same node, of the same session: never deleted, never re-created.
@@ -335,9 +344,9 @@ def port_closed(port):
     return False
 
 
-def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zookeeper, kazoo_client, zk_path):
-    """SIGTERM during an outage: the master keeps accepting until the delete
-    is confirmed, so the node goes before (or as) the port closes."""
+def sigterm_during_an_outage(servers, ini, own_zookeeper, kazoo_client, zk_path):
+    """A registered server (10 s session) whose ZooKeeper is stopped, then
+    SIGTERM: (zookeeper, server, node)."""
     zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
     server, node = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
                                     'session_timeout = 10000\n')
@@ -345,6 +354,13 @@ def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zooke
     zookeeper.stop()
     server.wait_for_log('ZooKeeper suspended')
     server.signal(signal.SIGTERM)
+    return zookeeper, server, node
+
+
+def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zookeeper, kazoo_client, zk_path):
+    """SIGTERM during an outage: the master keeps accepting until the delete
+    is confirmed, so the node goes before (or as) the port closes."""
+    zookeeper, server, node = sigterm_during_an_outage(servers, ini, own_zookeeper, kazoo_client, zk_path)
     server.wait_for_log('SIGTERM: stopping gracefully')
     time.sleep(0.5)
     assert server.request('/')[0] == 200  # still accepting
@@ -569,22 +585,9 @@ def test_a_crash_loop_of_the_session_owner_keeps_resuming_the_session(servers, i
     server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
     session = wait_owned(zk, node)
     created = zk.exists(node)
-    gaps = []
-    watching = threading.Event()
-
-    def watch():
-        while not watching.is_set():
-            if not zk.exists(node):
-                gaps.append(time.monotonic())
-            time.sleep(0.005)
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with gaps_of(zk, node) as gaps:
         for _ in range(5):  # back-offs of 0.5, 1, 2, 4, 8 s uncapped
             restart_registrar(server, session, node)
-    finally:
-        watching.set()
-        watcher.join()
     assert gaps == []
     assert zk.exists(node).czxid == created.czxid
     assert log_times(server, 'restarting it in 1.0 s')
@@ -597,13 +600,7 @@ def test_node_goes_as_soon_as_zookeeper_answers_after_a_long_outage_across_sigte
     accepting: the port closes then, and the node goes as soon as ZooKeeper
     answers again (the registrar still closes the session), not a session
     timeout later; the master exits once that is done."""
-    zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
-    server, node = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
-                                    'session_timeout = 10000\n')
-    wait_owned(kazoo_client(zookeeper.hosts), node)
-    zookeeper.stop()
-    server.wait_for_log('ZooKeeper suspended')
-    server.signal(signal.SIGTERM)
+    zookeeper, server, node = sigterm_during_an_outage(servers, ini, own_zookeeper, kazoo_client, zk_path)
     server.wait_for_log('did not confirm the deregistration in time')
     wait_until(lambda: port_closed(server.port), message='the port to close')
     server.wait_for_log('ZooKeeper unreachable at exit')
