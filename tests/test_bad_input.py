@@ -238,6 +238,20 @@ def test_bad_value_on_command_line_overrides_a_good_ini(tmp_path, ini, zookeeper
     assert_not_registered(zk, zk_path)
 
 
+@pytest.mark.parametrize('path, expected', [
+    ('{zk_path}/p\x01', 'ZooKeeper refuses the character U+0001'),
+    ('/zookeeper/{name}', 'reserved /zookeeper subtree'),
+], ids=['control-character', 'reserved'])
+def test_paths_zookeeper_refuses_are_refused_at_start(tmp_path, ini, zookeeper, zk, zk_path,
+                                                      path, expected):
+    path = path.format(zk_path=zk_path, name=os.path.basename(tmp_path))
+    config = ini(f'zookeeper = {zookeeper.hosts}\nhost = 127.0.0.1\n')
+    result = run_zkprefork([config, '--path', path], tmp_path)
+    assert_one_line_error(result, 'path', expected)
+    assert_not_registered(zk, zk_path)
+    assert not zk.exists('/zookeeper/' + os.path.basename(tmp_path))
+
+
 def test_zookeeper_without_path(tmp_path, ini, zookeeper, zk, zk_path):
     config = ini(f'zookeeper = {zookeeper.hosts}\nhost = 127.0.0.1\n')
     result = run_zkprefork([config], tmp_path)

@@ -68,3 +68,32 @@ def test_the_node_follows_the_health_check(servers, ini, zookeeper, zk, zk_path,
     created = zk.exists(node)
     restart_registrar(server, created.ephemeralOwner, node)
     assert zk.exists(node).czxid == created.czxid
+
+
+def test_a_hanging_health_check_holds_one_thread_at_most(servers, ini, zookeeper, zk, zk_path, tmp_path):
+    """/healthz hangs: the node leaves within fall × interval + 1 s, plain
+    requests keep being served by the other thread (a check unanswered is
+    never followed by another while it holds an application thread), and
+    once /healthz answers again the node is back within (rise + 1) ×
+    interval + 1 s."""
+    flag = tmp_path / 'hang'
+    config = ini(f'zookeeper = {zookeeper.hosts}\npath = {zk_path}\nhost = 127.0.0.1\nworkers = 1\n'
+                 f'threads = 2\nhealth_check = /healthz\nhealth_check_interval = {INTERVAL}\n'
+                 f'health_check_rise = {RISE}\nhealth_check_fall = {FALL}\n', app='call:hangapp:factory')
+    pythonpath = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get('PYTHONPATH')]))
+    server = servers(config, env={'PYTHONPATH': pythonpath, 'HANGAPP_FLAG': str(flag)}).wait_serving()
+    node = f'{zk_path}/127.0.0.1:{server.port}'
+    wait_until(lambda: zk.exists(node), message='the node')
+    flag.write_text('')
+    assert timed(lambda: not zk.exists(node), FALL * INTERVAL + 1, 'the node to go') < FALL * INTERVAL + 1
+    hanging_until = time.monotonic() + 8 * INTERVAL
+    served = 0
+    while time.monotonic() < hanging_until:
+        assert server.request('/', timeout=2 * INTERVAL + 1)[0] == 200
+        served += 1
+        time.sleep(0.05)
+    assert served > 10
+    flag.unlink()
+    limit = (RISE + 1) * INTERVAL + 1
+    assert timed(lambda: zk.exists(node), limit, 'the node back') < limit
+    assert 'the previous check is still unanswered' in server.log()

@@ -102,8 +102,10 @@ def test_a_replacement_that_fails_to_boot_halts_the_reload_and_the_next_reload_r
     hands.pool.heard(new_pid, [BootFailed('RuntimeError: deploy went wrong')], hands.now)
     with caplog.at_level(logging.ERROR, 'zkprefork.master'):
         assert hands.exit(new_pid, 'exit status 3') == []
-    assert 'reload halted: the new worker 0 (pid %d) failed to boot: RuntimeError: deploy went wrong' \
-        % new_pid in caplog.text
+    assert ('reload halted: the new worker 0 (pid %d) failed to boot: RuntimeError: deploy went wrong; '
+            'the old workers keep serving; nothing is retried before the next SIGHUP' % new_pid
+            in caplog.text)
+    assert 'next try' not in caplog.text  # nothing will try before the next reload
     assert hands.pool.reload_halted and not hands.pool.reloading()
     for _ in range(3):  # long after the back-off: still the old workers, nothing retired
         hands.tick(60)

@@ -1,6 +1,7 @@
 """Registration that never lies, against a real ZooKeeper: session expiry,
 restarts, absence at start, stale, foreign and persistent nodes, external
 deletes, an ensemble losing the member we talk to, and each node format."""
+import contextlib
 import json
 import os
 import re
@@ -17,7 +18,7 @@ import pytest
 from kazoo.exceptions import NoAuthError
 from kazoo.recipe.watchers import ChildrenWatch
 
-from support import (dead_pid, ensemble_hosts, free_port, read_curator_instance,
+from support import (dead_pid, ensemble_hosts, free_port, log_times, read_curator_instance,
                      read_serverset_member, read_synapse_backend, registrar_of, wait_until)
 from zkprefork.registrar_protocol import RegistrarConfig
 from zkprefork.settings import make_settings
@@ -138,10 +139,10 @@ def restart_registrar(server, session, node):
                message=f'a new registrar holding {node} in session 0x{session:x}')
 
 
-def test_restarted_registrar_resumes_the_session_and_keeps_the_node(servers, ini, zookeeper, zk, zk_path):
-    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
-    first = wait_owned(zk, node)
-    before = zk.exists(node)
+@contextlib.contextmanager
+def gaps_of(zk, node):
+    """The times (monotonic) `node` was seen missing while in the block,
+    sampled every 5 ms (the scenario: a watcher that samples that often)."""
     gaps = []
     watching = threading.Event()
 
@@ -149,14 +150,22 @@ def test_restarted_registrar_resumes_the_session_and_keeps_the_node(servers, ini
         while not watching.is_set():
             if not zk.exists(node):
                 gaps.append(time.monotonic())
-            time.sleep(0.005)  # the scenario: a watcher that samples every 5 ms
+            time.sleep(0.005)
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        restart_registrar(server, first, node)
+        yield gaps
     finally:
         watching.set()
         watcher.join()
+
+
+def test_restarted_registrar_resumes_the_session_and_keeps_the_node(servers, ini, zookeeper, zk, zk_path):
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    first = wait_owned(zk, node)
+    before = zk.exists(node)
+    with gaps_of(zk, node) as gaps:
+        restart_registrar(server, first, node)
     assert gaps == []
     after = zk.exists(node)
     # The same node, of the same session: never deleted, never re-created.
@@ -335,9 +344,9 @@ def port_closed(port):
     return False
 
 
-def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zookeeper, kazoo_client, zk_path):
-    """SIGTERM during an outage: the master keeps accepting until the delete
-    is confirmed, so the node goes before (or as) the port closes."""
+def sigterm_during_an_outage(servers, ini, own_zookeeper, kazoo_client, zk_path):
+    """A registered server (10 s session) whose ZooKeeper is stopped, then
+    SIGTERM: (zookeeper, server, node)."""
     zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
     server, node = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
                                     'session_timeout = 10000\n')
@@ -345,6 +354,13 @@ def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zooke
     zookeeper.stop()
     server.wait_for_log('ZooKeeper suspended')
     server.signal(signal.SIGTERM)
+    return zookeeper, server, node
+
+
+def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zookeeper, kazoo_client, zk_path):
+    """SIGTERM during an outage: the master keeps accepting until the delete
+    is confirmed, so the node goes before (or as) the port closes."""
+    zookeeper, server, node = sigterm_during_an_outage(servers, ini, own_zookeeper, kazoo_client, zk_path)
     server.wait_for_log('SIGTERM: stopping gracefully')
     time.sleep(0.5)
     assert server.request('/')[0] == 200  # still accepting
@@ -442,7 +458,10 @@ def test_nodes_keep_their_identity(servers, ini, zookeeper, zk, kazoo_client, zk
     assert seen == [[child]]  # no member left, none joined
     assert zk.get_children(zk_path) == [child]
     # In place, each time (a new registrar's curator registrationTimeUTC is its own).
-    assert server.log().count('updated /') == (1 if node_format == 'curator' else 4), server.log()
+    # (The registrar logs an update just after ZooKeeper confirmed it.)
+    updates = 1 if node_format == 'curator' else 4
+    wait_until(lambda: server.log().count('updated /') >= updates, timeout=2, message=f'{updates} updates')
+    assert server.log().count('updated /') == updates, server.log()
 
     anonymous = kazoo_client(zookeeper.hosts)
     with pytest.raises(NoAuthError):
@@ -538,3 +557,73 @@ def test_a_registrar_that_closed_its_session_is_followed_by_a_new_session(server
     registrar_of(server).terminate()
     wait_owned(zk, node, other_than=first)
     assert zk.get_children(zk_path) == [node.rpartition('/')[2]]
+
+
+@pytest.mark.parametrize('after_kill', [0.1, 0.8])
+def test_sigterm_during_a_restart_of_the_session_owner_deletes_the_node_first(servers, ini, zookeeper, zk, zk_path,
+                                                                    after_kill):
+    """The registrar killed, SIGTERM before (0.1 s) or just after (0.8 s) its
+    successor starts: one is started at once to resume the session and
+    delete the node before the port closes; no state line claims nothing
+    while the session holds the node."""
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    wait_owned(zk, node)
+    os.kill(registrar_of(server).pid, signal.SIGKILL)
+    time.sleep(after_kill)
+    server.signal(signal.SIGTERM)
+    seen = first_times({'gone': lambda: not zk.exists(node), 'closed': lambda: port_closed(server.port)},
+                       timeout=10)
+    assert seen['gone'] <= seen['closed'], seen
+    assert seen['closed'] - seen['gone'] < 2.0  # deleted, not expired with the session
+    assert server.wait() == 0
+    successor = server.log().partition('killed by SIGKILL')[2]
+    claims = re.findall(r'ZooKeeper \w+, session \S+, registered: .*|unregistered /\S+', successor)
+    deleted = claims.index(f'unregistered {node}')
+    assert not any(line.endswith('registered: nothing') for line in claims[:deleted]), claims
+
+
+def test_a_crash_loop_of_the_session_owner_keeps_resuming_the_session(servers, ini, zookeeper, zk, zk_path):
+    """Registrars killed one after another: the restart back-off stays short
+    enough for each successor to resume the session, so the node never goes."""
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 4000\n')
+    session = wait_owned(zk, node)
+    created = zk.exists(node)
+    with gaps_of(zk, node) as gaps:
+        for _ in range(5):  # back-offs of 0.5, 1, 2, 4, 8 s uncapped
+            restart_registrar(server, session, node)
+    assert gaps == []
+    assert zk.exists(node).czxid == created.czxid
+    assert log_times(server, 'restarting it in 1.0 s')
+    assert not log_times(server, 'restarting it in 2.0 s')
+
+
+def test_node_goes_as_soon_as_zookeeper_answers_after_a_long_outage_across_sigterm(
+        servers, ini, own_zookeeper, kazoo_client, zk_path):
+    """ZooKeeper down across SIGTERM for longer than the 5 s the master keeps
+    accepting: the port closes then, and the node goes as soon as ZooKeeper
+    answers again (the registrar still closes the session), not a session
+    timeout later; the master exits once that is done."""
+    zookeeper, server, node = sigterm_during_an_outage(servers, ini, own_zookeeper, kazoo_client, zk_path)
+    server.wait_for_log('did not confirm the deregistration in time')
+    wait_until(lambda: port_closed(server.port), message='the port to close')
+    server.wait_for_log('ZooKeeper unreachable at exit')
+    time.sleep(1.0)
+    assert server.alive()
+    zookeeper.start()
+    answering = time.monotonic()
+    zk = kazoo_client(zookeeper.hosts)
+    wait_until(lambda: not zk.exists(node), timeout=10, interval=0.01, message='the node to go')
+    # Reconnection back-off (2.8 s at worst) and a connect, well within the
+    # 10 s session that ZooKeeper re-arms at its restart.
+    assert time.monotonic() - answering < 5.0
+    assert server.wait(10) == 0
+    assert 'killing it' not in server.log()
+
+
+def test_an_unresolvable_zookeeper_is_named_once_not_ten_times_a_second(servers, ini, zk_path):
+    server = servers(ini(f'zookeeper = no-such-host.invalid:2181\npath = {zk_path}\n'
+                         'host = 127.0.0.1\n')).wait_serving()
+    server.wait_for_log('Cannot resolve no-such-host.invalid')
+    time.sleep(3.0)
+    assert server.request('/')[0] == 200
+    assert server.log().count('Cannot resolve') == 1, server.log()

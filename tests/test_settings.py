@@ -257,6 +257,25 @@ def test_bad_paths(value):
     assert repr(value.strip()) in rejected('path', value)
 
 
+@pytest.mark.parametrize('value', ['/a/p\x01', '/a/p\x7f', '/a/\x90x', '/a/\ue000', '/a/\ufff5',
+                                   '/a/\U0001f600'])
+def test_paths_with_characters_zookeeper_refuses(value):
+    assert 'ZooKeeper refuses the character U+' in rejected('path', value)
+
+
+@pytest.mark.parametrize('zookeeper, path', [('h:1', '/zookeeper'), ('h:1', '/zookeeper/x'),
+                                             ('h:1/zookeeper', '/x'), ('h:1/zookeeper', '/')])
+def test_the_reserved_zookeeper_subtree_is_refused(zookeeper, path):
+    with pytest.raises(ConfigError, match="reserved /zookeeper subtree"):
+        make_settings({'zookeeper': zookeeper, 'path': path})
+
+
+@pytest.mark.parametrize('zookeeper, path', [('h:1', '/zookeeperish'), ('h:1/apps', '/zookeeper'),
+                                             ('h:1', '/é/ü')])
+def test_paths_zookeeper_takes(zookeeper, path):
+    assert make_settings({'zookeeper': zookeeper, 'path': path}).path == path
+
+
 # -- the other options ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize('value, expected', [

@@ -20,10 +20,14 @@ log = logging.getLogger('zkprefork.registrar')
 UP, DOWN = 'up', 'down'
 
 
-def probe(host, port, path, timeout):
-    """GET `path` from host:port: (passed, one-line detail)."""
+def probe(host, port, path, timeout, answer_timeout=-1):
+    """GET `path` from host:port: (passed, one-line detail). `timeout`
+    (seconds) bounds the connect, `answer_timeout` the wait for the answer
+    (the same by default; None: as long as the server holds the request)."""
     connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
+        connection.connect()
+        connection.sock.settimeout(timeout if answer_timeout == -1 else answer_timeout)
         connection.request('GET', path, headers={'Connection': 'close',
                                                  'User-Agent': 'zkprefork-health-check'})
         response = connection.getresponse()
@@ -81,7 +85,13 @@ class Health:
 
 class Checker:
     """The thread that probes, posting ('health', (passed, detail)) to the
-    loop after each request; the loop is never kept waiting by one."""
+    loop every interval; the loop is never kept waiting by one.
+
+    A check unanswered at its timeout fails, but its request is not given
+    up: closing our socket would not free the application's thread that
+    runs it. Until the server answers it (or closes the connection), no
+    other check is sent, and each interval counts one more failure: checks
+    never hold more than one of the application's threads."""
 
     def __init__(self, options, host, port, post):
         """`options`: a registrar_protocol.HealthCheckOptions; `host`, `port`:
@@ -91,6 +101,8 @@ class Checker:
         self.post = post
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True, name='health-check')
+        self.outstanding = None  # the request thread of a check unanswered at its timeout
+        self.sent = None  # when it was sent (monotonic seconds)
 
     def start(self):
         log.info('health check: GET %s from %s:%d every %g s', self.options.path, *self.target,
@@ -103,9 +115,25 @@ class Checker:
     def _run(self):
         due = time.monotonic()
         while not self.stopping.is_set():
-            result = probe(*self.target, self.options.path, self.options.timeout)
+            result = self._check()
             if not self.stopping.is_set():
                 self.post('health', result)
             # Every `interval` from the start of the last one, as HAProxy's inter.
             due = max(due + self.options.interval, time.monotonic())
             self.stopping.wait(due - time.monotonic())
+
+    def _check(self):
+        """One check's (passed, detail), within the timeout."""
+        if self.outstanding is not None and self.outstanding.is_alive():
+            return False, (f'the previous check is still unanswered after '
+                           f'{time.monotonic() - self.sent:.1f} s: not sending another')
+        result = []
+        self.outstanding = threading.Thread(target=lambda: result.append(probe(
+            *self.target, self.options.path, self.options.timeout, answer_timeout=None)),
+            daemon=True, name='health-check-request')
+        self.sent = time.monotonic()
+        self.outstanding.start()
+        self.outstanding.join(self.options.timeout)
+        if result:
+            return result[0]
+        return False, f'no answer within {self.options.timeout:g} s'

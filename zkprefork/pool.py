@@ -155,13 +155,16 @@ class Pool:
         if self.booting and worker.generation == 0:
             log.error('worker %d (pid %d) failed to boot: %s', worker.slot, worker.pid, reason)
             return [BootFailedAtStart(worker.slot, worker.pid, reason)]
+        delay = self.backoff[worker.slot].failed(now)
         if any(self._stale(other) for other in self._current()[worker.slot]):
+            # Nothing retries a halted reload: say so, not a next try.
             self.reload_halted = True
             log.error('reload halted: the new worker %d (pid %d) failed to boot: %s; '
-                      'the old workers keep serving', worker.slot, worker.pid, reason)
-        delay = self.backoff[worker.slot].failed(now)
-        log.error('worker %d (pid %d) failed to boot: %s; next try in %.1f s',
-                  worker.slot, worker.pid, reason, delay)
+                      'the old workers keep serving; nothing is retried before the next SIGHUP',
+                      worker.slot, worker.pid, reason)
+        else:
+            log.error('worker %d (pid %d) failed to boot: %s; next try in %.1f s',
+                      worker.slot, worker.pid, reason, delay)
         return []
 
     def retire_all(self, now, graceful=True):

@@ -14,7 +14,10 @@ delete, or the session that held the nodes is gone.
 
 End of file on stdin means the master is gone or done: the registrar closes
 the session, which deletes its ephemeral nodes at once (not after the session
-timeout), and exits.
+timeout), and exits. Disconnected then, with a session that may hold nodes,
+it keeps trying to reach ZooKeeper for up to the session timeout (ZooKeeper
+restores sessions at restart and keeps them that long), and closes the
+session as soon as it answers.
 
 ``state`` is ``connecting`` (no session yet), ``connected``, ``suspended``
 (connection lost, the session may still be alive), ``lost`` (the session is
@@ -100,6 +103,7 @@ class Registrar:
         self.first_registration_checked = False
         self.reported = None
         self.since = time.time()
+        self.ending = False  # end of input while disconnected: closing the session when ZooKeeper answers
 
     def run(self):
         threading.Thread(target=self._read_commands, daemon=True).start()
@@ -110,9 +114,11 @@ class Registrar:
                 kind, value = self.inbox.get(timeout=self.timers.wait())
             except queue.Empty:
                 kind, value = 'tick', None
-            if kind == 'stop':
+            if kind == 'stop' or kind == 'end' and self._end():
                 break
             self._handle(kind, value)
+            if self.ending and (self.session.connected or self.session.state == 'lost'):
+                break  # closing the session deletes the nodes; a lost one has none
             self._confirm_unregistered()
             self._report()
         if self.checker:
@@ -131,7 +137,21 @@ class Registrar:
                 self._post('command', read_command(line))
             except ProtocolError as error:
                 log.error('ignoring a line from the master: %s', error)
-        self._post('stop', None)
+        self._post('end', None)
+
+    def _end(self):
+        """End of input: True to close the session now; else wait (up to a
+        session timeout) for ZooKeeper to answer, so that the nodes go as
+        soon as it does, not a session timeout later."""
+        if self.session.connected or self.session.failure or not self.nodes.may_hold():
+            return True
+        self.ending = True
+        timeout = self.config.session_timeout / 1000.0
+        log.warning('ZooKeeper unreachable at exit: closing the session (and deleting the node) '
+                    'as soon as it answers, for up to %g s', timeout)
+        self.timers.cancel(self._renew_session)
+        self.timers.at(timeout, self.stop)
+        return False
 
     def _handle(self, kind, value):
         if kind == 'state':
@@ -180,7 +200,7 @@ class Registrar:
         """Disconnected for a whole session timeout: the session is expired
         (or ZooKeeper, having lost its data, refuses it); a new one is
         needed, and the nodes are registered again in it."""
-        if self.session.connected or self.session.failure:
+        if self.session.connected or self.session.failure or self.ending:
             return
         log.warning('ZooKeeper has not taken our session back within the session timeout '
                     '(it expired, or ZooKeeper lost its data): starting a new session')
@@ -268,7 +288,7 @@ class Registrar:
             self._emit(Unregistered())
 
     def _ensure(self):
-        if not self.session.connected or (self.session.failure and self.nodes.settled()):
+        if self.ending or not self.session.connected or (self.session.failure and self.nodes.settled()):
             return
         self.timers.cancel(self._ensure)
         try:
@@ -303,8 +323,10 @@ class Registrar:
         self._emit(State(state, session_id, nodes, round(self.since, 3), problems, session.failure,
                          health))
         if changed:
+            held = ', '.join(nodes) or ('not known yet (resuming a session)'
+                                        if self.nodes.resumed else 'nothing')
             log.info('ZooKeeper %s, session %s, registered: %s%s', state, session_id or 'none',
-                     ', '.join(nodes) or 'nothing', ''.join(f'; {p}' for p in problems))
+                     held, ''.join(f'; {p}' for p in problems))
 
 
 def main():
@@ -320,6 +342,7 @@ def main():
         unreadable = None
     zksecurity.redact_logs(credentials or zksecurity.own_credentials(config.identity))
     logsetup.configure(config.loggers)
+    zksession.quiet_kazoo_repeats()
     proctitle.set(f'registrar {config.path}')
     if unreadable:
         _without_credentials(unreadable)

@@ -12,6 +12,7 @@ import selectors
 import signal
 import subprocess
 import sys
+import time
 
 import zkprefork
 from zkprefork.lines import LineReader
@@ -22,6 +23,10 @@ from zkprefork.supervision import MASTER_ONLY_SIGNALS, NEVER, Backoff, describe_
 log = logging.getLogger('zkprefork.master')
 
 REGISTRAR_STEADY = 60.0  # seconds a registrar runs before its exit is not "at start"
+# While a registrar's session may be alive, its successor starts within
+# this fraction of the session timeout, so that it resumes the session (and
+# the node stays) however often registrars die.
+RESUME_WITHIN = 0.25
 
 # What the master wants of the registrar process: restart it when it exits
 # (RUN), take its exit as the end of the node(s) (UNREGISTER), let it go (STOP).
@@ -66,8 +71,12 @@ class RegistrarLink:
 
     @property
     def registered(self):
-        """A register command went to the running registrar and was not undone."""
-        return self.alive and self._node_data is not None
+        """A register command went to the running registrar and was not
+        undone, or the registrar is being restarted while its session (which
+        may hold the nodes) lives on."""
+        if self.alive:
+            return self._node_data is not None
+        return self._wanted == RUN and self._session is not None
 
     @property
     def unregistered(self):
@@ -120,9 +129,19 @@ class RegistrarLink:
         self._send(Register(endpoints(), data).line())
 
     def unregister(self):
-        """Ask for the node(s) to be deleted; `unregistered` tells when they are."""
+        """Ask for the node(s) to be deleted; `unregistered` tells when they
+        are. A registrar being restarted is started at once (no back-off): it
+        resumes the session, which may hold the nodes, to delete them."""
         self._node_data = None
+        if not self.alive and self._wanted == RUN:
+            self._unregister_anew(time.monotonic())
+        else:
+            self._send(Unregister().line())
         self._wanted = UNREGISTER
+
+    def _unregister_anew(self, now):
+        self.backoff.cancel()
+        self._spawn(now)
         self._send(Unregister().line())
 
     def stand_down(self):
@@ -186,17 +205,28 @@ class RegistrarLink:
         self._stop_watching()
         self.process.returncode = os.waitstatus_to_exitcode(status)
         self._close_stdin()
-        if self._wanted == UNREGISTER:
-            log.warning('the registrar (pid %d) exited while unregistering: %s; its session, '
-                        'and the node with it, is closed', pid, describe_exit(status))
+        if self._wanted == UNREGISTER and not self._confirmed:
+            # Killed, its session (and the node) lives on: the next one
+            # resumes it and deletes the node (within the master's bound).
+            log.warning('the registrar (pid %d) exited while unregistering: %s; starting another '
+                        'to finish', pid, describe_exit(status))
+            self._unregister_anew(now)
         elif self._wanted == RUN:
             if now - self._started > REGISTRAR_STEADY:
                 self.backoff.reset()
-            delay = self.backoff.failed(now)
-            self.registration = {'state': 'restarting', 'nodes': []}  # its session is gone
+            delay = self.backoff.failed(now, self._resume_limit())
+            # Its session, and the nodes, live on until the next one resumes it.
+            self.registration = {**self.registration, 'state': 'restarting'}
             log.error('the registrar (pid %d) exited: %s; restarting it in %.1f s',
                       pid, describe_exit(status), delay)
         return True
+
+    def _resume_limit(self):
+        """The longest restart back-off that lets the next registrar resume
+        the session (seconds), or None without one to resume."""
+        if self._session is None:
+            return None
+        return self.settings.session_timeout / 1000.0 * RESUME_WITHIN
 
     def tend(self, now):
         """Restart an exited registrar once its back-off is over."""
@@ -242,6 +272,13 @@ class NoRegistrar:
 
     def start(self, selector, now):
         pass
+
+    def _resume_limit(self):
+        """The longest restart back-off that lets the next registrar resume
+        the session (seconds), or None without one to resume."""
+        if self._session is None:
+            return None
+        return self.settings.session_timeout / 1000.0 * RESUME_WITHIN
 
     def tend(self, now):
         pass

@@ -10,6 +10,7 @@ import ipaddress
 import logging
 import os
 import re
+import unicodedata
 
 from paste.deploy.converters import asbool
 
@@ -130,7 +131,30 @@ def _znode_path(option, value):
     if (not value.startswith('/') or value != '/' and value.endswith('/')
             or any(part in ('', '.', '..') for part in parts[1:] if value != '/')):
         raise ConfigError(f'{option}: {value!r} is not an absolute ZooKeeper path')
+    refused = next((c for c in value if _refused_in_znode(c)), None)
+    if refused is not None:
+        raise ConfigError(f'{option}: {value!r}: ZooKeeper refuses the character U+{ord(refused):04X} '
+                          'in a path')
     return value
+
+
+def _refused_in_znode(character):
+    """Whether ZooKeeper refuses `character` in a path: its PathUtils
+    rejects NUL, most control characters (we refuse them all), UTF-16 code
+    units U+D801-U+F8FE and U+FFF1-U+FFFE (so every character beyond the
+    BMP, sent as surrogates)."""
+    code = ord(character)
+    return (unicodedata.category(character) == 'Cc' or code > 0xffff
+            or 0xd800 < code < 0xf8ff or 0xfff0 < code < 0xffff)
+
+
+RESERVED_ZNODE = '/zookeeper'  # ZooKeeper's own subtree (quotas, config)
+
+
+def _check_reserved(zookeeper, path):
+    full = (zookeeper.chroot if zookeeper else '') + (path if path != '/' else '')
+    if full == RESERVED_ZNODE or full.startswith(RESERVED_ZNODE + '/'):
+        raise ConfigError(f'path: {full!r} is in ZooKeeper\'s reserved {RESERVED_ZNODE} subtree')
 
 
 def _host(option, value):
@@ -375,6 +399,8 @@ def _check_together(checked):
     """What no option's value says on its own."""
     if checked.get('zookeeper') and not checked.get('path'):
         raise ConfigError('path: required when zookeeper is set')
+    if checked.get('path'):
+        _check_reserved(checked.get('zookeeper'), checked['path'])
     if checked.get('zookeeper_credentials_file') and checked.get('zookeeper_credentials_env'):
         raise ConfigError('zookeeper_credentials_env: give credentials in a file or in the '
                           'environment, not both')

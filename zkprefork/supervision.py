@@ -43,10 +43,11 @@ class Backoff:
         self.failures = 0
         self.not_before = None  # a start is held back until then
 
-    def failed(self, now):
-        """Count one more failure; return the delay (seconds) before the next start."""
+    def failed(self, now, limit=None):
+        """Count one more failure; return the delay (seconds) before the
+        next start, at most `limit` if given (else the back-off's own)."""
         self.failures += 1
-        delay = min(self.limit, self.first * 2 ** (self.failures - 1))
+        delay = min(self.limit if limit is None else limit, self.first * 2 ** (self.failures - 1))
         self.not_before = now + delay
         return delay
 

@@ -213,6 +213,9 @@ class Nodes:
         self.problems = {}  # endpoint -> one line
         self.doomed = []  # Doomed, until ZooKeeper confirms each gone
         self.path_ready = False
+        # The session resumed from a previous registrar of this master: the
+        # nodes it holds are ours, although no command of ours made them.
+        self.resumed = config.resume[0] if config.resume else None
 
     def register(self, endpoints, data):
         """Want one node per (host, port) of `endpoints` with `data`; delete
@@ -254,6 +257,7 @@ class Nodes:
     def session_lost(self):
         """ZooKeeper expired the session: its nodes are gone with it."""
         self.new_session()
+        self.resumed = None
         for wanted in self.wanted:
             wanted.written = False
         self.doomed = []
@@ -264,9 +268,14 @@ class Nodes:
         return sorted([wanted.path for wanted in self.wanted if wanted.ours]
                       + [d.path for d in self.doomed if d.confirmed])
 
+    def may_hold(self):
+        """Whether the session may hold a node of ours (confirmed, or
+        written without an answer, or not looked for yet)."""
+        return bool(self.registered()) or not self.settled() or any(w.written for w in self.wanted)
+
     def settled(self):
-        """Nothing left to delete."""
-        return not self.doomed
+        """Nothing left to delete (nor any resumed session's nodes to look for)."""
+        return not self.doomed and self.resumed is None
 
     # -- making the nodes what they should be ---------------------------
 
@@ -276,10 +285,11 @@ class Nodes:
         None when done, or seconds before looking again; raises Refused."""
         self.writer.look_again = False
         current = None
-        if not self.wanted and not self.doomed:
+        if not self.wanted and self.settled():
             return None
         try:
             self._ensure_path()
+            self._take_back_resumed()
             while self.doomed:
                 self._delete(self.doomed[0])
                 self.doomed.pop(0)
@@ -297,6 +307,23 @@ class Nodes:
             log.warning('registration in ZooKeeper interrupted (%r); trying again', error)
             return RETRY_LATER
         return 0 if self.writer.look_again else None
+
+    def _take_back_resumed(self):
+        """In the session a previous registrar held, its nodes not wanted
+        now (all of them after an unregister) are doomed, and reported as
+        registered until deleted: the state never says less than ZooKeeper
+        holds. The wanted ones are found by reconciling."""
+        if self.resumed is None:
+            return
+        if self.session.id == self.resumed:
+            wanted = {each.node.endpoint for each in self.wanted}
+            for path, raw, stat in self.session.get_many(
+                    [_join(self.base, name) for name in self.session.call('get_children', self.base)]):
+                name = path.rpartition('/')[2]
+                endpoint = nodeformat.read_claim(self.format, name, raw, self.instance).endpoint
+                if stat.ephemeralOwner == self.resumed and endpoint not in wanted:
+                    self.doomed.append(Doomed(endpoint, path, True))
+        self.resumed = None
 
     def _delete(self, doomed):
         """Delete the doomed node if it is there and ours (this session's, or

@@ -7,6 +7,7 @@ and the TLS check's thread, which only pass news on with `post(kind, value)`.
 import logging
 import math
 import threading
+import time
 
 from kazoo.client import KazooClient, KazooState, KeeperState
 from kazoo.exceptions import KazooException, NoNodeError, RolledBackError
@@ -28,6 +29,9 @@ RECONNECT_MAX_DELAY = 2.0
 CONNECT_TIMEOUT = 2.0
 TLS_CHECK_AFTER = 1.5  # seconds without a connection before checking the TLS handshake
 TLS_CHECK_EVERY = 5.0
+# kazoo warns of a host it cannot resolve on every attempt (~10 a second
+# for one unresolvable host): the first is logged, then one per this many seconds.
+REPEAT_EVERY = 30.0
 
 
 class Session:
@@ -210,6 +214,35 @@ class Session:
         if errors:
             raise next((e for e in errors if not isinstance(e, RolledBackError)), errors[0])
         return results
+
+
+class QuietRepeats(logging.Filter):
+    """Of the records whose message starts with `prefix`, lets the first
+    through, then one per `every` seconds, saying how many it held back."""
+
+    def __init__(self, prefix, every):
+        super().__init__()
+        self.prefix = prefix
+        self.every = every
+        self.last = None
+        self.held = 0
+
+    def filter(self, record):
+        if not str(record.msg).startswith(self.prefix):
+            return True
+        now = time.monotonic()
+        if self.last is not None and now - self.last < self.every:
+            self.held += 1
+            return False
+        if self.held:
+            record.msg = f'{record.msg} ({self.held} more like it in the last {now - self.last:.0f} s)'
+        self.last, self.held = now, 0
+        return True
+
+
+def quiet_kazoo_repeats():
+    """Throttle kazoo's warnings that repeat on every connection attempt."""
+    logging.getLogger('kazoo.client').addFilter(QuietRepeats('Cannot resolve', REPEAT_EVERY))
 
 
 def _close_quietly(client):

@@ -28,7 +28,7 @@ from zope.server.task import AbstractTask
 from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
-from zkprefork import httprequest, wsgi
+from zkprefork import httprequest, listener, wsgi
 
 
 log = logging.getLogger('zkprefork.worker')
@@ -555,7 +555,7 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def computeServerName(self, ip=''):
         # The base class does a reverse DNS lookup, which can stall start-up.
-        return ip if ip not in ('', '0.0.0.0', '::') else socket.gethostname()
+        return ip if not listener.is_wildcard(ip) else socket.gethostname()
 
     def executeRequest(self, task):
         self.requests = next(self.served)
