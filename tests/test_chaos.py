@@ -171,7 +171,7 @@ def test_chaos(servers, ini, own_zookeeper, zk_path):
         while time.monotonic() - started < DURATION:
             time.sleep(rng.uniform(2, 4))
             chaos.act()
-            server.remember_children()
+            server.children()
         time.sleep(RECONNECT_GRACE)
     watcher.stop()
 

@@ -34,6 +34,10 @@ def timed(condition, limit, message):
     return time.monotonic() - start
 
 
+def monitor_health(server):
+    return json.loads(ask(monitor_of(server), b'status\n'))['registration']['health']
+
+
 def test_the_node_follows_the_health_check(servers, ini, zookeeper, zk, zk_path, tmp_path):
     flag = tmp_path / 'unhealthy'
     flag.write_text('')
@@ -60,7 +64,10 @@ def test_the_node_follows_the_health_check(servers, ini, zookeeper, zk, zk_path,
     assert log.count('health check /healthz: UP (2 passed in a row, HTTP 200): registering') == 2
     assert log.count('health check /healthz: DOWN (3 failed in a row, last: HTTP 500): '
                      'unregistering') == 1
-    health = json.loads(ask(monitor_of(server), b'status\n'))['registration']['health']
+    # The master hears of the registrar's state a moment after ZooKeeper does.
+    wait_until(lambda: monitor_health(server)['state'] == 'up', timeout=5,
+               message="the monitor's status to say up")
+    health = monitor_health(server)
     assert (health['check'], health['state'], health['rises'], health['falls']) == ('/healthz', 'up', 2, 1)
     assert health['checks'] >= 2 * RISE + FALL and health['last'] == 'HTTP 200'
 
