@@ -68,9 +68,11 @@ def test_expired_session_is_replaced_and_the_node_recreated_at_once(servers, ini
 # Naming the one server three times keeps that wait well inside the session.
 def test_zookeeper_restarted_within_the_session_timeout_changes_nothing(servers, ini, own_zookeeper,
                                                                        kazoo_client, zk_path):
+    # The longest session this ZooKeeper allows: a restart of its JVM on a
+    # loaded machine must stay well within it.
     zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
     server, node = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
-                                    'session_timeout = 10000\n')
+                                    'session_timeout = 20000\n')
     zk = kazoo_client(zookeeper.hosts)
     wait_owned(zk, node)
     before = zk.exists(node)
@@ -347,9 +349,11 @@ def port_closed(port):
 def sigterm_during_an_outage(servers, ini, own_zookeeper, kazoo_client, zk_path):
     """A registered server (10 s session) whose ZooKeeper is stopped, then
     SIGTERM: (zookeeper, server, node)."""
+    # The longest session this ZooKeeper allows: a restart of its JVM on a
+    # loaded machine must stay well within it.
     zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
     server, node = start_registered(servers, ini, ','.join([zookeeper.hosts] * 3), zk_path,
-                                    'session_timeout = 10000\n')
+                                    'session_timeout = 20000\n')
     wait_owned(kazoo_client(zookeeper.hosts), node)
     zookeeper.stop()
     server.wait_for_log('ZooKeeper suspended')
