@@ -11,11 +11,14 @@ Routes:
   /slow?ms=N        reads the body, then sleeps N ms
   /bad-header?part=name|value|status&char=cr|lf|nul
                     a response header (or status) with that character in it
+  /respond?status=S&name=N&value=V[&name2=N2&value2=V2]&body=B   (percent-decoded)
+                    answers status S with header N: V (and N2: V2), then B
   anything else     reads the body, answers with the record as JSON
 """
 import json
 import os
 import time
+from urllib.parse import unquote
 
 CHARS = {'cr': '\r', 'lf': '\n', 'nul': '\0'}
 
@@ -53,6 +56,13 @@ def app(environ, start_response):
             name, value = ('X-Bad' + char + 'Injected', 'x') if part == 'name' else ('X-Bad', 'a' + char + 'X-Injected: yes')
             start_response('200 OK', headers + [(name, value)])
         return [b'ok']
+    if path == '/respond':
+        fields = {key: unquote(value) for key, value in args.items()}
+        headers = [(fields['name'], fields['value'])]
+        if 'name2' in fields:
+            headers.append((fields['name2'], fields['value2']))
+        start_response(fields['status'], headers)
+        return [fields.get('body', '').encode('latin-1')]
     out = json.dumps(entry).encode()
     start_response('200 OK', [('Content-Type', 'application/json'), ('Content-Length', str(len(out)))])
     return [out]

@@ -5,6 +5,7 @@ the client receives AND what the application saw (see test_http_strict)."""
 import socket
 import time
 import uuid
+from urllib.parse import quote
 
 import pytest
 
@@ -362,3 +363,53 @@ def test_a_slowly_arriving_head_is_governed_by_request_read_timeout(keepalive_se
             received += chunk
     assert [status for status, _, _ in parse_responses(received)] == [200]
     assert len(records(keepalive_server, token)) == 1
+
+
+# -- the application's response framing and fields (RFC 9110 5.5, 5.6.2, 6.4.1,
+# -- 8.6; PEP 3333 on hop-by-hop fields): refused before a byte is sent --
+
+def respond(status, name, value, body='ok'):
+    token = uuid.uuid4().hex[:12]
+    query = '&'.join(f'{key}={quote(text, safe="")}' for key, text in
+                     (('status', status), ('name', name), ('value', value), ('body', body)))
+    return token, f'GET /respond?{query}&{token} HTTP/1.1\r\nHost: x\r\n\r\nGET /after HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n'
+
+
+@pytest.mark.parametrize('status, name, value', [
+    ('200 OK', 'Set-Cookie: evil=1; x', 'v'),   # a name that would inject a field
+    ('200 OK', 'X A', 'v'),
+    ('200 OK', '', 'v'),
+    ('200 OK', 'X-\u00e9', 'v'),
+    ('200 OK', 'X-Echo', 'a\x0bb'),
+    ('200 OK', 'X-Echo', 'a\x1bb'),
+    ('200 OK', 'X-Echo', 'a\x7fb'),
+    ('200 OK', 'Content-Length', 'abc'),
+    ('200 OK', 'Content-Length', '-1'),
+    ('200 OK', 'Transfer-Encoding', 'chunked'),
+    ('200 OK', 'Upgrade', 'h2c'),
+    ('100 Continue', 'X-Echo', 'v'),
+    ('103 Early Hints', 'Link', '</a>'),
+])
+def test_a_response_field_or_status_the_application_may_not_send_is_a_500(server, status, name, value):
+    token, raw = respond(status, name, value)
+    data = exchange(server, raw.encode('latin-1'))
+    statuses = [status for status, _, _ in parse_responses(data)]
+    assert statuses == [500, 200], data  # and the next request is framed as it should be
+    assert b'evil' not in data and b'\x0b' not in data and b'h2c' not in data
+    assert [entry['PATH_INFO'] for entry in records(server, token)] == ['/respond']
+
+
+def test_content_length_fields_that_disagree_are_a_500(server):
+    token = uuid.uuid4().hex[:12]
+    raw = (f'GET /respond?status=200%20OK&name=Content-Length&value=2&name2=Content-Length&value2=5'
+           f'&body=ok&{token} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+    assert [status for status, _, _ in parse_responses(exchange(server, raw.encode()))] == [500]
+
+
+@pytest.mark.parametrize('status', ['204 No Content', '304 Not Modified'])
+def test_no_body_follows_a_204_or_304_whatever_the_application_returns(server, status):
+    injected = 'HTTP/1.1 200 OK\r\nSet-Cookie: pwned=1\r\nContent-Length: 0\r\n\r\n'
+    token, raw = respond(status, 'X-Echo', 'v', body=injected)
+    data = exchange(server, raw.encode())
+    assert [status for status, _, _ in parse_responses(data)] == [int(status[:3]), 200], data
+    assert b'pwned' not in data

@@ -7,13 +7,39 @@ wroteResponseHeader(), setResponseStatus(), appendResponseHeaders(),
 accumulated_headers, response_headers, write().
 """
 import ipaddress
+import re
 
 from zope.server.http.http_date import build_http_date
 
+# RFC 9110, 5.6.2: a field name is a token.
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+\Z")
+# RFC 9110, 5.5: no control character in a field value but HTAB (CR, LF and
+# NUL above all: they would split the response).
+_CONTROL = re.compile(r'[\x00-\x08\x0a-\x1f\x7f]')
+# Hop-by-hop fields are the server's to send (PEP 3333): an application's
+# Transfer-Encoding, above all, would frame the body a second way.
+HOP_BY_HOP = frozenset(('transfer-encoding', 'te', 'trailer', 'upgrade', 'keep-alive',
+                        'proxy-authenticate', 'proxy-authorization'))
+
 
 def check_header_text(text):
-    if '\r' in text or '\n' in text or '\0' in text:
-        raise ValueError(f'CR, LF or NUL in a response header or status: {text!r}')
+    """A status line or a field value: ValueError if it holds a control character."""
+    if _CONTROL.search(text):
+        raise ValueError(f'a control character (CR, LF, NUL...) in a response header or status: {text!r}')
+
+
+def check_header(name, value):
+    """One of the application's response fields, as PEP 3333 and RFC 9110
+    allow it; ValueError (the application's error, a 500) otherwise."""
+    if type(name) is not str or type(value) is not str:
+        raise TypeError(f'a response header is not a pair of str: {(name, value)!r}')
+    if not _TOKEN.match(name):
+        raise ValueError(f'not a header field name: {name!r}')
+    if name.lower() in HOP_BY_HOP:
+        raise ValueError(f'a WSGI application must not set the hop-by-hop field {name!r} (PEP 3333)')
+    if name.lower() == 'content-length' and not (value.strip().isascii() and value.strip().isdigit()):
+        raise ValueError(f'not a Content-Length: {value!r}')
+    check_header_text(value)
 
 
 NO_BODY = ('204', '304')  # statuses framed without a body (RFC 9110, 6.4.1)
@@ -40,13 +66,18 @@ def start_response_for(task):
         elif task.accumulated_headers is not None:
             raise AssertionError('start_response called a second time without exc_info')
         code, _, reason = status.partition(' ')
-        if not (len(code) == 3 and code.isdigit()):
-            raise ValueError(f'not an HTTP status: {status!r}')
+        if not (len(code) == 3 and code.isdigit() and code >= '200'):
+            # 1xx are interim responses: the server sends 100 Continue itself.
+            raise ValueError(f'not an HTTP status a WSGI application may send: {status!r}')
         lines = []
+        lengths = set()
         for name, value in headers:
-            if type(name) is not str or type(value) is not str:
-                raise TypeError(f'a response header is not a pair of str: {(name, value)!r}')
+            check_header(name, value)
+            if name.lower() == 'content-length':
+                lengths.add(int(value))
             lines.append(f'{name}: {value}')
+        if len(lengths) > 1:
+            raise ValueError(f'Content-Length fields that disagree: {sorted(lengths)}')
         task.setResponseStatus(code, reason)
         task.accumulated_headers = None
         task.response_headers = {}
