@@ -90,7 +90,8 @@ class Worker:
             return None
 
     def _start_server(self, app):
-        from zkprefork import httprequest, wakeup, zopeserver  # already imported by the master (spawn.py)
+        from zkprefork import eventloop, httprequest, wakeup, zopeserver  # zopeserver: imported by the master
+        self.loop = eventloop.install()  # first: every dispatcher keeps the map it was created with
         zopeserver.fresh_wakeup()
         self._install_signals(wakeup)
         wakeup.LinkWatcher(self.link, self._master_gone)
@@ -124,10 +125,9 @@ class Worker:
             self._master_gone()
 
     def _serve(self, server):
-        import asyncore
         next_beat = 0
         while self.stop_reason is None:
-            asyncore.poll2(POLL_SECONDS)
+            self.loop.poll(POLL_SECONDS)
             if _reopen_logs:
                 _reopen_logs.clear()
                 logsetup.reopen()
@@ -136,6 +136,7 @@ class Worker:
                 next_beat = now + POLL_SECONDS
                 self._heartbeat(server)
                 server.expire_stalled_requests()
+                self.loop.ask_all()  # what changed channels outside the loop's handlers
 
     def _heartbeat(self, server):
         """Tell the master this loop is alive; ask to be replaced when worn out.
@@ -158,7 +159,6 @@ class Worker:
 
     def _drain(self, server):
         """Stop accepting, then let in-flight requests finish (bounded)."""
-        import asyncore
         server.stop_accepting()
         if self.quit_now:
             return
@@ -171,7 +171,8 @@ class Worker:
                     channel.close()
             if not server.channels():
                 return
-            asyncore.poll2(0.05)
+            self.loop.ask_all()
+            self.loop.poll(0.05)
         left = len(server.channels())
         if left:
             log.warning('worker %d (pid %d) gave up on %d connection(s) after graceful_timeout',
