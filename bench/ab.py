@@ -5,7 +5,8 @@
 Starts zkprefork from each tree (2 workers x 4 threads, bench/apps.py's
 hello app, its own port) and runs `wrk -t1 -c64 -d3s` (-c: --connections) against them in
 turn (A, B, A, B ...); prints req/s and the workers' CPU time per request
-(user + system, from psutil) for every round and their medians. On a
+(user + system, from psutil) and context switches per request (voluntary
++ involuntary, all threads) for every round and their medians. On a
 shared machine req/s swings with the neighbours' load: the CPU per
 request swings less, and `--instructions` adds a count that does not
 swing at all: the instructions (valgrind's callgrind) one worker's code
@@ -110,7 +111,21 @@ def start(tree, port, label):
 
 
 def workers_cpu(master):
-    return sum(sum(child.cpu_times()[:2]) for child in psutil.Process(master.pid).children(recursive=True))
+    """The workers' CPU seconds (user + system) and context switches (voluntary + involuntary)."""
+    children = psutil.Process(master.pid).children(recursive=True)
+    return sum(sum(child.cpu_times()[:2]) for child in children), sum(map(context_switches, children))
+
+
+def context_switches(process):
+    """Of all its threads (psutil's num_ctx_switches counts the main thread's only)."""
+    total = 0
+    for task in os.listdir(f'/proc/{process.pid}/task'):
+        try:
+            with open(f'/proc/{process.pid}/task/{task}/status') as status:
+                total += sum(int(line.split()[1]) for line in status if 'ctxt_switches' in line)
+        except FileNotFoundError:
+            pass  # a thread that just ended
+    return total
 
 
 def wrk_round(master, port, connections):
@@ -120,7 +135,8 @@ def wrk_round(master, port, connections):
     requests = int(re.search(r'(\d+) requests in', out).group(1))
     errors = re.search(r'Socket errors.*|Non-2xx.*', out)
     rate = float(re.search(r'Requests/sec:\s+([\d.]+)', out).group(1))
-    return rate, (workers_cpu(master) - before) / requests * 1e6, errors.group(0) if errors else ''
+    cpu, switches = (after - earlier for after, earlier in zip(workers_cpu(master), before))
+    return rate, cpu / requests * 1e6, switches / requests, errors.group(0) if errors else ''
 
 
 def instructions(tree, driver=DRIVER, *extra):
@@ -151,18 +167,19 @@ def main():
         time.sleep(3)
         for round_number in range(1, args.rounds + 1):
             for label, (tree, port) in trees.items():
-                rate, cpu, errors = wrk_round(masters[label], port, args.connections)
-                results[label].append((rate, cpu))
-                print(f'round {round_number} {label}: {rate:.0f} req/s, workers {cpu:.1f} µs CPU/request {errors}',
-                      flush=True)
+                rate, cpu, switches, errors = wrk_round(masters[label], port, args.connections)
+                results[label].append((rate, cpu, switches))
+                print(f'round {round_number} {label}: {rate:.0f} req/s, workers {cpu:.1f} µs CPU/request, '
+                      f'{switches:.2f} context switches/request {errors}', flush=True)
     finally:
         for master in masters.values():
             os.killpg(master.pid, signal.SIGTERM)
         for master in masters.values():
             master.wait(30)
     for label, rounds in results.items():
-        print(f'{label}: median {statistics.median(r for r, _ in rounds):.0f} req/s, '
-              f'median {statistics.median(c for _, c in rounds):.1f} µs CPU/request')
+        print(f'{label}: median {statistics.median(r[0] for r in rounds):.0f} req/s, '
+              f'median {statistics.median(r[1] for r in rounds):.1f} µs CPU/request, '
+              f'median {statistics.median(r[2] for r in rounds):.2f} context switches/request')
     if args.instructions:
         for label, (tree, _) in trees.items():
             print(f'{label}: {instructions(tree):,.0f} instructions/request (callgrind, in-process); '
