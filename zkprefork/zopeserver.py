@@ -25,7 +25,7 @@ from zope.server.http.wsgihttpserver import WSGIHTTPServer, fakeWrite
 from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
-from zkprefork import httprequest
+from zkprefork import httprequest, outbuffer
 
 
 log = logging.getLogger('zkprefork.worker')
@@ -227,6 +227,7 @@ class DrainingChannel(HTTPServerChannel):
     def __init__(self, server, conn, addr, adj=None):
         self.parse_lock = threading.Lock()  # the loop reads; a pool thread resumes parsing
         super().__init__(server, conn, addr, adj)
+        self.outbuf = outbuffer.OutputBuffer(self.adj.outbuf_overflow)  # in memory, unlike zope.server's
 
     def readable(self):
         return not self.will_close and not self.inbuf
