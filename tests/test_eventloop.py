@@ -139,3 +139,16 @@ def test_events_of_a_closed_dispatcher_never_reach_the_one_that_reuses_its_fd(lo
     loop.poll(1)
     newcomer, _ = reused[0]
     assert newcomer.calls == []
+
+
+def test_without_epoll_the_loop_is_asyncore_poll2(monkeypatch):
+    monkeypatch.setattr(asyncore, 'socket_map', asyncore.socket_map)
+    monkeypatch.delattr(eventloop.select, 'epoll')
+    loop = eventloop.install()
+    peer, other = pair()
+    other.sendall(b'ping')
+    loop.ask_all()
+    loop.poll(1)
+    assert peer.calls == [('read', b'ping')] and type(asyncore.socket_map) is dict
+    asyncore.close_all()
+    other.close()

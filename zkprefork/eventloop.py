@@ -142,8 +142,22 @@ class SocketMap(dict):
                 registered[fd] = events
 
 
+class Poll2:
+    """Where there is no epoll (not Linux): asyncore's own poll2, same calls."""
+
+    def poll(self, timeout):
+        asyncore.poll2(timeout)
+
+    def ask_all(self):
+        pass  # poll2 asks every dispatcher on every pass
+
+
 def install():
-    """Make a fresh SocketMap asyncore's map and return it. Call it before
-    any dispatcher is created: each keeps the map it was created with."""
+    """Make a fresh SocketMap asyncore's map and return it (a Poll2 without
+    epoll). Call it before any dispatcher is created: each keeps the map it
+    was created with."""
+    if not hasattr(select, 'epoll'):
+        asyncore.socket_map = {}
+        return Poll2()
     asyncore.socket_map = SocketMap()
     return asyncore.socket_map
