@@ -152,3 +152,20 @@ def test_without_epoll_the_loop_is_asyncore_poll2(monkeypatch):
     assert peer.calls == [('read', b'ping')] and type(asyncore.socket_map) is dict
     asyncore.close_all()
     other.close()
+
+
+def test_a_listening_socket_is_asked_on_every_pass(loop):
+    listening = socket.create_server(('127.0.0.1', 0))
+    server = asyncore.dispatcher(listening)
+    server.accepting, accepts, willing = True, [], [False]
+    server.readable = lambda: willing[0]  # like a worker leaving connections to the others
+    server.handle_accept = lambda: accepts.append(listening.accept()[0])
+    client = socket.create_connection(listening.getsockname())
+    loop.poll(0.05)
+    assert accepts == []
+    willing[0] = True
+    loop.poll(0)  # asked again though nothing happened to it
+    loop.poll(1)
+    assert len(accepts) == 1
+    accepts[0].close()
+    client.close()

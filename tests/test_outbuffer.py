@@ -48,3 +48,10 @@ def test_spools_only_what_waits_beyond_overflow_and_comes_back_to_memory():
     assert buffer.spooled is None and len(buffer) == 0
     buffer.append(b'z')
     assert buffer.get() == b'z' and buffer.chunks
+
+
+def test_what_is_appended_is_copied_unless_immutable():
+    buffer, reused = OutputBuffer(1000), bytearray(b'first')
+    buffer.append(memoryview(reused)[:3])
+    reused[:] = b'XXXXX'
+    assert buffer.get() == b'fir'

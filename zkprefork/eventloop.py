@@ -14,8 +14,9 @@ whose answers may have changed since the previous one:
 - every dispatcher after zope.server's trigger fired: a pool thread changes
   its channel's answers (hands it back, leaves output to send, closes it),
   then pulls the trigger to wake the loop -- as it must for poll2 too;
-- the listening sockets after the map grew or shrank (zope.server's
-  server stops accepting at its connection limit);
+- the listening sockets, on every pass (whether one accepts may depend on
+  more than its events: zope.server's server stops at its connection
+  limit, and a worker may leave new connections to the others);
 - every dispatcher after `ask_all()`: for code that changes a dispatcher
   outside its handlers and without the trigger (the worker calls it after
   its once-a-second chores).
@@ -52,21 +53,18 @@ class SocketMap(dict):
         self._events = {}     # fd -> the event mask epoll has for it
         self._asking = set()  # fds whose readable() / writable() the next pass asks
         self._everyone = False  # the next pass asks every dispatcher
-        self._listening = set()  # fds of accepting dispatchers, asked again whenever ...
-        self._resized = False    # ... the map grew or shrank
+        self._listening = set()  # fds of accepting dispatchers, asked on every pass
 
     def __setitem__(self, fd, dispatcher):
         if self.get(fd) is not dispatcher:
             self._forget(fd)  # another dispatcher's registration under a reused fd
         super().__setitem__(fd, dispatcher)
         self._asking.add(fd)
-        self._resized = True
 
     def __delitem__(self, fd):
         super().__delitem__(fd)
         self._forget(fd)
         self._listening.discard(fd)
-        self._resized = True
 
     def clear(self):
         for fd in list(self._events):
@@ -105,15 +103,12 @@ class SocketMap(dict):
     def _asked(self):
         """The (fd, dispatcher) pairs this pass asks, and forget them."""
         if self._everyone:
-            self._everyone = self._resized = False
+            self._everyone = False
             self._asking.clear()
             return list(self.items())
         asking, self._asking = self._asking, set()
-        pairs = [(fd, self[fd]) for fd in asking if fd in self]
-        if self._resized:
-            self._resized = False
-            pairs += [(fd, self[fd]) for fd in self._listening if fd not in asking]
-        return pairs
+        asking.update(self._listening)
+        return [(fd, self[fd]) for fd in asking if fd in self]
 
     def _update_interest(self):
         registered = self._events

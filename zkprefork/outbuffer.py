@@ -30,6 +30,8 @@ class OutputBuffer:
         return self.size
 
     def append(self, data):
+        if type(data) is not bytes:
+            data = bytes(data)  # a view of a buffer the application may reuse: copied, as into a file
         if self.spooled is None and self.size + len(data) > self.overflow:
             waiting = self.get()
             self.spooled = OverflowableBuffer(self.overflow)
