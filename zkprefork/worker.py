@@ -104,7 +104,8 @@ class Worker:
             return None
 
     def _start_server(self, app):
-        from zkprefork import httprequest, wakeup, zopeserver  # already imported by the master (spawn.py)
+        from zkprefork import eventloop, httprequest, wakeup, zopeserver  # zopeserver: imported by the master
+        self.loop = eventloop.install()  # first: every dispatcher keeps the map it was created with
         zopeserver.fresh_wakeup()
         self._wake_loop = zopeserver.wake_loop
         self._install_signals(wakeup)
@@ -139,12 +140,11 @@ class Worker:
             self._master_gone()
 
     def _serve(self, server):
-        import asyncore
         next_beat = 0
         while self.stop_reason is None:
             self.score.loop_turned()  # before the first poll too: others see this worker live
             accepting = self.score.decide_accepting()
-            asyncore.poll2(POLL_SECONDS if accepting else balance.DEFER_POLL_SECONDS)
+            self.loop.poll(POLL_SECONDS if accepting else balance.DEFER_POLL_SECONDS)
             self._retire_if_worn_out()
             if _reopen_logs:
                 _reopen_logs.clear()
@@ -154,6 +154,7 @@ class Worker:
                 next_beat = now + POLL_SECONDS
                 self._heartbeat(server)
                 server.expire_stalled_requests()
+                self.loop.ask_all()  # what changed channels outside the loop's handlers
 
     def _heartbeat(self, server):
         """Tell the master this loop is alive; check max_memory and request_timeout."""
@@ -210,7 +211,6 @@ class Worker:
 
     def _drain(self, server):
         """Stop accepting, then let in-flight requests finish (bounded)."""
-        import asyncore
         self.score.set_state(scoreboard.DRAINING)
         server.stop_accepting()
         if self.quit_now:
@@ -224,7 +224,8 @@ class Worker:
                     channel.close()
             if not server.channels():
                 return
-            asyncore.poll2(0.05)
+            self.loop.ask_all()
+            self.loop.poll(0.05)
         left = len(server.channels())
         if left:
             log.warning('worker %d (pid %d) gave up on %d connection(s) after graceful_timeout',

@@ -28,7 +28,7 @@ from zope.server.task import AbstractTask
 from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
-from zkprefork import httprequest, listener, wsgi
+from zkprefork import httprequest, listener, outbuffer, wsgi
 
 
 log = logging.getLogger('zkprefork.worker')
@@ -270,6 +270,7 @@ class DrainingChannel(HTTPServerChannel):
     def __init__(self, server, conn, addr, adj=None):
         self.parse_lock = threading.Lock()  # the loop reads; a pool thread resumes parsing
         super().__init__(server, conn, addr, adj)
+        self.outbuf = outbuffer.OutputBuffer(self.adj.outbuf_overflow)  # in memory, unlike zope.server's
         server.observer.channel_opened(self)  # scoreboard hook
 
     def readable(self):
