@@ -83,6 +83,50 @@ class _Overrun(Exception):
     """llhttp began a second message in one piece (should not happen)."""
 
 
+def unknown_method(line):
+    """llhttp refuses a method it does not know: 501 if the request `line`
+    starts with a token (RFC 9110 9.1), else 400."""
+    if METHOD.match(line):
+        return Refused(501, 'an unknown method')
+    return Refused(400, 'an invalid method')
+
+
+def split_target(target, command):
+    """A request-target (RFC 9112 3.2) -> (path, query) as bytes, and the
+    scheme and authority (str) of the absolute form, else None, None.
+    Raises Refused for any other form."""
+    scheme = authority = None
+    if target[:1] == b'/':
+        path, _, query = target.partition(b'?')
+    elif target == b'*' and command == 'OPTIONS':
+        path, query = b'*', b''
+    elif command != 'CONNECT' and b'://' in target:
+        url = httptools.parse_url(target)  # absolute-form (RFC 9112, 3.2.2)
+        path, query = url.path or b'/', url.query or b''
+        scheme = url.schema.decode('latin-1')
+        authority = absolute_authority(target, url, scheme)
+    else:
+        raise Refused(400 if command != 'CONNECT' else 501, 'unsupported request-target form')
+    if b'#' in target:
+        raise Refused(400, 'a fragment in the request target')
+    if not TARGET_CHARS.fullmatch(target):
+        raise Refused(400, 'a character outside RFC 3986 in the request target')
+    return path, query, scheme, authority
+
+
+def absolute_authority(target, url, scheme):
+    """The Host of an absolute-form target: its authority, without userinfo
+    (RFC 9110 4.2.4), for the schemes http and https only."""
+    if scheme.lower() not in ('http', 'https') or not target.startswith(url.schema + b'://'):
+        raise Refused(400, 'a request target with a scheme other than http or https')
+    authority = AUTHORITY.match(target, len(url.schema) + 3)[0].decode('latin-1')
+    if '@' in authority:
+        raise Refused(400, 'userinfo in the request target')
+    if not url.host or not valid_host(authority):
+        raise Refused(400, 'an invalid authority in the request target')
+    return authority
+
+
 class Request:
     """One HTTP request read by llhttp; zope.server's request-data interface."""
 
@@ -144,7 +188,7 @@ class Request:
         except httptools.HttpParserUpgrade:
             pass  # the message is complete; keep_alive is off for upgrades
         except httptools.HttpParserInvalidMethodError:
-            self.refuse(self._unknown_method())
+            self.refuse(unknown_method((self.request_line or self._line or b'').lstrip(b'\r\n')))
         except httptools.HttpParserError as error:
             cause = error.__context__
             if isinstance(cause, _Overrun):
@@ -194,14 +238,6 @@ class Request:
         limit = self.limits.limit_request_header_size
         if self._framing - self._body_size - CHUNK_LINE * self._chunks > limit:
             raise Refused(431, f'chunk extensions and trailer fields larger than {limit} bytes')
-
-    def _unknown_method(self):
-        """llhttp refuses a method it does not know: 501 if it is a token
-        (RFC 9110 9.1), else 400."""
-        line = (self.request_line or self._line or b'').lstrip(b'\r\n')
-        if METHOD.match(line):
-            return Refused(501, 'an unknown method')
-        return Refused(400, 'an invalid method')
 
     def refuse(self, refused):
         self.error = refused
@@ -265,35 +301,12 @@ class Request:
         self.headers_complete = True
 
     def _split_target(self, target):
-        if target[:1] == b'/':
-            path, _, query = target.partition(b'?')
-        elif target == b'*' and self.command == 'OPTIONS':
-            path, query = b'*', b''
-        elif self.command != 'CONNECT' and b'://' in target:
-            url = httptools.parse_url(target)  # absolute-form (RFC 9112, 3.2.2)
-            path, query = url.path or b'/', url.query or b''
-            self.proxy_scheme = url.schema.decode('latin-1')
-            self.proxy_netloc = self.headers['HOST'] = self._authority(target, url)
-        else:
-            raise Refused(400 if self.command != 'CONNECT' else 501, 'unsupported request-target form')
-        if b'#' in target:
-            raise Refused(400, 'a fragment in the request target')
-        if not TARGET_CHARS.fullmatch(target):
-            raise Refused(400, 'a character outside RFC 3986 in the request target')
+        path, query, scheme, authority = split_target(target, self.command)
+        if scheme is not None:
+            self.proxy_scheme = scheme
+            self.proxy_netloc = self.headers['HOST'] = authority
         self.path = (unquote_to_bytes(path) if b'%' in path else path).decode('latin-1')
         self.query = query.decode('latin-1') if query else None
-
-    def _authority(self, target, url):
-        """The Host of an absolute-form target: its authority, without
-        userinfo (RFC 9110 4.2.4), for the schemes http and https only."""
-        if self.proxy_scheme.lower() not in ('http', 'https') or not target.startswith(url.schema + b'://'):
-            raise Refused(400, 'a request target with a scheme other than http or https')
-        authority = AUTHORITY.match(target, len(url.schema) + 3)[0].decode('latin-1')
-        if '@' in authority:
-            raise Refused(400, 'userinfo in the request target')
-        if not url.host or not valid_host(authority):
-            raise Refused(400, 'an invalid authority in the request target')
-        return authority
 
     def _check_framing(self):
         headers, limits = self.headers, self.limits

@@ -30,7 +30,7 @@ from zkprefork.scoreboard import Scoreboards
 from zkprefork.settings import RESTART_ONLY, ConfigError
 from zkprefork.signalqueue import SignalQueue
 from zkprefork.status import BOOTING, CLOSING, DONE, DRAINING, RUNNING, UNREGISTERING
-from zkprefork.supervision import NEVER, describe_exit, send_signal
+from zkprefork.supervision import NEVER, describe_exit, reaped, send_signal
 from zkprefork.worker import Worker
 
 log = logging.getLogger('zkprefork.master')
@@ -48,6 +48,13 @@ def keep_restart_only(running, new):
         log.warning('SIGHUP: %s changed, which takes a restart: keeping the running value(s)',
                     ', '.join(kept))
     return dataclasses.replace(new, **{name: getattr(running, name) for name in kept})
+
+
+def forget(selector, fileobj):
+    try:
+        selector.unregister(fileobj)
+    except (KeyError, ValueError):
+        pass  # already forgotten at end of file
 
 
 class Master:
@@ -192,30 +199,18 @@ class Master:
     def _on_worker_link(self, pid, link):
         messages = link.messages()
         if messages is None:
-            self._forget(link.sock)
+            forget(self.selector, link.sock)
         else:
             self.pool.heard(pid, messages, time.monotonic())
 
-    def _forget(self, fileobj):
-        try:
-            self.selector.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass  # already forgotten at end of file
-
     def _reap(self, now):
-        while True:
-            try:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, wait_status in reaped():
             worker = self.pool.workers.get(pid)
             if worker is None:
                 self.link.reap(pid, wait_status, now)
                 continue
             self._on_worker_link(pid, worker.link)  # what it said last
-            self._forget(worker.link.sock)
+            forget(self.selector, worker.link.sock)
             worker.link.close()
             self.scoreboards.release(worker.record)
             self._perform(self.pool.exited(pid, describe_exit(wait_status), now))

@@ -273,13 +273,6 @@ class NoRegistrar:
     def start(self, selector, now):
         pass
 
-    def _resume_limit(self):
-        """The longest restart back-off that lets the next registrar resume
-        the session (seconds), or None without one to resume."""
-        if self._session is None:
-            return None
-        return self.settings.session_timeout / 1000.0 * RESUME_WITHIN
-
     def tend(self, now):
         pass
 

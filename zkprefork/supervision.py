@@ -22,6 +22,18 @@ def describe_exit(status):
     return f'exit status {code}'
 
 
+def reaped():
+    """(pid, wait status) of each child that has exited, without waiting."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
+
+
 def send_signal(pid, signum):
     """Signal a child that may have exited (and not yet been reaped) meanwhile."""
     try:

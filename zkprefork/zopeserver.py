@@ -247,6 +247,14 @@ class DrainingTask(HTTPTask):
         return True
 
 
+def wait_writable(fd, timeout):
+    """Wait until `fd` takes more output; ClientGone after `timeout` seconds."""
+    poller = select.poll()
+    poller.register(fd, select.POLLOUT)
+    if not poller.poll(timeout * 1000):
+        raise ClientGone(f'the client read nothing for {timeout:g} s')
+
+
 class DrainingChannel(HTTPServerChannel):
     """A connection: requests read by llhttp (httprequest.Request), at most
     one ahead of the one running, none after one that ends the connection.
@@ -447,22 +455,16 @@ class DrainingChannel(HTTPServerChannel):
             while self._flush_some():
                 pass
             while len(outbuf) > mark:
-                self._wait_writable()
+                wait_writable(self._fileno, self.adj.http.send_timeout)
                 while self._flush_some():
                     pass
         return len(data)
-
-    def _wait_writable(self):
-        poller = select.poll()
-        poller.register(self._fileno, select.POLLOUT)
-        if not poller.poll(self.adj.http.send_timeout * 1000):
-            raise ClientGone(f'the client read nothing for {self.adj.http.send_timeout:g} s')
 
     def sendfile(self, fd, offset, count):
         """os.sendfile `count` bytes of `fd` from `offset`, after what is
         queued; returns the bytes sent."""
         while self.outbuf:
-            self._wait_writable()
+            wait_writable(self._fileno, self.adj.http.send_timeout)
             while self._flush_some():
                 pass
         sent = 0
@@ -470,7 +472,7 @@ class DrainingChannel(HTTPServerChannel):
             try:
                 done = os.sendfile(self._fileno, fd, offset + sent, count - sent)
             except (BlockingIOError, InterruptedError):
-                self._wait_writable()
+                wait_writable(self._fileno, self.adj.http.send_timeout)
                 continue
             except OSError as error:
                 raise ClientGone(f'the client is gone: {error}') from error
