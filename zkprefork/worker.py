@@ -152,13 +152,13 @@ class Worker:
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + POLL_SECONDS
-                self._heartbeat()
+                self._heartbeat(server)
                 server.expire_stalled_requests()
                 self.loop.ask_all()  # what changed channels outside the loop's handlers
 
-    def _heartbeat(self):
+    def _heartbeat(self, server):
         """Tell the master this loop is alive; check max_memory and request_timeout."""
-        self._tell_master(Heartbeat(self.score.requests))
+        self._tell_master(Heartbeat(server.requests))
         if not self.worn_out and self.settings.max_memory:
             rss = self._process.memory_info().rss
             if rss > self.settings.max_memory * 1024 * 1024:
