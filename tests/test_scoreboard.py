@@ -77,6 +77,7 @@ def test_a_forked_worker_writes_and_the_parent_reads():
         keeper.channel_closed(channels.pop())
         for _ in range(3):
             keeper.request_started(channels[0], 'GET /quick HTTP/1.1')
+            keeper.response_complete()
             keeper.request_finished()
         keeper.request_started(channels[1], 'GET /slow HTTP/1.1')  # left running
         os._exit(0)
@@ -276,14 +277,15 @@ class IdleClients:
 
 def test_clients_idling_between_requests_lose_nothing_to_hup_ttou_and_recycling(start):
     # Before: 57 of 386 requests failed across 4 HUPs with 40 such clients.
-    server, _ = start('workers = 2\nthreads = 4\nmax_requests = 50\nmax_requests_jitter = 30\n')
+    server, _ = start('workers = 2\nthreads = 4\nmax_requests = 30\nmax_requests_jitter = 20\n')
     with IdleClients(server.port, clients=30) as clients:
         for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGHUP, signal.SIGTTOU, signal.SIGHUP):
             time.sleep(1.5)
             server.signal(signum)
+        # Recycling too, however slowly this machine serves today.
+        server.wait_for_log('asks to be replaced: served', timeout=30)
         time.sleep(3)
     print(f'{clients.ok} answered, failures: {clients.failures}')
-    assert 'asks to be replaced: served' in server.log()
     assert clients.failures == []
     assert clients.ok > 300
 

@@ -219,10 +219,15 @@ class Scorekeeper:
         if self.on_request:
             self.on_request(count)
 
-    def request_finished(self):
+    def response_complete(self):
+        """The thread's response is complete (its last bytes about to go):
+        balancing counts the thread free from now on."""
         with self._lock:
             self._busy -= 1
             self.record.head.busy = self._busy
+
+    def request_finished(self):
+        """After response_complete(): files the request's duration."""
         entry = self._entry()
         if entry is None:
             return

@@ -83,6 +83,7 @@ class DrainingTask(HTTPTask):
     chunked_response = False  # the body goes out in chunks (HTTP/1.1 without Content-Length)
     no_body = False           # HEAD, 204, 304
     body_limit = None         # the Content-Length the application declared
+    responded = False         # the scoreboard was told the thread is free
     body_sent = 0
     failed = False            # cut short: no last chunk, and the connection closes
 
@@ -199,9 +200,14 @@ class DrainingTask(HTTPTask):
         if not self.wrote_header:
             head = self.buildResponseHeader()
             self.wrote_header = 1
-            self.bytes_written += self.channel.write_now(head + self._frame(data))
+            data = head + self._frame(data)
         elif data:
-            self.bytes_written += self.channel.write_now(self._frame(data))
+            data = self._frame(data)
+        else:
+            return
+        if self.no_body or (self.body_limit is not None and self.body_sent >= self.body_limit):
+            self.response_complete()
+        self.bytes_written += self.channel.write_now(data)
 
     def _frame(self, data):
         if self.no_body:
@@ -219,10 +225,21 @@ class DrainingTask(HTTPTask):
         if not self.wrote_header:
             self.write(b'')
         if self.chunked_response and not self.failed:
+            self.response_complete()
             self.bytes_written += self.channel.write_now(b'0\r\n\r\n')
         elif self.body_limit is not None and self.body_sent < self.body_limit and not self.no_body:
             self.close_on_finish = 1  # the client must not wait for the rest
         AbstractTask.finish(self)
+
+    def response_complete(self):
+        """Tell the scoreboard this thread is free, once per request and
+        before the response's last bytes go: a client that has its whole
+        response may open its next connection at once, and balancing must
+        not see this thread busy then (it did, and sent that connection to
+        a worker with no free thread)."""
+        if not self.responded:
+            self.responded = True
+            self.channel.server.observer.response_complete()
 
     def sendfile(self, file):
         """Send `file` from its position with os.sendfile; False (nothing
@@ -516,6 +533,9 @@ class NoObserver:
     def request_started(self, channel, request_line):
         pass
 
+    def response_complete(self):
+        pass
+
     def request_finished(self):
         pass
 
@@ -574,6 +594,7 @@ class SharedSocketServer(WSGIHTTPServer):
             log.exception('the application failed on %s', task.request_data.first_line)
             self._answer_failure(task, 500, 'Internal Server Error', 'Internal Server Error\n')
         finally:
+            task.response_complete()
             self.observer.request_finished()  # scoreboard hook
 
     def readable(self):
