@@ -152,6 +152,11 @@ class Scorekeeper:
         self._connections = set()
         self._others_used, self._others = 0, []  # the board's other records
 
+    @property
+    def requests(self):
+        """Requests started so far in this worker."""
+        return self._started
+
     def booting(self, pid, threads):
         self.record.head.pid = pid
         self.record.head.threads = min(threads, len(self.record.threads))

@@ -152,13 +152,13 @@ class Worker:
             now = time.monotonic()
             if now >= next_beat:
                 next_beat = now + POLL_SECONDS
-                self._heartbeat(server)
+                self._heartbeat()
                 server.expire_stalled_requests()
                 self.loop.ask_all()  # what changed channels outside the loop's handlers
 
-    def _heartbeat(self, server):
+    def _heartbeat(self):
         """Tell the master this loop is alive; check max_memory and request_timeout."""
-        self._tell_master(Heartbeat(server.requests))
+        self._tell_master(Heartbeat(self.score.requests))
         if not self.worn_out and self.settings.max_memory:
             rss = self._process.memory_info().rss
             if rss > self.settings.max_memory * 1024 * 1024:

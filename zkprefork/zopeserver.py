@@ -7,7 +7,6 @@ the poll timeout): every worker calls `fresh_wakeup()` before it serves.
 """
 import asyncore
 import datetime
-import itertools
 import logging
 import operator
 import os
@@ -555,8 +554,6 @@ class SharedSocketServer(WSGIHTTPServer):
         # The worker's scoreboard.Scorekeeper: the hooks below tell it about
         # accepts, connections and requests (no-ops without one).
         self.observer = observer or NoObserver()
-        self.served = itertools.count(1)
-        self.requests = 0
         # SERVER_PORT comes from this port argument: pass the real one.
         super().__init__(application, name, host, sock.getsockname()[1], task_dispatcher=task_dispatcher,
                          adj=adjustments(options), hit_log=hit_log)
@@ -581,7 +578,6 @@ class SharedSocketServer(WSGIHTTPServer):
         return ip if not listener.is_wildcard(ip) else socket.gethostname()
 
     def executeRequest(self, task):
-        self.requests = next(self.served)
         self.observer.request_started(task.channel, task.request_data.first_line)  # scoreboard hook
         try:
             self.run_application(task)
