@@ -6,11 +6,13 @@
             /sleep10 -> sleep10, anything else -> hello.  One server process
             per server kind then serves both loads of a round.  For
             bench/experiments/check.py it also answers /big (1 MiB),
-            /echo (the request body) and /sleep?ms=N.
+            /echo (the request body) and /sleep?ms=N (with the worker's pid
+            in X-Worker-Pid).
 
 `make_app` is a PasteDeploy app factory (``use = call:apps:make_app``) for
 zkprefork; gunicorn and waitress take ``apps:app``.
 """
+import os
 import time
 
 HELLO = b'Hello, World!\n'
@@ -46,6 +48,8 @@ def app(environ, start_response):
         return [body]
     if path == '/sleep':
         time.sleep(int(environ.get('QUERY_STRING', 'ms=0').partition('=')[2] or 0) / 1000)
+        start_response('200 OK', HELLO_HEADERS + [('X-Worker-Pid', str(os.getpid()))])
+        return [HELLO]
     return hello(environ, start_response)
 
 

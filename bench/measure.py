@@ -6,11 +6,16 @@ through a zkprefork.testing.Processes and returns plain data (JSON-able):
     summarize             the medians of those rounds, per server and load
     memory_preload        zkprefork's memory per worker, with and without preload
     reload_under_load     zkprefork's rolling reload (SIGHUP) under load
+    slow_pairs            two concurrent slow requests: on two workers?
+    retiring_under_idle_clients
+                          HUP, TTOU and max_requests under clients that
+                          idle between requests on kept connections
     zookeeper_latencies   start -> registered, SIGTERM/SIGKILL -> node gone
 
 `log` prints progress lines with the time.
 """
 import datetime
+import http.client
 import json
 import logging
 import os
@@ -24,7 +29,7 @@ import psutil
 
 from loads import LOADS, loadgen_result, run_fairness, run_wrk, start_loadgen
 from servers import THREADS, WORKERS, Server
-from zkprefork.testing import ZooKeeperServer, free_port, wait_until
+from zkprefork.testing import IdleClients, ZooKeeperServer, free_port, wait_until
 
 IDEAL_SLEEP10 = WORKERS * THREADS / 0.010  # req/s of the 10 ms app, 800 on 2 workers × 4 threads
 
@@ -206,6 +211,74 @@ def _log_time(line):
         return None
     stamp = datetime.datetime.strptime(match.group(1), '%Y-%m-%d %H:%M:%S')
     return stamp.timestamp() + int(match.group(2)) / 1000
+
+
+# -- the scoreboard: balanced accepting, retiring without losses --------------
+
+def slow_pairs(processes, workdir, trials):
+    """zkprefork 2 workers × 1 thread; in each trial two concurrent 1 s
+    requests on new connections, from an idle server: the number of
+    workers each pair ran on."""
+    server = Server('zkprefork', processes, workdir, threads=1).start()
+    try:
+        server.wait_ready()
+        spread = []
+        for _ in range(trials):
+            time.sleep(0.3)  # the previous pair's connections closed: the server idles
+            pids = [None, None]
+            pair = [threading.Thread(target=_slow_request, args=(server.port, pids, i)) for i in range(2)]
+            for thread in pair:
+                thread.start()
+            for thread in pair:
+                thread.join(30)
+            spread.append(len(set(pids)) if None not in pids else 0)
+    finally:
+        server.stop()
+    return {'trials': trials, 'workers_per_pair': spread}
+
+
+def _slow_request(port, pids, index):
+    connection = http.client.HTTPConnection('127.0.0.1', port, timeout=20)
+    try:
+        connection.request('GET', '/sleep?ms=1000')
+        response = connection.getresponse()
+        response.read()
+        pids[index] = response.getheader('X-Worker-Pid')
+    except (OSError, http.client.HTTPException):
+        pass  # a failed request: the trial counts 0 workers
+    finally:
+        connection.close()
+
+
+# SIGHUP, SIGTTIN, SIGTTOU at these seconds after the idle clients started.
+RETIRING_SIGNALS = ((1.5, signal.SIGHUP), (3.0, signal.SIGTTIN), (4.5, signal.SIGHUP),
+                    (6.0, signal.SIGTTOU), (7.5, signal.SIGHUP), (9.0, signal.SIGHUP))
+
+
+def retiring_under_idle_clients(processes, workdir, clients, duration):
+    """zkprefork 2 × 4 with max_requests = 60 (jitter 30), `clients`
+    keep-alive clients (plain http.client) idling 0.3-0.8 s between
+    requests for `duration` s, the signals of RETIRING_SIGNALS sent: how
+    many requests failed, and how often workers were replaced and why."""
+    server = Server('zkprefork', processes, workdir,
+                    ini_extra='max_requests = 60\nmax_requests_jitter = 30\n').start()
+    try:
+        server.wait_ready()
+        started = time.monotonic()
+        with IdleClients(server.port, clients, path='/sleep?ms=1') as load:
+            for at, signum in RETIRING_SIGNALS:
+                if at < duration - 2:
+                    time.sleep(max(0.0, started + at - time.monotonic()))
+                    server.proc.signal(signum)
+            time.sleep(max(0.0, started + duration - time.monotonic()))
+        text = server.proc.log()
+    finally:
+        server.stop()
+    return {'clients': clients, 'duration_s': duration, 'ok': load.ok, 'failed': len(load.failures),
+            'failures': [str(failure) for failure in load.failures[:20]],
+            'signals': [signal.Signals(signum).name for at, signum in RETIRING_SIGNALS if at < duration - 2],
+            'retired_reloaded': text.count('reloaded: its replacement is ready'),
+            'retired_max_requests': text.count('asks to be replaced: served')}
 
 
 # -- ZooKeeper: registration and deregistration latencies ---------------------

@@ -37,11 +37,11 @@ from loads import LOADS  # noqa: E402
 from servers import KINDS, SCRIPTS  # noqa: E402
 from zkprefork.testing import Processes  # noqa: E402
 
-PARTS = ('throughput', 'reload', 'zookeeper', 'memory')
+PARTS = ('throughput', 'reload', 'scoreboard', 'zookeeper', 'memory')
 # The table of issue 14: these servers and loads, wrk -t1, 3 rounds of 3 s.
 PEERS = {'servers': ['zkprefork', 'gunicorn-gthread', 'uwsgi', 'granian', 'waitress'],
          'loads': ['hello-ka16', 'hello-ka64', 'hello-ka256', 'hello-close64', 'sleep10-ka16'],
-         'wrk_threads': 1, 'rounds': 3, 'duration': 3, 'skip': {'reload', 'zookeeper', 'memory'}}
+         'wrk_threads': 1, 'rounds': 3, 'duration': 3, 'skip': {'reload', 'scoreboard', 'zookeeper', 'memory'}}
 # What each server kind needs from the bench extra (module, or console script).
 NEEDS = {'gunicorn-gthread': 'gunicorn', 'gunicorn-sync': 'gunicorn', 'waitress': 'waitress',
          'uwsgi': 'script:uwsgi', 'granian': 'granian'}
@@ -112,6 +112,13 @@ def measure_all(args, processes, workdir):
         result['reload'] = measure.reload_under_load(processes, workdir, 6 if args.quick else 12,
                                                      [2.5] if args.quick else [3.0, 7.5])
         measure.log(f'  reload: {result["reload"]["ok"]} ok, {result["reload"]["failed"]} failed')
+    if 'scoreboard' in args.parts:
+        measure.log('two concurrent 1 s requests on 2 workers × 1 thread')
+        result['slow_pairs'] = measure.slow_pairs(processes, workdir, 10)
+        measure.log(f'  workers per pair: {result["slow_pairs"]["workers_per_pair"]}')
+        measure.log('HUP, TTIN/TTOU and max_requests under clients idling between requests')
+        result['idle_clients'] = measure.retiring_under_idle_clients(processes, workdir, 40, 6 if args.quick else 12)
+        measure.log(f'  idle clients: {result["idle_clients"]["ok"]} ok, {result["idle_clients"]["failed"]} failed')
     if 'zookeeper' in args.parts:
         measure.log('ZooKeeper latencies')
         result['zookeeper'] = measure.zookeeper_latencies(processes, workdir, 1 if args.quick else 3)

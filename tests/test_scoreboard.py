@@ -14,6 +14,7 @@ import pytest
 from support import Load, wait_until
 from test_operations import ask, monitor_of
 from zkprefork import balance, scoreboard
+from zkprefork.testing import IdleClients
 
 APP = '''\
 import os
@@ -232,47 +233,6 @@ def test_a_final_sigterm_closes_idle_connections_at_once(start):
     assert server.wait(10) == 0
     assert time.monotonic() - stopping < 3  # not the 5 s a retiring worker keeps them
     connection.close()
-
-
-class IdleClients:
-    """Keep-alive clients (plain http.client) that idle 0.3-0.8 s between
-    requests; every failure is kept."""
-
-    def __init__(self, port, clients):
-        import random
-        self.port = port
-        self.random = random.Random(13)
-        self.stopping = threading.Event()
-        self.ok, self.failures = 0, []
-        self.threads = [threading.Thread(target=self._client, args=(self.random.random(),), daemon=True)
-                        for _ in range(clients)]
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(30)
-
-    def _client(self, seed):
-        import random
-        idle = random.Random(seed)
-        connection = keep_alive(self.port)
-        while not self.stopping.is_set():
-            try:
-                status, _, _ = ask_on(connection)
-                if status == 200:
-                    self.ok += 1
-                else:
-                    self.failures.append(status)
-            except (OSError, http.client.HTTPException) as error:
-                self.failures.append(repr(error))
-                connection.close()
-            time.sleep(idle.uniform(0.3, 0.8))
-        connection.close()
 
 
 def test_clients_idling_between_requests_lose_nothing_to_hup_ttou_and_recycling(start):

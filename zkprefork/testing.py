@@ -10,6 +10,7 @@ looked up or killed by name.
 """
 import http.client
 import os
+import random
 import re
 import signal
 import socket
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import psutil
@@ -71,6 +73,49 @@ def http_get(port, path='/', host='127.0.0.1', timeout=10.0, headers=None):
         response = connection.getresponse()
         return response.status, response.read()
     finally:
+        connection.close()
+
+
+class IdleClients:
+    """`clients` threads, each a keep-alive connection (plain http.client,
+    which never probes a connection before reusing it) that sends GET `path`
+    and idles 0.3-0.8 s before the next; `ok` counts the 200s, `failures`
+    keeps every other status and every error. A with block runs them."""
+
+    def __init__(self, port, clients, path='/'):
+        self.port, self.path = port, path
+        seeds = random.Random(13)
+        self.stopping = threading.Event()
+        self.ok, self.failures = 0, []
+        self.threads = [threading.Thread(target=self._client, args=(seeds.random(),), daemon=True)
+                        for _ in range(clients)]
+
+    def __enter__(self):
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stopping.set()
+        for thread in self.threads:
+            thread.join(30)
+
+    def _client(self, seed):
+        idle = random.Random(seed)
+        connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=15)
+        while not self.stopping.is_set():
+            try:
+                connection.request('GET', self.path)
+                response = connection.getresponse()
+                response.read()
+                if response.status == 200:
+                    self.ok += 1
+                else:
+                    self.failures.append(response.status)
+            except (OSError, http.client.HTTPException) as error:
+                self.failures.append(repr(error))
+                connection.close()
+            time.sleep(idle.uniform(0.3, 0.8))
         connection.close()
 
 
