@@ -6,6 +6,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -111,6 +112,25 @@ def test_boards_grow_when_a_worker_does_not_fit_and_go_when_unused():
         boards.release(record)
     assert boards.boards == [more_threads.board]
     assert len(scoreboard.Scoreboards(workers=1, threads=1).boards[0].records) == scoreboard.MIN_RECORDS
+
+
+def test_every_thread_is_free_again_after_answered_and_refused_requests(start):
+    # A refused HEAD once told the scoreboard its thread was free though it
+    # never counted it busy: balancing then saw a free thread too many.
+    server, monitor = start('workers = 1\nthreads = 2\n')
+    requests = [b'GET /?ms=1 HTTP/1.1\r\nHost: x\r\n\r\n', b'HEAD / HTTP/1.1\r\nHost: x\r\n\r\n',
+                b'HEAD / HTTP/1.1\r\n\r\n', b'HEAD * HTTP/1.1\r\nHost: x\r\n\r\n',  # 400s without a body
+                b'GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n']
+    for request in requests * 2:
+        with socket.create_connection(('127.0.0.1', server.port), timeout=10) as sock:
+            sock.sendall(request)
+            assert sock.recv(4096).startswith(b'HTTP/1.1 ')
+
+    def idle():
+        [worker] = json.loads(ask(monitor, b'status\n'))['workers']
+        return worker if worker['connections'] == 0 else None
+    worker = wait_until(idle, message='every connection closed')
+    assert worker['free_threads'] == 2 and worker['requests'] == 4
 
 
 def test_monitor_shows_connections_and_busy_threads(start):

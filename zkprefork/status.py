@@ -57,7 +57,7 @@ def _worker_status(worker, now):
     return {'slot': worker.slot, 'pid': worker.pid, 'age': round(now - worker.started, 3),
             'requests': record.requests(), 'rss': rss, 'state': state,
             'generation': worker.generation, 'connections': record.head.connections,
-            'busy_threads': busy}
+            'free_threads': record.standing()[0], 'busy_threads': busy}
 
 
 def workers_table(connection):

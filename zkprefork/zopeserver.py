@@ -82,7 +82,7 @@ class DrainingTask(HTTPTask):
     chunked_response = False  # the body goes out in chunks (HTTP/1.1 without Content-Length)
     no_body = False           # HEAD, 204, 304
     body_limit = None         # the Content-Length the application declared
-    responded = False         # the scoreboard was told the thread is free
+    counted = False           # the scoreboard counts this task's thread busy
     body_sent = 0
     failed = False            # cut short: no last chunk, and the connection closes
 
@@ -236,8 +236,8 @@ class DrainingTask(HTTPTask):
         response may open its next connection at once, and balancing must
         not see this thread busy then (it did, and sent that connection to
         a worker with no free thread)."""
-        if not self.responded:
-            self.responded = True
+        if self.counted:
+            self.counted = False
             self.channel.server.observer.response_complete()
 
     def sendfile(self, file):
@@ -579,6 +579,7 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def executeRequest(self, task):
         self.observer.request_started(task.channel, task.request_data.first_line)  # scoreboard hook
+        task.counted = True  # a refused request never ran here: its answer tells nothing
         try:
             self.run_application(task)
         except ClientGone:
