@@ -9,7 +9,7 @@ import time
 import psutil
 
 import zkprefork
-from zkprefork import listener, metrics
+from zkprefork import listener
 
 # The master's phases, in the order it goes through them (as status reports them).
 BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
@@ -80,13 +80,18 @@ def monitor_commands(master):
     def queue(signum):
         return lambda connection: (master.signals.append(signum),
                                    connection.write(f'{signal.Signals(signum).name} queued\n'))
-    registry = metrics.registry_of(master)
+
+    def metrics_text(connection):
+        # Imported at the first scrape: prometheus_client's import (~30 ms)
+        # would otherwise lie on every start's way to registration.
+        from zkprefork import metrics
+        connection.write(metrics.exposition(metrics.registry_of(master)))
     return {
         'help': (lambda c: master.monitor.help(c), 'the commands, one line each'),
         'status': (lambda c: c.write(json.dumps(c.status(), indent=1) + '\n'),
                    'the master and every worker, as JSON'),
         'workers': (workers_table, 'the workers, as a table'),
-        'metrics': (lambda c: c.write(metrics.exposition(registry)),
+        'metrics': (metrics_text,
                     "Prometheus's text format (also GET /metrics on this port)"),
         'reload': (queue(signal.SIGHUP), 'rolling reload, as SIGHUP'),
         'ttin': (queue(signal.SIGTTIN), 'one worker more, as SIGTTIN'),
