@@ -289,7 +289,7 @@ def zookeeper_latencies(processes, workdir, trials):
     # ZooKeeper's own default tick (2 s): the 10 s session below is not capped.
     zk = ZooKeeperServer(tick_time=2000, directory=workdir)
     client = KazooClient(hosts=zk.hosts)
-    results = {'start_registered_s': [], 'sigterm_gone_s': [], 'sigkill_gone_s': [],
+    results = {'start_registered_s': [], 'sigterm_gone_s': [], 'sigterm_logged_s': [], 'sigkill_gone_s': [],
                'workers_gone_after_sigkill_s': [], 'workers_in_node': []}
     try:
         zk.start()
@@ -331,7 +331,7 @@ def _zookeeper_trial(processes, workdir, zk, client, trial, how, results):
             raise RuntimeError('the node went away by itself')
         workers = server.worker_pids()
         server.proc.children()  # remember every pid before the kill
-        t0 = time.monotonic()
+        t0, sent = time.monotonic(), time.time()
         server.proc.signal(signal.SIGTERM if how == 'SIGTERM' else signal.SIGKILL)
         if not deleted.event.wait(30):
             raise RuntimeError(f'the node stayed after {how}')
@@ -339,6 +339,7 @@ def _zookeeper_trial(processes, workdir, zk, client, trial, how, results):
         if how == 'SIGTERM':
             results['sigterm_gone_s'].append(gone)
             server.proc.wait(30)
+            results['sigterm_logged_s'].append(_logged_after(server.proc.log(), 'unregistered /', sent))
         else:
             results['sigkill_gone_s'].append(gone)
             results['workers_gone_after_sigkill_s'].append(_workers_gone_after(workers, t0))
@@ -346,6 +347,16 @@ def _zookeeper_trial(processes, workdir, zk, client, trial, how, results):
             f'{how}->node gone {gone * 1000:.1f} ms')
     finally:
         server.stop()
+
+
+def _logged_after(text, needle, since):
+    """Seconds from `since` (time.time()) to the first log line with
+    `needle` (its millisecond time stamp), or None: what the server itself
+    saw, beside what the watching client saw."""
+    for line in text.splitlines():
+        if needle in line and (stamp := _log_time(line)) is not None:
+            return round(stamp - since, 4)
+    return None
 
 
 def _watch_event():

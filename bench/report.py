@@ -314,6 +314,8 @@ def _render_main(main, png_name):
                   '| measure | trials (ms) |', '|---|---|',
                   f'| Popen → node created (4 workers ready) | {ms(zkl["start_registered_s"])} |',
                   f'| SIGTERM to the master → node deleted | {ms(zkl["sigterm_gone_s"])} |',
+                  f'| SIGTERM to the master → the registrar logged the node deleted (its own clock, ms resolution) | '
+                  f'{ms(zkl.get("sigterm_logged_s", []))} |',
                   f'| SIGKILL to the master → node deleted | {ms(zkl["sigkill_gone_s"])} |',
                   f'| SIGKILL to the master → every orphaned worker exited | {ms(zkl["workers_gone_after_sigkill_s"])} |',
                   f'| `workers` in the node data | {", ".join(str(w) for w in zkl["workers_in_node"])} |', '']
