@@ -325,6 +325,23 @@ def test_two_concurrent_slow_requests_on_new_connections_land_on_two_workers(sta
         assert statuses == {200} and len(pids) == 2, f'trial {trial}: both on one worker'
 
 
+def test_new_connections_keep_going_to_the_worker_that_has_a_free_thread(start):
+    # Before: the busy worker had decided to accept while both workers were
+    # busy, and took the second short request once the other was free again
+    # (5 of 5 trials, each waiting ~1.8 s behind the long request).
+    server, _ = start('workers = 2\nthreads = 1\n')
+    for trial in range(3):
+        long = in_thread(server.request, '/?ms=1500', 30)
+        time.sleep(0.2)  # the long request runs
+        busy = wait_until(lambda: [w['pid'] for w in json.loads(ask(monitor_of(server), b'status\n'))['workers']
+                                   if w['busy_threads']], message='the long request running')
+        for gap in (0, 0.05, 0.2):
+            time.sleep(gap)
+            status, pid = server.request('/?ms=5')
+            assert status == 200 and int(pid) not in busy, f'trial {trial}, gap {gap}: on the busy worker'
+        long.thread.join(10)
+
+
 def test_a_thousand_keep_alive_connections_on_two_workers(start):
     server, monitor = start('workers = 2\nthreads = 4\n')
     connections = [keep_alive(server.port) for _ in range(1000)]

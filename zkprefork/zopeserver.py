@@ -607,12 +607,17 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def handle_accept(self):
         """Take up to ACCEPT_BATCH waiting connections, asking balancing
-        again after each one, so that a burst still spreads over the workers."""
+        before each one: what the loop decided before it polled may be stale
+        by now (the other worker has freed a thread since, and every worker
+        was woken for this connection), and a burst still spreads over the
+        workers."""
         for _ in range(ACCEPT_BATCH):
+            if not (self.observer.decide_accepting() and self.readable()):
+                return  # this one is another worker's: it was woken for it too
             held = len(self._map)
             super().handle_accept()
-            if len(self._map) == held or not (self.observer.decide_accepting() and self.readable()):
-                return  # none was waiting, or the next one is another worker's
+            if len(self._map) == held:
+                return  # none was waiting
 
     def run_application(self, task):
         """WSGIHTTPServer.executeRequest, with a start_response that refuses
