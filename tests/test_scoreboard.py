@@ -295,6 +295,20 @@ def test_a_request_past_request_timeout_gets_its_worker_replaced_and_its_stack_l
     assert server.log().count('request_timeout 1 s') == 1
 
 
+def test_a_request_past_request_timeout_is_logged_on_a_worker_already_retiring(start):
+    # Before: a worker retiring for max_requests (or draining after a HUP)
+    # never logged its stuck request.
+    server, _ = start('workers = 1\nthreads = 2\nmax_requests = 2\nrequest_timeout = 1\ngraceful_timeout = 3\n')
+    stuck = in_thread(server.request, '/?ms=2500', 30)
+    time.sleep(0.2)
+    assert server.request('/')[0] == 200  # the second request: the worker asks to be replaced
+    server.wait_for_log(r'asks to be replaced: served 2 requests')
+    server.wait_for_log(r"request 'GET /\?ms=2500 HTTP/1.1' has run for 1\.\d s \(request_timeout 1 s\)")
+    stuck.thread.join(10)
+    assert stuck[0][0] == 200  # it finished within graceful_timeout
+    assert server.log().count('has run for') == 1
+
+
 # -- balanced accepting (issue 13, item 5) ---------------------------------
 
 def test_balance_prefers_a_free_thread_then_fewer_connections():

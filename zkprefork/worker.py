@@ -54,6 +54,7 @@ class Worker:
         self.quit_now = False
         self.retire_asked = False
         self.worn_out = None  # (limit, reason) it wants a replacement for; set by any thread
+        self._overdue = set()  # (thread ident, started) of the requests logged as past request_timeout
         self.server = None
         self._wake_loop = None
         self._process = psutil.Process()  # this worker, for max_memory
@@ -163,28 +164,32 @@ class Worker:
             rss = self._process.memory_info().rss
             if rss > self.settings.max_memory * 1024 * 1024:
                 self._wear_out('max_memory', f'resident memory {rss // 1048576} MB > max_memory')
-        if not self.worn_out and self.settings.request_timeout:
+        if self.settings.request_timeout:
             self._check_request_timeout(self.settings.request_timeout)
 
-    def _check_request_timeout(self, limit):
+    def _check_request_timeout(self, limit, replace=True):
         """A request running longer than `limit` seconds: log where each
-        such thread is stuck (its Python stack), and ask to be replaced; the
-        thread is not interrupted (Python cannot), so the worker drains and
-        is killed after graceful_timeout like any other."""
+        such thread is stuck (its Python stack), once per request, whatever
+        the worker is doing (already worn out, draining); and, with
+        `replace`, ask to be replaced. The thread is not interrupted (Python
+        cannot), so the worker drains and is killed after graceful_timeout
+        like any other."""
         now = time.monotonic()
         overdue = [(number, started, request, ident)
                    for number, started, request, ident in self.score.record.busy()
-                   if now - started > limit]
+                   if now - started > limit and (ident, started) not in self._overdue]
         if not overdue:
             return
         frames = sys._current_frames()
         for number, started, request, ident in overdue:
+            self._overdue.add((ident, started))
             frame = frames.get(ident)
             stack = ''.join(traceback.format_stack(frame)).rstrip() if frame else '(the thread is gone)'
             log.error('worker %d (pid %d): request %r has run for %.1f s (request_timeout %g s) '
                       'in thread %d; its stack:\n%s',
                       self.slot, os.getpid(), request, now - started, limit, number, stack)
-        self._wear_out('request_timeout', f'a request ran longer than request_timeout: {overdue[0][2]}')
+        if replace and not self.worn_out:
+            self._wear_out('request_timeout', f'a request ran longer than request_timeout: {overdue[0][2]}')
 
     def _request_started(self, count):
         """In the pool thread about to run the `count`th request: max_requests
@@ -224,6 +229,8 @@ class Worker:
                     channel.close()
             if not server.channels():
                 return
+            if self.settings.request_timeout:
+                self._check_request_timeout(self.settings.request_timeout, replace=False)
             self.loop.ask_all()
             self.loop.poll(0.05)
         left = len(server.channels())
