@@ -66,6 +66,8 @@ def test_monitor_help_unknown_and_control_commands(monitored):
     for command in ('help', 'status', 'workers', 'reload', 'ttin', 'ttou'):
         assert command in help_text
     assert ask(monitor, b'frobnicate now\n') == "error: unknown command 'frobnicate'; 'help' lists the commands\n"
+    assert ask(monitor, b'status extra args\n') == \
+        "error: status does not take 2 argument(s); 'help' lists the commands\n"
     old = server.worker_pids()
     ask(monitor, b'ttin\n')
     wait_until(lambda: len(server.worker_pids()) == 2, message='a second worker')

@@ -16,6 +16,7 @@ Plugins: other packages add commands through the entry point group
 ``connection.write(text)`` and may read ``connection.status()`` (the same
 dict as the `status` command).
 """
+import inspect
 import logging
 import re
 import selectors
@@ -205,9 +206,14 @@ class Monitor:
             function = function.load()
             self.commands[name] = (function, self.commands[name][1])
         try:
+            inspect.signature(function).bind(connection, *args)
+        except TypeError:
+            connection.write(f'error: {name} does not take {len(args)} argument(s); \'help\' lists the commands\n')
+            return
+        except ValueError:
+            pass  # a callable without a signature to check: let the call tell
+        try:
             function(connection, *args)
-        except TypeError as error:
-            connection.write(f'error: {name}: {error}\n')
         except Exception as error:  # a plugin's bug must not stop the master
             log.exception('monitor command %r failed', name)
             connection.write(f'error: {name} failed: {error!r}\n')

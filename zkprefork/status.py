@@ -52,7 +52,7 @@ def _worker_status(worker, now):
         rss = None
     state = 'retiring' if worker.retiring else 'ready' if worker.ready else 'booting'
     record = worker.record
-    busy = [{'thread': number, 'busy': round(now - started, 3), 'request': request}
+    busy = [{'thread': number, 'busy': round(max(0.0, now - started), 3), 'request': request}
             for number, started, request, _ in record.busy()]
     return {'slot': worker.slot, 'pid': worker.pid, 'age': round(now - worker.started, 3),
             'requests': record.requests(), 'rss': rss, 'state': state,
