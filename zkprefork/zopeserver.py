@@ -229,7 +229,6 @@ class DrainingTask(HTTPTask):
         if not self.wrote_header:
             self.write(b'')
         if self.chunked_response and not self.failed:
-            self.response_complete()
             self.bytes_written += self.channel.write_now(b'0\r\n\r\n')
         elif self.body_limit is not None and self.body_sent < self.body_limit and not self.no_body:
             self.close_on_finish = 1  # the client must not wait for the rest
@@ -612,7 +611,7 @@ class SharedSocketServer(WSGIHTTPServer):
         was woken for this connection), and a burst still spreads over the
         workers."""
         for _ in range(ACCEPT_BATCH):
-            if not (self.observer.decide_accepting() and self.readable()):
+            if not (self.observer.decide_accepting() and super().readable()):
                 return  # this one is another worker's: it was woken for it too
             held = len(self._map)
             super().handle_accept()
