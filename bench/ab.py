@@ -35,7 +35,7 @@ DRIVER = '''
 import logging, socket, sys
 tree, count = sys.argv[1], int(sys.argv[2])
 sys.path[:0] = [tree, tree + '/bench']
-from zkprefork import zopeserver
+from zkprefork.worker import zopeserver
 import apps
 logging.disable(logging.CRITICAL)
 class Dispatcher:
@@ -46,7 +46,8 @@ listening.bind(('127.0.0.1', 0))
 listening.listen(5)
 dispatcher = Dispatcher()
 try:
-    from zkprefork import httprequest, settings
+    from zkprefork import settings
+    from zkprefork.worker import httprequest
     extra = (None, httprequest.HTTPOptions.from_settings(settings.make_settings({})))
 except (ImportError, AttributeError):  # a tree from before the HTTP options
     extra = ()
@@ -67,11 +68,11 @@ import asyncore, logging, socket, sys
 tree, count, ready = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sys.path[:0] = [tree, tree + '/bench']
 try:
-    from zkprefork import eventloop
+    from zkprefork.worker import eventloop
     poll = eventloop.install().poll
 except ImportError:
     poll = asyncore.poll2
-from zkprefork import httprequest, zopeserver
+from zkprefork.worker import httprequest, zopeserver
 import apps
 logging.disable(logging.CRITICAL)
 zopeserver.fresh_wakeup()

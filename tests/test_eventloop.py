@@ -1,4 +1,4 @@
-"""zkprefork.eventloop.SocketMap: asyncore's dispatch on a persistent epoll
+"""zkprefork.worker.eventloop.SocketMap: asyncore's dispatch on a persistent epoll
 set, with real sockets (the worker's end-to-end behaviour is in test_http.py
 and test_core.py)."""
 import asyncore
@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from zkprefork import eventloop
+from zkprefork.worker import eventloop
 from zope.server import dualmodechannel, trigger
 
 

@@ -8,7 +8,7 @@ import time
 from support import Load, wait_until
 from test_operations import ask, monitor_of
 from test_registration import restart_registrar
-from zkprefork import healthcheck
+from zkprefork.registrar import healthcheck
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 INTERVAL, RISE, FALL = 0.5, 2, 3

@@ -797,7 +797,7 @@ def test_the_server_still_serves_and_no_worker_was_lost(strict_server):
 # -- the options (checked with the others in zkprefork.settings) --
 
 def test_the_http_options_default_to_their_documented_values():
-    from zkprefork.httprequest import HTTPOptions
+    from zkprefork.worker.httprequest import HTTPOptions
     from zkprefork.settings import make_settings
     assert HTTPOptions.from_settings(make_settings({})) == HTTPOptions(
         limit_request_line=4094, limit_request_fields=200, limit_request_field_size=65536,

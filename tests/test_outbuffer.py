@@ -1,11 +1,11 @@
-"""zkprefork.outbuffer.OutputBuffer against zope.server's OverflowableBuffer,
+"""zkprefork.worker.outbuffer.OutputBuffer against zope.server's OverflowableBuffer,
 whose interface it has (the channels' sending is tested end to end in
 test_http.py)."""
 import random
 
 from zope.server.buffers import OverflowableBuffer
 
-from zkprefork.outbuffer import OutputBuffer
+from zkprefork.worker.outbuffer import OutputBuffer
 
 
 def test_same_bytes_as_zope_servers_buffer_through_random_writes_reads_and_skips():

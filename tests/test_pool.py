@@ -4,12 +4,12 @@ import dataclasses
 import logging
 import os
 
-from zkprefork import worker_protocol
+from zkprefork.worker import protocol as worker_protocol
 from zkprefork.lines import LineReader
-from zkprefork.pool import KILL_GRACE, BootFailedAtStart, Kill, Pool, Retire, Spawn
+from zkprefork.master.pool import KILL_GRACE, BootFailedAtStart, Kill, Pool, Retire, Spawn
 from zkprefork.settings import Settings
 from zkprefork.supervision import NEVER, Backoff
-from zkprefork.worker_protocol import BootFailed, Heartbeat, Ready, RetireRequest
+from zkprefork.worker.protocol import BootFailed, Heartbeat, Ready, RetireRequest
 
 
 class Hands:

@@ -7,8 +7,9 @@ import time
 from kazoo.protocol.states import ZnodeStat
 
 from support import dead_pid
-from zkprefork import nodeformat, zknodes
-from zkprefork.registrar import Timers
+from zkprefork import nodeformat
+from zkprefork.registrar import nodes as zknodes
+from zkprefork.registrar.loop import Timers
 
 
 def stat(owner, ctime_s=None):

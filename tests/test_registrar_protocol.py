@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from zkprefork.registrar_protocol import (
+from zkprefork.registrar.protocol import (
     CredentialsSource, ProtocolError, RegistrarConfig, Register, Session, State, TLSOptions,
     Unregister, Unregistered, make_identity, read_command, read_event)
 from zkprefork.settings import make_settings
@@ -109,7 +109,7 @@ def test_bad_config_line():
 
 
 def test_the_masters_end_imports_no_kazoo():
-    code = ('import sys, zkprefork.registrar_link, zkprefork.registrar_protocol, zkprefork.settings; '
+    code = ('import sys, zkprefork.master.launch, zkprefork.cli, zkprefork.runner; '
             'print(sorted(m for m in sys.modules if m.startswith("kazoo")))')
     assert subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
                           check=True).stdout == '[]\n'

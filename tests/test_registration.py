@@ -20,7 +20,7 @@ from kazoo.recipe.watchers import ChildrenWatch
 
 from support import (dead_pid, ensemble_hosts, free_port, log_times, read_curator_instance,
                      read_serverset_member, read_synapse_backend, registrar_of, wait_until)
-from zkprefork.registrar_protocol import RegistrarConfig
+from zkprefork.registrar.protocol import RegistrarConfig
 from zkprefork.settings import make_settings
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from support import Load, wait_until
 from test_operations import ask, monitor_of
-from zkprefork import balance, scoreboard
+from zkprefork.worker import balance, scoreboard
 from zkprefork.testing import IdleClients
 
 APP = '''\

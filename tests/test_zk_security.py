@@ -16,9 +16,9 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 from support import (ZOOKEEPER_TLS_CLASSPATH, free_port, registrar_of, secure_port,
                      tls_zookeeper_config, wait_until, write_ini)
 from test_operations import ask
-from zkprefork import zksecurity
-from zkprefork.registrar_link import RegistrarLink
-from zkprefork.registrar_protocol import CredentialsSource, RegistrarConfig, TLSOptions
+from zkprefork.registrar import security as zksecurity
+from zkprefork.master.registrar_link import RegistrarLink
+from zkprefork.registrar.protocol import CredentialsSource, RegistrarConfig, TLSOptions
 from zkprefork.settings import Settings
 
 PASSWORD = 'pw-' + secrets.token_hex(8)

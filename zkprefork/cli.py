@@ -4,7 +4,8 @@ import os
 import sys
 
 import zkprefork
-from zkprefork import inifile, launch
+from zkprefork import inifile
+from zkprefork.master import launch
 from zkprefork.settings import make_settings
 
 

@@ -34,7 +34,7 @@ import json
 import typing
 import uuid
 
-from zkprefork.listener import format_address
+from zkprefork.master.listener import format_address
 
 FORMATS = ('zk', 'serverset', 'curator')
 MEMBER_PREFIX = 'member_'

@@ -6,7 +6,7 @@ object (inherited through fork, as with preload) instead of loading it anew.
 """
 import sys
 
-from zkprefork import launch
+from zkprefork.master import launch
 from zkprefork.settings import make_settings
 
 

@@ -4,19 +4,20 @@ import gc
 import os
 import socket
 
-from zkprefork import systemd, worker_protocol
-from zkprefork.worker import reset_signals
+from zkprefork.master import systemd
+from zkprefork.worker import protocol as worker_protocol
+from zkprefork.worker.process import reset_signals
 
 
 def import_serving_stack():
-    """Import zope.server (with zkprefork.zopeserver) before the first fork,
+    """Import zope.server (with zkprefork.worker.zopeserver) before the first fork,
     so that its pages are shared by every worker and a new worker serves at
     once. The master calls this after starting the registrar, which then
     boots while the master imports. The master never runs that stack: no
     zope.server socket, thread or loop exists in it, and each worker replaces
     the wake-up pipe and socket map zope.server makes at import
     (zopeserver.fresh_wakeup) before it serves."""
-    import zkprefork.zopeserver  # noqa: F401
+    import zkprefork.worker.zopeserver  # noqa: F401
 
 
 def fork_worker(serve, selector, masters_fds, handled_signals):

@@ -9,7 +9,7 @@ import time
 import psutil
 
 import zkprefork
-from zkprefork import listener
+from zkprefork.master import listener
 
 # The master's phases, in the order it goes through them (as status reports them).
 BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
@@ -84,7 +84,7 @@ def monitor_commands(master):
     def metrics_text(connection):
         # Imported at the first scrape: prometheus_client's import (~30 ms)
         # would otherwise lie on every start's way to registration.
-        from zkprefork import metrics
+        from zkprefork.master import metrics
         connection.write(metrics.exposition(metrics.registry_of(master)))
     return {
         'help': (lambda c: master.monitor.help(c), 'the commands, one line each'),

@@ -24,7 +24,8 @@ from kazoo.exceptions import (
     NoNodeError, NotEmptyError, QuotaExceededError, UnimplementedError)
 from kazoo.handlers.threading import KazooTimeoutError
 
-from zkprefork import nodeformat, zksecurity
+from zkprefork import nodeformat
+from zkprefork.registrar import security as zksecurity
 
 log = logging.getLogger('zkprefork.registrar')
 

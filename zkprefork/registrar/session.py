@@ -13,7 +13,7 @@ from kazoo.client import KazooClient, KazooState, KeeperState
 from kazoo.exceptions import KazooException, NoNodeError, RolledBackError
 from kazoo.retry import KazooRetry
 
-from zkprefork import zksecurity
+from zkprefork.registrar import security as zksecurity
 
 log = logging.getLogger('zkprefork.registrar')
 

@@ -13,9 +13,10 @@ import traceback
 
 import psutil
 
-from zkprefork import balance, inifile, logsetup, proctitle, scoreboard
+from zkprefork import inifile, logsetup, proctitle
+from zkprefork.worker import balance, scoreboard
 from zkprefork.supervision import MASTER_ONLY_SIGNALS
-from zkprefork.worker_protocol import BootFailed, Heartbeat, Ready, RetireRequest, encode
+from zkprefork.worker.protocol import BootFailed, Heartbeat, Ready, RetireRequest, encode
 
 log = logging.getLogger('zkprefork.worker')
 
@@ -105,7 +106,7 @@ class Worker:
             return None
 
     def _start_server(self, app):
-        from zkprefork import eventloop, httprequest, wakeup, zopeserver  # zopeserver: imported by the master
+        from zkprefork.worker import eventloop, httprequest, wakeup, zopeserver  # zopeserver: imported by the master
         self.loop = eventloop.install()  # first: every dispatcher keeps the map it was created with
         zopeserver.fresh_wakeup()
         self._wake_loop = zopeserver.wake_loop

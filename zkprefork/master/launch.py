@@ -7,9 +7,10 @@ import os
 import resource
 import sys
 
-from zkprefork import inifile, listener, logsetup, monitor, pidfile, systemd
-from zkprefork.master import Master
-from zkprefork.registrar_link import NoRegistrar, RegistrarLink
+from zkprefork import inifile, logsetup
+from zkprefork.master import listener, monitor, pidfile, systemd
+from zkprefork.master.loop import Master
+from zkprefork.master.registrar_link import NoRegistrar, RegistrarLink
 from zkprefork.settings import ConfigError
 
 log = logging.getLogger('zkprefork.master')

@@ -27,7 +27,8 @@ from zope.server.task import AbstractTask
 from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
-from zkprefork import httprequest, listener, outbuffer, wsgi
+from zkprefork.worker import httprequest, outbuffer, wsgi
+from zkprefork.master import listener
 
 
 log = logging.getLogger('zkprefork.worker')

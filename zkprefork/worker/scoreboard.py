@@ -36,7 +36,7 @@ import mmap
 import threading
 import time
 
-from zkprefork import balance
+from zkprefork.worker import balance
 
 # Request duration histogram buckets, seconds (Prometheus's defaults, and
 # longer ones for slow applications); the last bucket is +Inf.

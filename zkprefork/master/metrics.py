@@ -13,7 +13,7 @@ grows across reloads and recycling.
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from zkprefork.scoreboard import BUCKETS
+from zkprefork.worker.scoreboard import BUCKETS
 
 CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
 REGISTRATION_STATES = ('off', 'connecting', 'connected', 'suspended', 'lost', 'failed', 'restarting')

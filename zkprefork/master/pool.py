@@ -19,7 +19,7 @@ import logging
 from typing import NamedTuple
 
 from zkprefork.supervision import NEVER, Backoff
-from zkprefork.worker_protocol import BootFailed, Heartbeat, Ready, RetireRequest
+from zkprefork.worker.protocol import BootFailed, Heartbeat, Ready, RetireRequest
 
 # The pool is the master's; its lines keep the logger users filter on.
 log = logging.getLogger('zkprefork.master')

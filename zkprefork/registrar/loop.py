@@ -45,8 +45,9 @@ import sys
 import threading
 import time
 
-from zkprefork import healthcheck, logsetup, proctitle, zknodes, zksecurity, zksession
-from zkprefork.registrar_protocol import (
+from zkprefork import logsetup, proctitle
+from zkprefork.registrar import healthcheck, nodes as zknodes, security as zksecurity, session as zksession
+from zkprefork.registrar.protocol import (
     ProtocolError, RegistrarConfig, Register, Session, State, Unregistered, read_command)
 
 log = logging.getLogger('zkprefork.registrar')
@@ -372,6 +373,3 @@ def _write_event(out, event):
     out.write(event.line())
     out.flush()
 
-
-if __name__ == '__main__':
-    main()

@@ -21,17 +21,18 @@ import signal
 import time
 import uuid
 
-from zkprefork import listener as listening
-from zkprefork import logsetup, proctitle, spawn, status, systemd
-from zkprefork.monitor import NoMonitor
-from zkprefork.pool import BootFailedAtStart, Kill, Pool, Retire, Spawn
-from zkprefork.registrar_link import NoRegistrar
-from zkprefork.scoreboard import Scoreboards
+from zkprefork.master import listener as listening
+from zkprefork import logsetup, proctitle
+from zkprefork.master import spawn, status, systemd
+from zkprefork.master.monitor import NoMonitor
+from zkprefork.master.pool import BootFailedAtStart, Kill, Pool, Retire, Spawn
+from zkprefork.master.registrar_link import NoRegistrar
+from zkprefork.worker.scoreboard import Scoreboards
 from zkprefork.settings import RESTART_ONLY, ConfigError
-from zkprefork.signalqueue import SignalQueue
-from zkprefork.status import BOOTING, CLOSING, DONE, DRAINING, RUNNING, UNREGISTERING
+from zkprefork.master.signalqueue import SignalQueue
+from zkprefork.master.status import BOOTING, CLOSING, DONE, DRAINING, RUNNING, UNREGISTERING
 from zkprefork.supervision import NEVER, describe_exit, reaped, send_signal
-from zkprefork.worker import Worker
+from zkprefork.worker.process import Worker
 
 log = logging.getLogger('zkprefork.master')
 

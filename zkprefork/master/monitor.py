@@ -36,7 +36,7 @@ PLUGIN_GROUP = 'zkprefork.monitor'
 
 def bind(host, port):
     """Listen; a busy port is a ConfigError (exit 2), not a traceback."""
-    from zkprefork import listener
+    from zkprefork.master import listener
     from zkprefork.settings import ConfigError
     try:
         return listener.bind(host, port)
@@ -107,7 +107,7 @@ class Connection:
             self._answered()
 
     def _answer_http(self, method, path, short_enough):
-        from zkprefork.metrics import CONTENT_TYPE
+        from zkprefork.master.metrics import CONTENT_TYPE
         if not short_enough:
             status, body = '400 Bad Request', f'the request headers are over {MAX_HTTP_HEAD} bytes\n'
         elif path != b'/metrics':
@@ -160,7 +160,7 @@ class Monitor:
 
     def advertised_address(self):
         """HOST:PORT as a client elsewhere reaches it (never a wildcard host)."""
-        from zkprefork import listener
+        from zkprefork.master import listener
         host, port = self.sock.getsockname()[:2]
         return listener.format_address(listener.advertised_hosts(host)[0], port)
 

@@ -16,7 +16,7 @@ import time
 
 import zkprefork
 from zkprefork.lines import LineReader
-from zkprefork.registrar_protocol import (
+from zkprefork.registrar.protocol import (
     RegistrarConfig, Register, Unregister, make_identity, read_event)
 from zkprefork.supervision import MASTER_ONLY_SIGNALS, NEVER, Backoff, describe_exit
 
