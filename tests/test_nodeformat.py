@@ -89,10 +89,3 @@ def test_claims_of_foreign_or_broken_data():
     assert nodeformat.read_claim('serverset', 'member_1', b'{"serviceEndpoint":{"host":"h","port":1}}',
                                  'x') == (('h', 1), None, False)
     assert nodeformat.read_claim('curator', 'id', b'{"address":null}', 'x') == (None, None, False)
-
-
-def test_parse_address():
-    assert nodeformat.parse_address('[::1]:80') == ('::1', 80)
-    assert nodeformat.parse_address('host:80') == ('host', 80)
-    assert nodeformat.parse_address(':80') == ('', 80)
-    assert nodeformat.parse_address('host') is None

@@ -34,7 +34,7 @@ import json
 import typing
 import uuid
 
-from zkprefork.master.listener import format_address
+from zkprefork.addresses import format_address, parse_address
 
 FORMATS = ('zk', 'serverset', 'curator')
 MEMBER_PREFIX = 'member_'
@@ -79,14 +79,6 @@ def read_claim(node_format, name, raw, instance):
         return Claim(endpoint=parse_address(name) if node_format == 'zk' else None)
     return {'zk': _zk_claim, 'serverset': _serverset_claim,
             'curator': _curator_claim}[node_format](name, value, instance)
-
-
-def parse_address(text):
-    """'host:port' or '[v6]:port' -> (host, port); None if it is neither."""
-    host, colon, port = text.rpartition(':')
-    if not colon or not port.isdigit():
-        return None
-    return host.strip('[]'), int(port)
 
 
 def _encode(value):

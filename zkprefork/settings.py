@@ -14,6 +14,9 @@ import unicodedata
 
 from paste.deploy.converters import asbool
 
+from zkprefork.addresses import HOST_PORT
+from zkprefork.nodeformat import FORMATS
+
 
 class ConfigError(Exception):
     """A bad option or file: reported as one line, exit status 2."""
@@ -71,13 +74,10 @@ def _boolean(option, value):
         raise ConfigError(f'{option}: {value!r} is not true or false') from None
 
 
-_HOST_PORT = re.compile(r'^(?P<host>\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]*)(?::(?P<port>[^:]*))?$')
-
-
 def _split_host_port(option, value, port_required, whole=None):
     """(host, port or None); errors quote `whole`, the value as the user wrote it."""
     whole = value if whole is None else whole
-    match = _HOST_PORT.match(value)
+    match = HOST_PORT.match(value)
     if not match or (port_required and not match['port']):
         raise ConfigError(f'{option}: {whole!r} is not of the form HOST:PORT')
     host = match['host'].strip('[]')
@@ -269,8 +269,6 @@ def _choice(*choices):
 
 
 def _node_format(option, value):
-    # Imported here: nodeformat imports listener, which imports this module.
-    from zkprefork.nodeformat import FORMATS
     return _choice(*FORMATS)(option, value)
 
 

@@ -7,7 +7,7 @@ import os
 import resource
 import sys
 
-from zkprefork import inifile, logsetup
+from zkprefork import addresses, inifile, logsetup
 from zkprefork.master import listener, monitor, pidfile, systemd
 from zkprefork.master.loop import Master
 from zkprefork.master.registrar_link import NoRegistrar, RegistrarLink
@@ -65,8 +65,8 @@ def _listen(settings, reload_settings):
     if sock is None:
         return listener.bind(settings.host, settings.port), settings, reload_settings
     host, port = sock.getsockname()[:2]
-    actual = {'host': '' if listener.is_wildcard(host) else host, 'port': port}
-    log.info('serving the socket passed by systemd (%s)', listener.format_address(host, port))
+    actual = {'host': '' if addresses.is_wildcard(host) else host, 'port': port}
+    log.info('serving the socket passed by systemd (%s)', addresses.format_address(host, port))
     reload_actual = reload_settings and (lambda: dataclasses.replace(reload_settings(), **actual))
     return sock, dataclasses.replace(settings, **actual), reload_actual
 

@@ -1,24 +1,13 @@
-"""The one listening socket, bound by the master, and the addresses it is
-reachable at (what goes into ZooKeeper)."""
+"""The one listening socket, bound by the master."""
 import errno
-import ipaddress
 import socket
 
-import psutil
-
+from zkprefork.addresses import bindable_host, format_address
 from zkprefork.settings import ConfigError
 
 BACKLOG = 2048
-_ANY = ('', '0.0.0.0', '::')
-
-
-def is_wildcard(host):
-    """Whether `host` means every address of the machine ('' too)."""
-    return host in _ANY
-
-
 def _resolve(host, port):
-    if host in ('', '0.0.0.0'):
+    if bindable_host(host) == '0.0.0.0':
         return socket.AF_INET, ('0.0.0.0', port)
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
@@ -59,24 +48,3 @@ def _bind_error(host, port, error):
 
 def bound_port(sock):
     return sock.getsockname()[1]
-
-
-def format_address(host, port):
-    return f'[{host}]:{port}' if ':' in host else f'{host}:{port}'
-
-
-def advertised_hosts(host):
-    """The hosts a client can reach this server at.
-
-    A wildcard host means every non-loopback IPv4 address of the machine (as
-    zc.zkzopeserver registers), never 0.0.0.0; 127.0.0.1 when there is none.
-    """
-    if not is_wildcard(host):
-        return [host]
-    found = sorted({
-        address.address
-        for addresses in psutil.net_if_addrs().values()
-        for address in addresses
-        if address.family == socket.AF_INET and not ipaddress.ip_address(address.address).is_loopback
-    })
-    return found or ['127.0.0.1']

@@ -23,6 +23,7 @@ import uuid
 
 from zkprefork.master import listener as listening
 from zkprefork import logsetup, proctitle
+from zkprefork.addresses import bindable_host, format_address
 from zkprefork.master import spawn, status, systemd
 from zkprefork.master.monitor import NoMonitor
 from zkprefork.master.pool import BootFailedAtStart, Kill, Pool, Retire, Spawn
@@ -87,7 +88,7 @@ class Master:
 
     def run(self):
         proctitle.set(f'master {self.settings.config_file or ""} '
-                      f'{listening.format_address(self.settings.host or "0.0.0.0", self.port)}')
+                      f'{format_address(bindable_host(self.settings.host), self.port)}')
         self.signals.install(self.selector)
         self.monitor.start(self.selector, status.monitor_commands(self), lambda: status.status(self))
         self.link.start(self.selector, time.monotonic())
@@ -126,7 +127,7 @@ class Master:
         return None if soonest == NEVER else max(0.0, soonest - now)
 
     def url(self):
-        return 'http://' + listening.format_address(self.settings.host or '0.0.0.0', self.port)
+        return 'http://' + format_address(bindable_host(self.settings.host), self.port)
 
     # -- signals ---------------------------------------------------------
 

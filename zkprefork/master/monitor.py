@@ -24,6 +24,10 @@ import socket
 import time
 from importlib.metadata import entry_points
 
+from zkprefork import addresses
+from zkprefork.master import listener
+from zkprefork.settings import ConfigError
+
 log = logging.getLogger('zkprefork.monitor')
 
 MAX_LINE = 1024  # bytes, newline included
@@ -36,8 +40,6 @@ PLUGIN_GROUP = 'zkprefork.monitor'
 
 def bind(host, port):
     """Listen; a busy port is a ConfigError (exit 2), not a traceback."""
-    from zkprefork.master import listener
-    from zkprefork.settings import ConfigError
     try:
         return listener.bind(host, port)
     except ConfigError as error:
@@ -160,9 +162,8 @@ class Monitor:
 
     def advertised_address(self):
         """HOST:PORT as a client elsewhere reaches it (never a wildcard host)."""
-        from zkprefork.master import listener
         host, port = self.sock.getsockname()[:2]
-        return listener.format_address(listener.advertised_hosts(host)[0], port)
+        return addresses.format_address(addresses.advertised_hosts(host)[0], port)
 
     def node_data(self):
         """What the registered node(s) say about the monitor."""

@@ -9,7 +9,7 @@ import time
 import psutil
 
 import zkprefork
-from zkprefork.master import listener
+from zkprefork import addresses
 
 # The master's phases, in the order it goes through them (as status reports them).
 BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
@@ -24,7 +24,7 @@ def node_data(master):
 
 def endpoints(master):
     """(host, port) for each node: where clients reach the server (never a wildcard host)."""
-    return [(host, master.port) for host in listener.advertised_hosts(master.settings.host)]
+    return [(host, master.port) for host in addresses.advertised_hosts(master.settings.host)]
 
 
 def status(master):

@@ -32,6 +32,8 @@ import json
 import secrets
 import typing
 
+from zkprefork import addresses
+
 # The registrar's states, as events report them (see registrar.py).
 STATES = ('connecting', 'connected', 'suspended', 'lost', 'failed')
 
@@ -184,7 +186,7 @@ class HealthCheckOptions:
         if not settings.health_check:
             return None
         # Through the real listening socket: a wildcard is reached on loopback.
-        host = {'': '127.0.0.1', '0.0.0.0': '127.0.0.1', '::': '::1'}.get(settings.host)
+        host = addresses.reachable_host(settings.host)
         return cls(settings.health_check, host, settings.health_check_interval,
                    settings.health_check_timeout or settings.health_check_interval,
                    settings.health_check_rise, settings.health_check_fall)

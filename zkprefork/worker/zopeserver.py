@@ -28,7 +28,7 @@ from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
 from zkprefork.worker import httprequest, outbuffer, wsgi
-from zkprefork.master import listener
+from zkprefork import addresses
 
 
 log = logging.getLogger('zkprefork.worker')
@@ -583,7 +583,7 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def computeServerName(self, ip=''):
         # The base class does a reverse DNS lookup, which can stall start-up.
-        return ip if not listener.is_wildcard(ip) else socket.gethostname()
+        return ip if not addresses.is_wildcard(ip) else socket.gethostname()
 
     def executeRequest(self, task):
         self.observer.request_started(task.channel, task.request_data.first_line)  # scoreboard hook
