@@ -399,3 +399,15 @@ def test_health_check_options():
     assert 'more than zero' in rejected('health_check_timeout', '0', **zookeeper)
     assert 'out of range' in rejected('health_check_rise', '0', **zookeeper)
     assert 'it needs zookeeper' in rejected('health_check', '/healthz')
+
+
+def test_each_command_line_flag_is_a_settings_field_with_its_default_in_the_help():
+    from zkprefork import cli
+    from zkprefork.settings import COMMAND_LINE
+    helps = {action.dest: action for action in cli._parser()._actions}
+    assert [field.name for field in COMMAND_LINE] == [
+        'zookeeper', 'path', 'host', 'port', 'threads', 'workers', 'pidfile']
+    for field in COMMAND_LINE:
+        shown = helps[field.name].help
+        assert shown.startswith(field.metadata['flag'][1])
+        assert (f'(default {field.default!r})' in shown) == (field.default is not None)

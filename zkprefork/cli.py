@@ -4,9 +4,8 @@ import os
 import sys
 
 import zkprefork
-from zkprefork import inifile
+from zkprefork import inifile, settings
 from zkprefork.master import launch
-from zkprefork.settings import make_settings
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -25,19 +24,14 @@ def _parser():
     parser.add_argument('config', help='the PasteDeploy ini file')
     parser.add_argument('--version', action='version', version=f'zkprefork {zkprefork.__version__}')
     add = parser.add_argument
-    add('--workers', metavar='N', help='number of worker processes (default 1)')
-    add('--threads', metavar='N', help='threads per worker (default 1)')
-    add('--host', metavar='H', help="address to listen on ('' = all interfaces, the default)")
-    add('--port', metavar='P', help='port to listen on (default 0: the OS picks one)')
-    add('--zookeeper', metavar='CONN', help='ZooKeeper connection string HOST:PORT[,...][/chroot]')
-    add('--path', metavar='PATH', help='ZooKeeper path under which the server registers')
-    add('--pidfile', metavar='FILE', help='write the master pid to FILE')
+    for field in settings.COMMAND_LINE:
+        metavar, text = field.metadata['flag']
+        shown = '' if field.default is None else f' (default {field.default!r})'
+        add(f'--{field.name}', metavar=metavar, help=text + shown)
     add('--server-name', metavar='NAME', help='the [server:NAME] section to read (default main)')
     add('--app-name', metavar='NAME', default='main', help='the [app:NAME] section to serve (default main)')
     return parser
 
-
-_OVERRIDES = ('workers', 'threads', 'host', 'port', 'zookeeper', 'path', 'pidfile')
 
 
 def settings_from(args):
@@ -45,9 +39,9 @@ def settings_from(args):
     options = inifile.read_options(config_file, app_name=args.app_name,
                                    server_name=args.server_name or 'main',
                                    server_required=args.server_name is not None)
-    options.update({name: getattr(args, name) for name in _OVERRIDES
-                    if getattr(args, name) is not None})
-    return make_settings(options, config_file=config_file, app_name=args.app_name)
+    options.update({field.name: getattr(args, field.name) for field in settings.COMMAND_LINE
+                    if getattr(args, field.name) is not None})
+    return settings.make_settings(options, config_file=config_file, app_name=args.app_name)
 
 
 def main(argv=None):

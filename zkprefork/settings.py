@@ -300,12 +300,16 @@ def _request_path(option, value):
     return value
 
 
-def option(default, check, restart_only=False):
+def option(default, check, restart_only=False, *, flag=None, http=False):
     """A Settings field that is a user option: `check(option, raw string)`
     returns the checked value or raises ConfigError; a reload cannot change
     a `restart_only` option (it is the socket, the session or the master's
-    own set-up): a HUP that changes one keeps the old value and says so."""
-    return dataclasses.field(default=default, metadata={'check': check, 'restart_only': restart_only})
+    own set-up): a HUP that changes one keeps the old value and says so.
+    `flag` = (METAVAR, help) makes it a command-line flag too (the default
+    is appended to the help); `http` marks an option the worker's HTTP
+    layer reads (zkprefork.worker.httprequest.HTTPOptions)."""
+    return dataclasses.field(default=default, metadata={
+        'check': check, 'restart_only': restart_only, 'flag': flag, 'http': http})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,12 +318,16 @@ class Settings:
 
     config_file: str = None
     app_name: str = 'main'
-    zookeeper: ConnectionString = option(None, _zookeeper, restart_only=True)
-    path: str = option(None, _znode_path, restart_only=True)
-    host: str = option('', _host, restart_only=True)
-    port: int = option(0, _integer(0, 65535), restart_only=True)
-    threads: int = option(1, _integer(1, 10000))
-    workers: int = option(1, _integer(1, 1000))
+    zookeeper: ConnectionString = option(None, _zookeeper, restart_only=True, flag=(
+        'CONN', 'ZooKeeper connection string HOST:PORT[,...][/chroot]'))
+    path: str = option(None, _znode_path, restart_only=True, flag=(
+        'PATH', 'ZooKeeper path under which the server registers'))
+    host: str = option('', _host, restart_only=True, flag=(
+        'H', "address to listen on ('' = all interfaces)"))
+    port: int = option(0, _integer(0, 65535), restart_only=True, flag=(
+        'P', 'port to listen on (0: the OS picks one)'))
+    threads: int = option(1, _integer(1, 10000), flag=('N', 'threads per worker'))
+    workers: int = option(1, _integer(1, 1000), flag=('N', 'number of worker processes'))
     # milliseconds, as zc.zkzopeserver documents
     session_timeout: int = option(10000, _integer(1), restart_only=True)
     monitor_server: tuple = option(None, _host_and_port, restart_only=True)  # (host, port)
@@ -327,7 +335,8 @@ class Settings:
     zservertracelog: bool = option(False, _zservertracelog)
     name: str = option(None, _text)
     graceful_timeout: float = option(30.0, _seconds)
-    pidfile: str = option(None, _absolute_path, restart_only=True)
+    pidfile: str = option(None, _absolute_path, restart_only=True, flag=(
+        'FILE', 'write the master pid to FILE'))
     boot_timeout: float = option(30.0, _positive_seconds)
     timeout: float = option(30.0, _seconds)  # heartbeat; 0 = off
     max_requests: int = option(0, _integer(0))  # 0 = never recycle
@@ -348,25 +357,26 @@ class Settings:
     node_format: str = option('zk', _node_format, restart_only=True)
     # ((key, value), ...) added to the node data
     properties: tuple = option((), _properties, restart_only=True)
-    # HTTP (httprequest.HTTPOptions; gunicorn's names where they match)
-    limit_request_line: int = option(4094, _integer(64, 1 << 20))  # bytes -> 414
-    limit_request_fields: int = option(200, _integer(1, 32768))  # header fields -> 431
-    limit_request_field_size: int = option(65536, _integer(64, 1 << 24))  # bytes of one field -> 431
+    # HTTP (worker.httprequest.HTTPOptions; gunicorn's names where they match)
+    limit_request_line: int = option(4094, _integer(64, 1 << 20), http=True)  # bytes -> 414
+    limit_request_fields: int = option(200, _integer(1, 32768), http=True)  # header fields -> 431
+    # bytes of one field, name and value -> 431
+    limit_request_field_size: int = option(65536, _integer(64, 1 << 24), http=True)
     # bytes of the request line and header fields -> 431
-    limit_request_header_size: int = option(262144, _integer(256, 1 << 26))
-    max_request_body_size: int = option(1 << 30, _integer(0))  # bytes (1 GiB), de-chunked -> 413
+    limit_request_header_size: int = option(262144, _integer(256, 1 << 26), http=True)
+    max_request_body_size: int = option(1 << 30, _integer(0), http=True)  # bytes (1 GiB), de-chunked -> 413
     # seconds for the headers, and of silence inside a body -> 408
-    request_read_timeout: float = option(30.0, _positive_seconds)
+    request_read_timeout: float = option(30.0, _positive_seconds, http=True)
     # bytes/s a body must average, after request_read_timeout -> 408
-    request_body_min_rate: int = option(500, _integer(1))
+    request_body_min_rate: int = option(500, _integer(1), http=True)
     # seconds a connection may stay idle (before its first byte, between requests)
-    keepalive: float = option(2.0, _positive_seconds)
+    keepalive: float = option(2.0, _positive_seconds, http=True)
     # bytes of response buffered before the application waits
-    outbuf_high_watermark: int = option(4 << 20, _integer(65536))
+    outbuf_high_watermark: int = option(4 << 20, _integer(65536), http=True)
     # seconds a client may read nothing of a response before it is dropped
-    send_timeout: float = option(60.0, _positive_seconds)
+    send_timeout: float = option(60.0, _positive_seconds, http=True)
     # networks trusted for X-Forwarded-*, or ('*',)
-    forwarded_allow_ips: tuple = option(('127.0.0.1/32',), _forwarded_allow_ips)
+    forwarded_allow_ips: tuple = option(('127.0.0.1/32',), _forwarded_allow_ips, http=True)
     # Health-gated registration, in HAProxy's terms and with its defaults
     # (inter 2 s, rise 2, fall 3; timeout: the interval, as `timeout check`).
     health_check: str = option(None, _request_path, restart_only=True)  # a path; None: off
@@ -391,6 +401,9 @@ _CHECKS = {field.name: field.metadata['check'] for field in dataclasses.fields(S
 OPTIONS = tuple(_CHECKS)
 RESTART_ONLY = tuple(field.name for field in dataclasses.fields(Settings)
                      if field.metadata.get('restart_only'))
+# Settings fields, in declaration order.
+COMMAND_LINE = tuple(field for field in dataclasses.fields(Settings) if field.metadata.get('flag'))
+HTTP = tuple(field for field in dataclasses.fields(Settings) if field.metadata.get('http'))
 
 
 def _check_together(checked):
