@@ -5,12 +5,14 @@ import dataclasses
 import logging
 import os
 import resource
+import signal
 import sys
 
 from zkprefork import addresses, inifile, logsetup
 from zkprefork.master import listener, monitor, pidfile, systemd
-from zkprefork.master.loop import Master
+from zkprefork.master.loop import HANDLED_SIGNALS, STOP_SIGNALS, Master
 from zkprefork.master.registrar_link import NoRegistrar, RegistrarLink
+from zkprefork.master.signalqueue import SignalQueue, StopBeforeServing
 from zkprefork.settings import ConfigError
 
 log = logging.getLogger('zkprefork.master')
@@ -19,16 +21,24 @@ log = logging.getLogger('zkprefork.master')
 def start(make_settings, app=None):
     """Run a master; return its exit status. A ConfigError, raised by
     `make_settings()` or while starting, is one line on stderr and status 2,
-    with nothing bound, registered or forked."""
+    with nothing bound, registered or forked. A stop signal before the loop
+    runs (while a preloaded application loads) is status 0, nothing left."""
+    signals = SignalQueue(HANDLED_SIGNALS, stops=STOP_SIGNALS)
+    signals.install()  # first: HUP or USR1 would otherwise kill the master while it loads
     try:
         settings = make_settings()
-        return serve(settings, app, reload_settings=make_settings)
+        return serve(settings, signals, app, reload_settings=make_settings)
     except ConfigError as error:
         print(f'zkprefork: error: {error}', file=sys.stderr)
         return 2
+    except StopBeforeServing as stop:
+        log.info('%s: stopping before serving', signal.Signals(stop.signum).name)
+        return 0
+    finally:
+        signals.uninstall()
 
 
-def serve(settings, app=None, reload_settings=None):
+def serve(settings, signals, app=None, reload_settings=None):
     logsetup.configure(settings.loggers, settings.access_log)
     log.debug('settings: %s', settings)  # paths and names only: no secret is ever in Settings
     if settings.pidfile:
@@ -47,7 +57,7 @@ def serve(settings, app=None, reload_settings=None):
             pidfile.write(settings.pidfile)
         link = RegistrarLink(settings) if settings.registered else NoRegistrar()
         watch = monitor.Monitor(monitor_sock) if monitor_sock else monitor.NoMonitor()
-        return Master(settings, sock, app, link, reload_settings, watch).run()
+        return Master(settings, sock, signals, app, link, reload_settings, watch).run()
     finally:
         sock.close()
         if monitor_sock:

@@ -30,7 +30,6 @@ from zkprefork.master.pool import BootFailedAtStart, Kill, Pool, Retire, Spawn
 from zkprefork.master.registrar_link import NoRegistrar
 from zkprefork.worker.scoreboard import Scoreboards
 from zkprefork.settings import RESTART_ONLY, ConfigError
-from zkprefork.master.signalqueue import SignalQueue
 from zkprefork.master.status import BOOTING, CLOSING, DONE, DRAINING, RUNNING, UNREGISTERING
 from zkprefork.supervision import NEVER, describe_exit, reaped, send_signal
 from zkprefork.worker.process import Worker
@@ -39,6 +38,7 @@ log = logging.getLogger('zkprefork.master')
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
                    signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 UNREGISTER_WAIT = 5.0  # seconds the node deletion may take before workers stop anyway
 REGISTRAR_EXIT_WAIT = 5.0
 
@@ -60,9 +60,11 @@ def forget(selector, fileobj):
 
 
 class Master:
-    """`link` is a RegistrarLink or NoRegistrar, `monitor` a Monitor or NoMonitor."""
+    """`signals` an installed SignalQueue of HANDLED_SIGNALS, `link` a
+    RegistrarLink or NoRegistrar, `monitor` a Monitor or NoMonitor."""
 
-    def __init__(self, settings, listener, app=None, link=None, reload_settings=None, monitor=None):
+    def __init__(self, settings, listener, signals, app=None, link=None, reload_settings=None,
+                 monitor=None):
         self.settings = settings
         self.listener = listener
         self.port = listening.bound_port(listener)
@@ -77,7 +79,7 @@ class Master:
         self.stop_signal = None  # SIGTERM (drain) or SIGQUIT (now), once a stop is asked
         self.drain_signal = None  # what the workers were told to stop with
         self.deadline = None  # when the current stop phase gives up waiting
-        self.signals = SignalQueue(HANDLED_SIGNALS)
+        self.signals = signals
         self.selector = selectors.DefaultSelector()
         self.instance = uuid.uuid4().hex  # tells this master's nodes from any other's
         self.started_at = time.monotonic()
@@ -89,7 +91,7 @@ class Master:
     def run(self):
         proctitle.set(f'master {self.settings.config_file or ""} '
                       f'{format_address(bindable_host(self.settings.host), self.port)}')
-        self.signals.install(self.selector)
+        self.signals.watch(self.selector)
         self.monitor.start(self.selector, status.monitor_commands(self), lambda: status.status(self))
         self.link.start(self.selector, time.monotonic())
         spawn.import_serving_stack()
@@ -103,7 +105,6 @@ class Master:
                 for key, _ in self.selector.select(self._timeout()):
                     key.data()
         finally:
-            self.signals.uninstall()
             self.monitor.close()
         log.info('master (pid %d) exiting with status %d', os.getpid(), self.exit_status)
         return self.exit_status

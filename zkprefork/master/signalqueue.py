@@ -2,35 +2,64 @@
 
 A handler that only sets a flag would not wake select() (PEP 475 retries
 it); signal.set_wakeup_fd writes to a pipe in the selector instead, so the
-loop wakes at once and handles the queue in order, in its own code."""
+loop wakes at once and handles the queue in order, in its own code.
+
+The queue is installed at the master's first instruction (launch.start),
+before the settings are read or a preloaded application loads, so that no
+signal meets the default action (HUP and USR1 would kill the master). Until
+the loop watches the queue, a stop signal cannot wait for it (a load may
+take minutes): it raises StopBeforeServing where the master is, and launch
+returns 0. Other signals wait in the queue for the loop, which handles them
+as it would later."""
 import collections
 import os
 import selectors
 import signal
 
 
+class StopBeforeServing(BaseException):
+    """A stop signal arrived before the loop ran. A BaseException, like
+    KeyboardInterrupt, so that an application's `except Exception` around
+    its loading does not swallow it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
 class SignalQueue:
     """Catches `signums` while installed; `append` also queues one by hand
-    (the monitor's reload, ttin and ttou commands)."""
+    (the monitor's reload, ttin and ttou commands). Those of `stops` raise
+    StopBeforeServing until `watch()`."""
 
-    def __init__(self, signums):
+    def __init__(self, signums, stops=()):
         self.signums = tuple(signums)
+        self.stops = frozenset(stops)
         self._queue = collections.deque()
         self._fds = ()
+        self._watched = False
 
-    def install(self, selector):
+    def install(self):
+        """Take the signals over: call first, before anything slow."""
         read_end, write_end = os.pipe()
         for fd in (read_end, write_end):
             os.set_blocking(fd, False)
         self._fds = (read_end, write_end)
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
-        selector.register(read_end, selectors.EVENT_READ, self._drain_wakeup)
         for signum in self.signums:
             signal.signal(signum, self._on_signal)
+
+    def watch(self, selector):
+        """The loop runs from now on: every signal waits in the queue, and
+        `selector` wakes for each (at once for any queued meanwhile)."""
+        selector.register(self._fds[0], selectors.EVENT_READ, self._drain_wakeup)
+        self._watched = True
 
     def _on_signal(self, signum, frame):
         # Runs between bytecodes in the master's (only) thread; the wake-up
         # fd has already made select() return.
+        if signum in self.stops and not self._watched:
+            raise StopBeforeServing(signum)
         self._queue.append(signum)
 
     def append(self, signum):
@@ -52,6 +81,7 @@ class SignalQueue:
         return list(self._fds)
 
     def uninstall(self):
+        """Back to the default actions; the pipe is closed."""
         signal.set_wakeup_fd(-1)
         for signum in self.signums:
             signal.signal(signum, signal.SIG_DFL)
