@@ -74,6 +74,8 @@ def test_curator_ids_are_per_master_and_endpoint():
 def test_claims():
     for node_format in nodeformat.FORMATS:
         [node] = nodeformat.nodes(node_format, '/svc', [('10.0.0.1', 80)], DATA)
+        prefix = nodeformat.TABLE[node_format].member_prefix
+        assert node.sequential == (prefix is not None) and node.name == (prefix or node.name)
         name = node.name + ('0000000001' if node.sequential else '')
         claim = nodeformat.read_claim(node_format, name, node.data, 'a1b2')
         assert claim.endpoint == ('10.0.0.1', 80)
@@ -89,3 +91,20 @@ def test_claims_of_foreign_or_broken_data():
     assert nodeformat.read_claim('serverset', 'member_1', b'{"serviceEndpoint":{"host":"h","port":1}}',
                                  'x') == (('h', 1), None, False)
     assert nodeformat.read_claim('curator', 'id', b'{"address":null}', 'x') == (None, None, False)
+
+
+def test_a_format_is_one_row_of_the_table():
+    """What the registrar and the settings know of formats comes from TABLE."""
+    assert nodeformat.FORMATS == tuple(nodeformat.TABLE) == ('zk', 'serverset', 'curator')
+    for name, node_format in nodeformat.TABLE.items():
+        assert node_format.name == name
+
+
+def test_user_properties_do_not_leak_between_nodes():
+    """The serverset builder moves `shard` out of the properties: each node
+    must start from the user's own pairs."""
+    nodes = nodeformat.nodes('serverset', '/svc', [('10.0.0.1', 80), ('10.0.0.2', 80)], DATA,
+                             [('shard', '3'), ('dc', 'east')])
+    for node in nodes:
+        value = json.loads(node.data)
+        assert (value['shard'], value['metadata']) == (3, {'dc': 'east'})

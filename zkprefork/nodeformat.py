@@ -36,9 +36,9 @@ import uuid
 
 from zkprefork.addresses import format_address, parse_address
 
-FORMATS = ('zk', 'serverset', 'curator')
-MEMBER_PREFIX = 'member_'
-_OWN_KEYS = ('pid', 'instance', 'workers', 'generation')
+# zkprefork's own keys in the node data; a user's properties may not use them.
+OWN_KEYS = ('pid', 'instance', 'workers', 'generation')
+RESERVED_KEYS = OWN_KEYS + ('monitor',)
 # Anything random would do; fixed so that the same master always derives the
 # same Curator ids.
 _CURATOR_NAMESPACE = uuid.UUID('6f0c1f52-8a7e-4d4e-9a43-3c1f4c2b8e11')
@@ -58,14 +58,30 @@ class Claim(typing.NamedTuple):
     same_instance: bool = False  # written by this very master (an earlier session)
 
 
-def nodes(node_format, path, endpoints, data, properties=(), registered_at=0):
-    """The nodes that register every (host, port) of `endpoints`.
+class Registration(typing.NamedTuple):
+    """What every node of one registration is built from."""
+    path: str  # the service path
+    data: dict  # zkprefork's own data: OWN_KEYS, and 'monitor' (host:port or None)
+    properties: dict  # the user's key = value pairs
+    registered_at: int  # ms since the epoch (Curator's registrationTimeUTC)
 
-    `registered_at` (ms since the epoch) is only used by the curator format.
-    """
-    build = {'zk': _zk_node, 'serverset': _serverset_node, 'curator': _curator_node}[node_format]
-    return [build(path, (host, port), data, dict(properties), registered_at)
-            for host, port in endpoints]
+
+class Format(typing.NamedTuple):
+    """One node format. `build(registration, endpoint)` -> Node;
+    `read(name, value, instance)` -> Claim, `value` a dict decoded from the
+    node's JSON (a format without a pid in its data leaves Claim.pid None);
+    `member_prefix` names the sequential nodes of formats that use them."""
+    name: str
+    build: typing.Callable
+    read: typing.Callable
+    member_prefix: str = None
+
+
+def nodes(node_format, path, endpoints, data, properties=(), registered_at=0):
+    """The nodes that register every (host, port) of `endpoints` in the
+    format named `node_format` (one of FORMATS)."""
+    registration = Registration(path, data, dict(properties), registered_at)
+    return [TABLE[node_format].build(registration, (host, port)) for host, port in endpoints]
 
 
 def read_claim(node_format, name, raw, instance):
@@ -77,21 +93,21 @@ def read_claim(node_format, name, raw, instance):
         value = None
     if not isinstance(value, dict):
         return Claim(endpoint=parse_address(name) if node_format == 'zk' else None)
-    return {'zk': _zk_claim, 'serverset': _serverset_claim,
-            'curator': _curator_claim}[node_format](name, value, instance)
+    return TABLE[node_format].read(name, value, instance)
 
 
 def _encode(value):
     return json.dumps(value, separators=(',', ':')).encode()
 
 
-def _zk_node(path, endpoint, data, properties, registered_at):
+def _zk_node(registration, endpoint):
+    data = registration.data
     # pid and monitor first, as zc.zkzopeserver wrote them.
     value = {'pid': data['pid']}
     if data.get('monitor'):
         value['monitor'] = data['monitor']
     value.update((key, item) for key, item in data.items() if key not in ('pid', 'monitor'))
-    value.update(properties)
+    value.update(registration.properties)
     return Node(endpoint, format_address(*endpoint), _encode(value))
 
 
@@ -100,7 +116,11 @@ def _zk_claim(name, value, instance):
                  value.get('instance') == instance)
 
 
-def _serverset_node(path, endpoint, data, properties, registered_at):
+SERVERSET_MEMBER_PREFIX = 'member_'
+
+
+def _serverset_node(registration, endpoint):
+    data, properties = registration.data, dict(registration.properties)
     here = _host_port(endpoint)
     extra = {'http': here}
     if data.get('monitor'):
@@ -116,8 +136,8 @@ def _serverset_node(path, endpoint, data, properties, registered_at):
     if properties:
         # Finagle reads metadata as a map of strings, which properties are.
         value['metadata'] = properties
-    value['zkprefork'] = {key: data[key] for key in _OWN_KEYS if key in data}
-    return Node(endpoint, MEMBER_PREFIX, _encode(value), sequential=True)
+    value['zkprefork'] = {key: data[key] for key in OWN_KEYS if key in data}
+    return Node(endpoint, SERVERSET_MEMBER_PREFIX, _encode(value), sequential=True)
 
 
 def _serverset_claim(name, value, instance):
@@ -133,16 +153,16 @@ def curator_id(instance, endpoint):
     return str(uuid.uuid5(_CURATOR_NAMESPACE, f'{instance}/{format_address(*endpoint)}'))
 
 
-def _curator_node(path, endpoint, data, properties, registered_at):
-    ident = curator_id(data['instance'], endpoint)
+def _curator_node(registration, endpoint):
+    ident = curator_id(registration.data['instance'], endpoint)
     value = {
-        'name': path.rstrip('/').rpartition('/')[2],
+        'name': registration.path.rstrip('/').rpartition('/')[2],
         'id': ident,
         'address': endpoint[0],
         'port': endpoint[1],
         'sslPort': None,
-        'payload': properties or None,
-        'registrationTimeUTC': registered_at,
+        'payload': registration.properties or None,
+        'registrationTimeUTC': registration.registered_at,
         'serviceType': 'DYNAMIC',
         'uriSpec': None,
     }
@@ -163,3 +183,13 @@ def _host_port(endpoint):
 
 def _pid(value):
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+# Adding a format: its two functions above, one row here, its tests and
+# README's "Node formats".
+TABLE = {format.name: format for format in (
+    Format('zk', _zk_node, _zk_claim),
+    Format('serverset', _serverset_node, _serverset_claim, SERVERSET_MEMBER_PREFIX),
+    Format('curator', _curator_node, _curator_claim),
+)}
+FORMATS = tuple(TABLE)

@@ -15,7 +15,7 @@ import unicodedata
 from paste.deploy.converters import asbool
 
 from zkprefork.addresses import HOST_PORT
-from zkprefork.nodeformat import FORMATS
+from zkprefork.nodeformat import FORMATS, RESERVED_KEYS
 
 
 class ConfigError(Exception):
@@ -272,9 +272,6 @@ def _node_format(option, value):
     return _choice(*FORMATS)(option, value)
 
 
-RESERVED_DATA = ('pid', 'workers', 'generation', 'instance', 'monitor')
-
-
 def _properties(option, value):
     """`key = value` pairs, one per line."""
     pairs = []
@@ -285,7 +282,7 @@ def _properties(option, value):
         key = key.strip()
         if not equals or not key:
             raise ConfigError(f'{option}: {item.strip()!r} is not of the form key = value')
-        if key in RESERVED_DATA:
+        if key in RESERVED_KEYS:
             raise ConfigError(f'{option}: {key!r} is reserved for zkprefork\'s own node data')
         pairs.append((key, val.strip()))
     return tuple(pairs)

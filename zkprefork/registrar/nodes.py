@@ -424,8 +424,9 @@ class Nodes:
     def _members_of(self, endpoint):
         """The members advertising `endpoint`: (ours, stale, held back), as
         (path, data, stat) each, held back ones with their verdict."""
+        prefix = nodeformat.TABLE[self.format].member_prefix
         names = [name for name in self.session.call('get_children', self.base)
-                 if name.startswith(nodeformat.MEMBER_PREFIX)]
+                 if name.startswith(prefix)]
         mine, stale, held = [], [], []
         for path, raw, stat in self.session.get_many([_join(self.base, name) for name in names]):
             name = path.rpartition('/')[2]
