@@ -29,6 +29,8 @@ from urllib.parse import unquote_to_bytes
 
 import httptools
 
+from zkprefork import settings
+
 REASONS = {400: 'Bad Request', 408: 'Request Timeout', 413: 'Content Too Large', 414: 'URI Too Long',
            431: 'Request Header Fields Too Large', 501: 'Not Implemented',
            505: 'HTTP Version Not Supported'}
@@ -44,26 +46,16 @@ METHOD = re.compile(rb"[-!#$%&'*+.^_`|~A-Za-z0-9]+ ")  # RFC 9110 9.1: a token, 
 CHUNK_LINE = 32  # bytes of a chunk's size line and CRLFs not counted as extensions
 
 
-@dataclasses.dataclass(frozen=True)
-class HTTPOptions:
-    """The HTTP options of the same names (defaults and ranges in
-    zkprefork.settings; gunicorn's names where they mean the same)."""
+def _from_settings(cls, checked):
+    return cls(**{field.name: getattr(checked, field.name) for field in settings.HTTP})
 
-    limit_request_line: int         # bytes of the request line -> 414
-    limit_request_fields: int       # header fields -> 431
-    limit_request_field_size: int   # bytes of one header field, name and value -> 431
-    limit_request_header_size: int  # bytes of the request line and header fields -> 431
-    max_request_body_size: int      # bytes of the body, de-chunked -> 413
-    request_read_timeout: float     # s for the headers, and of silence inside a body -> 408
-    request_body_min_rate: int      # bytes/s a body must average beyond request_read_timeout -> 408
-    keepalive: float                # s a connection may be idle (no request begun) before it is closed
-    outbuf_high_watermark: int      # bytes of a response buffered before the application waits
-    send_timeout: float             # s a client may read nothing of a response before it is dropped
-    forwarded_allow_ips: tuple      # peers whose X-Forwarded-For/-Proto are believed: networks, or ('*',)
 
-    @classmethod
-    def from_settings(cls, settings):
-        return cls(**{field.name: getattr(settings, field.name) for field in dataclasses.fields(cls)})
+# The options Settings marks `http` (their defaults, ranges and meaning are
+# declared there, once): limits in bytes or fields, durations in seconds.
+HTTPOptions = dataclasses.make_dataclass(
+    'HTTPOptions', [(field.name, field.type) for field in settings.HTTP], frozen=True,
+    namespace={'from_settings': classmethod(_from_settings), '__module__': __name__,
+               '__doc__': 'The HTTP options of a worker: HTTPOptions.from_settings(Settings).'})
 
 
 class Refused(Exception):
