@@ -85,6 +85,7 @@ class Master:
         self.started_at = time.monotonic()
         self.running_since = None
         self.notifier = systemd.Notifier()
+        self.view = status.MasterView(self)
 
     # -- the loop --------------------------------------------------------
 
@@ -92,7 +93,8 @@ class Master:
         proctitle.set(f'master {self.settings.config_file or ""} '
                       f'{format_address(bindable_host(self.settings.host), self.port)}')
         self.signals.watch(self.selector)
-        self.monitor.start(self.selector, status.monitor_commands(self), lambda: status.status(self))
+        self.monitor.start(self.selector, status.monitor_commands(self.view, self.signals.append),
+                           lambda: status.status(self.view))
         self.link.start(self.selector, time.monotonic())
         spawn.import_serving_stack()
         log.info('master (pid %d) listening at %s, starting %d worker(s) of %d thread(s)',
@@ -119,12 +121,12 @@ class Master:
         self._perform(self.pool.expired(now))
         self.monitor.expire(now)
         self._advance(now)
-        self.notifier.update(status.systemd_state(self, now), status.status_line(self))
+        self.notifier.update(status.systemd_state(self.view, now), status.status_line(self.view))
 
     def _timeout(self):
         now = time.monotonic()
         soonest = min(self.deadline or NEVER, self.pool.next_deadline(now), self.link.next_deadline(now),
-                      self.monitor.next_deadline(), status.systemd_ready_by(self))
+                      self.monitor.next_deadline(), status.systemd_ready_by(self.view))
         return None if soonest == NEVER else max(0.0, soonest - now)
 
     def url(self):
@@ -256,7 +258,7 @@ class Master:
         if self.stop_signal:
             return self._stop_phase()
         self._tend(now)
-        self.link.register(status.node_data(self), lambda: status.endpoints(self))
+        self.link.register(status.node_data(self.view), lambda: status.endpoints(self.view))
 
     def _enter_unregistering(self, now):
         self.pool.stopping = True

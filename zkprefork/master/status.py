@@ -16,6 +16,25 @@ BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
     'booting', 'running', 'unregistering', 'draining', 'closing', 'done')
 
 
+class MasterView:
+    """The master as this module and metrics.py see it: these attributes,
+    read-only (what they report cannot change what they report on)."""
+    VISIBLE = frozenset({'settings', 'port', 'instance', 'phase', 'started_at', 'running_since',
+                         'pool', 'link', 'scoreboards', 'notifier', 'monitor', 'url'})
+    __slots__ = ('_master',)
+
+    def __init__(self, master):
+        object.__setattr__(self, '_master', master)
+
+    def __getattr__(self, name):
+        if name not in self.VISIBLE:
+            raise AttributeError(f'the master view shows no {name!r}')
+        return getattr(self._master, name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError('the master view is read-only')
+
+
 def node_data(master):
     """What the node(s) say: a dict, compact JSON in ZooKeeper."""
     return {'pid': os.getpid(), 'instance': master.instance, 'workers': master.pool.count,
@@ -75,10 +94,11 @@ def workers_table(connection):
                              f'{thread["request"]}\n')
 
 
-def monitor_commands(master):
-    """The monitor's built-in commands: name -> (function(connection), help)."""
+def monitor_commands(master, queue_signal):
+    """The monitor's built-in commands: name -> (function(connection), help);
+    `queue_signal(signum)` queues a signal for the master's loop."""
     def queue(signum):
-        return lambda connection: (master.signals.append(signum),
+        return lambda connection: (queue_signal(signum),
                                    connection.write(f'{signal.Signals(signum).name} queued\n'))
 
     def metrics_text(connection):
