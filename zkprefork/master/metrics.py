@@ -13,10 +13,10 @@ grows across reloads and recycling.
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from zkprefork.master.registrar_link import REGISTRATION_STATES
 from zkprefork.worker.scoreboard import BUCKETS
 
 CONTENT_TYPE = 'text/plain; version=0.0.4; charset=utf-8'
-REGISTRATION_STATES = ('off', 'connecting', 'connected', 'suspended', 'lost', 'failed', 'restarting')
 
 
 class MasterCollector:

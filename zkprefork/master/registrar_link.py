@@ -17,7 +17,7 @@ import time
 import zkprefork
 from zkprefork.lines import LineReader
 from zkprefork.registrar.protocol import (
-    RegistrarConfig, Register, Unregister, make_identity, read_event)
+    STATES, RegistrarConfig, Register, Unregister, make_identity, read_event)
 from zkprefork.supervision import MASTER_ONLY_SIGNALS, NEVER, Backoff, describe_exit
 
 log = logging.getLogger('zkprefork.master')
@@ -31,6 +31,11 @@ RESUME_WITHIN = 0.25
 # What the master wants of the registrar process: restart it when it exits
 # (RUN), take its exit as the end of the node(s) (UNREGISTER), let it go (STOP).
 RUN, UNREGISTER, STOP = 'run', 'unregister', 'stop'
+
+# The registration's states as the master reports them: the registrar's own,
+# and two of the link's: no registrar wanted (OFF), one being restarted.
+OFF, RESTARTING = 'off', 'restarting'
+REGISTRATION_STATES = (OFF, *STATES, RESTARTING)
 
 
 def _ignore_group_signals():
@@ -47,7 +52,7 @@ class RegistrarLink:
     def __init__(self, settings):
         self.settings = settings
         self.process = None
-        self.registration = {'state': 'connecting', 'nodes': []}  # what the registrar last said
+        self.registration = {'state': STATES[0], 'nodes': []}  # connecting  # what the registrar last said
         self.backoff = Backoff()
         self._wanted = RUN
         self._selector = None
@@ -216,7 +221,7 @@ class RegistrarLink:
                 self.backoff.reset()
             delay = self.backoff.failed(now, self._resume_limit())
             # Its session, and the nodes, live on until the next one resumes it.
-            self.registration = {**self.registration, 'state': 'restarting'}
+            self.registration = {**self.registration, 'state': RESTARTING}
             log.error('the registrar (pid %d) exited: %s; restarting it in %.1f s',
                       pid, describe_exit(status), delay)
         return True
@@ -262,7 +267,7 @@ class NoRegistrar:
     unregistered = True
 
     def __init__(self):
-        self.registration = {'state': 'off', 'nodes': []}
+        self.registration = {'state': OFF, 'nodes': []}
         self._warned = False
 
     def register(self, data, endpoints):
