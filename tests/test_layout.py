@@ -200,3 +200,15 @@ def test_what_a_process_may_import_passes(tmp_path):
         'cli.py': 'from zkprefork.master import loop\n',
     })
     assert direct_violations(modules) + forbidden_reached(modules) == []
+
+
+def test_no_registrar_has_the_shape_of_the_link():
+    """The master uses either without asking which: the same public names,
+    and nothing of its own besides."""
+    from zkprefork.master.registrar_link import NoRegistrar, RegistrarLink
+    link = {name for name in dir(RegistrarLink) if not name.startswith('_')}
+    stand_in = {name for name in dir(NoRegistrar) if not name.startswith('_')}
+    assert stand_in - link == set()
+    assert {name for name in vars(NoRegistrar) if name.startswith('_') and not name.startswith('__')} == set()
+    public_methods = {name for name in link if callable(getattr(RegistrarLink, name))}
+    assert public_methods <= stand_in

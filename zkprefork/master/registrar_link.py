@@ -296,11 +296,6 @@ class NoRegistrar:
     def signal(self, signum):
         pass
 
-    def _stop_watching(self):
-        if not self.process.stdout.closed:
-            self._selector.unregister(self.process.stdout)
-            self.process.stdout.close()
-
     def reap(self, pid, status, now):
         return False
 

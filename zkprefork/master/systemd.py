@@ -4,6 +4,8 @@ import os
 import socket
 import time
 
+from zkprefork.settings import ConfigError
+
 SD_LISTEN_FDS_START = 3
 
 
@@ -36,7 +38,6 @@ def activated_socket():
     os.environ.pop('LISTEN_FDNAMES', None)
     if pid != str(os.getpid()) or not count or int(count) < 1:
         return None
-    from zkprefork.settings import ConfigError
     sock = socket.socket(fileno=SD_LISTEN_FDS_START)
     if sock.type != socket.SOCK_STREAM or not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
         raise ConfigError('LISTEN_FDS: the socket systemd passed is not a listening TCP socket')
