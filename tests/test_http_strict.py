@@ -213,8 +213,8 @@ def test_a_request_inside_a_body_stays_a_body(strict_server):
 
 def test_content_length_with_an_underscore_is_no_content_length(strict_server):
     # Dropped like any name with "_": the bytes after the head are the next
-    # request (here not one), never a body.
-    check(strict_server, req(b'Content_Length: 5\r\n', body=b'abcde', close=False), [200, 400], ['/'])
+    # request (here not one: a line that is no method and SP), never a body.
+    check(strict_server, req(b'Content_Length: 5\r\n', body=b'abcde\r\n', close=False), [200, 400], ['/'])
 
 
 # -- 2. Transfer-Encoding (RFC 9112 6.1, 7; CVE-2019-16786, CVE-2024-1135, CVE-2024-6827) --

@@ -59,7 +59,7 @@ def test_curator_instance():
     value = read_curator_instance('shop', node.name, node.data)
     assert value == {'name': 'shop', 'id': node.name, 'address': '10.0.0.1', 'port': 8080,
                      'sslPort': None, 'payload': {'dc': 'east'}, 'registrationTimeUTC': 1700000000123,
-                     'serviceType': 'DYNAMIC', 'uriSpec': None}
+                     'serviceType': 'DYNAMIC', 'uriSpec': nodeformat.curator_uri_spec(False)}
     [bare] = nodeformat.nodes('curator', '/services/shop', [('10.0.0.1', 8080)], DATA)
     assert json.loads(bare.data)['payload'] is None
 
@@ -108,3 +108,33 @@ def test_user_properties_do_not_leak_between_nodes():
     for node in nodes:
         value = json.loads(node.data)
         assert (value['shard'], value['metadata']) == (3, {'dc': 'east'})
+
+
+def test_tls_endpoints_in_each_format():
+    data = dict(DATA, scheme='https')
+    [zk] = nodeformat.nodes('zk', '/svc', [('::1', 8443)], data)
+    assert json.loads(zk.data)['scheme'] == 'https'
+    [member] = nodeformat.nodes('serverset', '/svc', [('::1', 8443)], data)
+    backend = read_synapse_backend(member.name + '0000000001', member.data, 'https')
+    assert (backend['host'], backend['port']) == ('::1', 8443)
+    assert 'http' not in json.loads(member.data)['additionalEndpoints']
+    [instance] = nodeformat.nodes('curator', '/svc', [('10.0.0.1', 8443)], data)
+    value = json.loads(instance.data)
+    assert (value['port'], value['sslPort']) == (None, 8443)
+    assert curator_build_uri_spec(value) == 'https://10.0.0.1:8443'
+    assert nodeformat.read_claim('curator', instance.name, instance.data, 'a1b2') == (
+        ('10.0.0.1', 8443), None, True)
+
+
+def test_plain_curator_uri_spec():
+    [instance] = nodeformat.nodes('curator', '/svc', [('10.0.0.1', 8080)], DATA)
+    assert curator_build_uri_spec(json.loads(instance.data)) == 'http://10.0.0.1:8080'
+
+
+def curator_build_uri_spec(value):
+    """Curator's ServiceInstance.buildUriSpec(), as its source (x-discovery
+    UriSpec.build) documents it: variables scheme, address, port, ssl-port."""
+    variables = {'scheme': 'https' if value['sslPort'] is not None else 'http',
+                 'address': value['address'], 'port': value['port'], 'ssl-port': value['sslPort']}
+    return ''.join(str(variables[part['value']]) if part['variable'] else part['value']
+                   for part in value['uriSpec']['parts'])

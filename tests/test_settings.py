@@ -406,7 +406,9 @@ def test_each_command_line_flag_is_a_settings_field_with_its_default_in_the_help
     from zkprefork.settings import COMMAND_LINE
     helps = {action.dest: action for action in cli._parser()._actions}
     assert [field.name for field in COMMAND_LINE] == [
-        'zookeeper', 'path', 'host', 'port', 'threads', 'workers', 'pidfile']
+        'zookeeper', 'path', 'host', 'port', 'threads', 'workers', 'pidfile',
+        'certfile', 'keyfile', 'ca_certs', 'cert_reqs', 'ciphers']
+    assert '--ca-certs' in cli._parser().format_help()  # gunicorn's spelling
     for field in COMMAND_LINE:
         shown = helps[field.name].help
         assert shown.startswith(field.metadata['flag'][1])

@@ -27,7 +27,8 @@ def _parser():
     for field in settings.COMMAND_LINE:
         metavar, text = field.metadata['flag']
         shown = '' if field.default is None else f' (default {field.default!r})'
-        add(f'--{field.name}', metavar=metavar, help=text + shown)
+        # gunicorn's spelling: --ca-certs for ca_certs
+        add(f'--{field.name.replace("_", "-")}', dest=field.name, metavar=metavar, help=text + shown)
     add('--server-name', metavar='NAME', help='the [server:NAME] section to read (default main)')
     add('--app-name', metavar='NAME', default='main', help='the [app:NAME] section to serve (default main)')
     return parser

@@ -28,7 +28,15 @@ are the payload)::
 
     <path>/0b9f6d3c-...   (the id)
     {"name":"providers","id":"0b9f6d3c-...","address":"127.0.0.1","port":8080,"sslPort":null,
-     "payload":{"dc":"east"},"registrationTimeUTC":1700000000000,"serviceType":"DYNAMIC","uriSpec":null}
+     "payload":{"dc":"east"},"registrationTimeUTC":1700000000000,"serviceType":"DYNAMIC",
+     "uriSpec":{"parts":[{"value":"scheme","variable":true},{"value":"://","variable":false},
+                         {"value":"address","variable":true},{"value":":","variable":false},
+                         {"value":"port","variable":true}]}}
+
+With TLS (``certfile``), each says so the way its readers expect: ``zk``
+adds ``"scheme":"https"``; ``serverset`` names the endpoint ``https`` in
+``additionalEndpoints`` (instead of ``http``); ``curator`` sets ``sslPort``
+(``port`` null) and a uriSpec of ``{scheme}://{address}:{ssl-port}``.
 """
 import json
 import typing
@@ -38,7 +46,9 @@ from zkprefork.addresses import format_address, parse_address
 
 # zkprefork's own keys in the node data; a user's properties may not use them.
 OWN_KEYS = ('pid', 'instance', 'workers', 'generation')
-RESERVED_KEYS = OWN_KEYS + ('monitor',)
+# 'scheme' is in the data only when it is 'https' (a plain server's data is
+# zc.zkzopeserver's).
+RESERVED_KEYS = OWN_KEYS + ('monitor', 'scheme')
 # Anything random would do; fixed so that the same master always derives the
 # same Curator ids.
 _CURATOR_NAMESPACE = uuid.UUID('6f0c1f52-8a7e-4d4e-9a43-3c1f4c2b8e11')
@@ -61,7 +71,7 @@ class Claim(typing.NamedTuple):
 class Registration(typing.NamedTuple):
     """What every node of one registration is built from."""
     path: str  # the service path
-    data: dict  # zkprefork's own data: OWN_KEYS, and 'monitor' (host:port or None)
+    data: dict  # zkprefork's own data: OWN_KEYS, 'monitor' (host:port or None), 'scheme' if https
     properties: dict  # the user's key = value pairs
     registered_at: int  # ms since the epoch (Curator's registrationTimeUTC)
 
@@ -122,7 +132,7 @@ SERVERSET_MEMBER_PREFIX = 'member_'
 def _serverset_node(registration, endpoint):
     data, properties = registration.data, dict(registration.properties)
     here = _host_port(endpoint)
-    extra = {'http': here}
+    extra = {data.get('scheme', 'http'): here}
     if data.get('monitor'):
         monitor = parse_address(data['monitor'])
         if monitor:
@@ -153,25 +163,36 @@ def curator_id(instance, endpoint):
     return str(uuid.uuid5(_CURATOR_NAMESPACE, f'{instance}/{format_address(*endpoint)}'))
 
 
+def curator_uri_spec(secure):
+    """Curator's UriSpec of `{scheme}://{address}:{port}` (or `{ssl-port}`),
+    as its JSON serializer writes it: buildUriSpec() makes the server's URL
+    from it (scheme is https when sslPort is set)."""
+    template = [('scheme', True), ('://', False), ('address', True), (':', False),
+                ('ssl-port' if secure else 'port', True)]
+    return {'parts': [{'value': value, 'variable': variable} for value, variable in template]}
+
+
 def _curator_node(registration, endpoint):
     ident = curator_id(registration.data['instance'], endpoint)
+    secure = registration.data.get('scheme') == 'https'
     value = {
         'name': registration.path.rstrip('/').rpartition('/')[2],
         'id': ident,
         'address': endpoint[0],
-        'port': endpoint[1],
-        'sslPort': None,
+        'port': None if secure else endpoint[1],
+        'sslPort': endpoint[1] if secure else None,
         'payload': registration.properties or None,
         'registrationTimeUTC': registration.registered_at,
         'serviceType': 'DYNAMIC',
-        'uriSpec': None,
+        'uriSpec': curator_uri_spec(secure),
     }
     return Node(endpoint, ident, _encode(value))
 
 
 def _curator_claim(name, value, instance):
     # The format has no room for a pid; the id tells whether we wrote it.
-    endpoint = (value.get('address'), value.get('port'))
+    port = value.get('sslPort') if value.get('port') is None else value.get('port')
+    endpoint = (value.get('address'), port)
     if not isinstance(endpoint[0], str) or not isinstance(endpoint[1], int):
         return Claim()
     return Claim(endpoint, None, name == curator_id(instance, endpoint))

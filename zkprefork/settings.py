@@ -14,12 +14,10 @@ import unicodedata
 
 from paste.deploy.converters import asbool
 
+from zkprefork import tls
 from zkprefork.addresses import HOST_PORT
+from zkprefork.errors import ConfigError
 from zkprefork.nodeformat import FORMATS, RESERVED_KEYS
-
-
-class ConfigError(Exception):
-    """A bad option or file: reported as one line, exit status 2."""
 
 
 def _integer(low, high=None):
@@ -96,13 +94,22 @@ class ConnectionString(str):
     """A ZooKeeper connection string, ``host[:port],...[/chroot]``, parsed
     once: the string itself (as the user wrote it, stripped), ``hosts`` (for
     kazoo, without the chroot), ``addresses`` (((host, port), ...), port 2181
-    where none is given) and ``chroot`` ('' or '/a/b'). Raises ConfigError."""
+    where none is given) and ``chroot`` ('' or '/a/b'). Raises ConfigError.
+
+    ``hosts`` and ``addresses`` name each server once, in the order first
+    given: a server named twice would be tried twice as often, and twice
+    in a row now and then."""
 
     def __new__(cls, text):
         self = super().__new__(cls, text.strip())
-        self.hosts, slash, chroot = self.partition('/')
+        hosts, slash, chroot = self.partition('/')
         self.chroot = _chroot(self, chroot) if slash else ''
-        self.addresses = tuple(_zookeeper_server(self, member) for member in self.hosts.split(','))
+        servers = {}  # (host, port) -> the member as written, first one kept
+        for member in hosts.split(','):
+            host, port = _zookeeper_server(self, member)
+            servers.setdefault((host.lower(), port), ((host, port), member))
+        self.addresses = tuple(address for address, _ in servers.values())
+        self.hosts = ','.join(member for _, member in servers.values())
         return self
 
 
@@ -258,6 +265,18 @@ def _access_log(option, value):
     return path
 
 
+def _tls_version(option, value):
+    """TLSv1.2 or TLSv1.3; the versions RFC 8996 deprecates are refused by name."""
+    value = value.strip()
+    if value.lower() in ('tlsv1', 'tlsv1.0', 'tlsv1.1', 'sslv3'):
+        raise ConfigError(f'{option}: {value} is not accepted (RFC 8996 deprecates TLS 1.0 and '
+                          '1.1): TLSv1.2 or TLSv1.3')
+    for name in tls.MINIMUM_VERSIONS:
+        if value.lower() == name.lower():
+            return name
+    raise ConfigError(f'{option}: {value!r} is not one of {", ".join(tls.MINIMUM_VERSIONS)}')
+
+
 def _choice(*choices):
     """A check of one of `choices`, in any case."""
     def check(option, value):
@@ -374,6 +393,16 @@ class Settings:
     send_timeout: float = option(60.0, _positive_seconds, http=True)
     # networks trusted for X-Forwarded-*, or ('*',)
     forwarded_allow_ips: tuple = option(('127.0.0.1/32',), _forwarded_allow_ips, http=True)
+    # TLS on the listening socket (gunicorn's names; on when certfile is set)
+    certfile: str = option(None, _readable_file, flag=('FILE', 'serve HTTPS: the certificate chain (PEM)'))
+    keyfile: str = option(None, _readable_file, flag=('FILE', "the certificate's private key (PEM)"))
+    keyfile_password_file: str = option(None, _readable_file)  # the key's password, if encrypted
+    ca_certs: str = option(None, _readable_file, flag=('FILE', 'CAs that sign client certificates (PEM)'))
+    # none, optional or required; default: required with ca_certs, else none
+    cert_reqs: str = option(None, _choice(*tls.CERT_REQS), flag=(
+        'REQS', 'client certificates: none, optional or required'))
+    ciphers: str = option(None, _text, flag=('LIST', 'OpenSSL cipher list for TLS 1.2'))
+    tls_minimum_version: str = option('TLSv1.2', _tls_version)
     # Health-gated registration, in HAProxy's terms and with its defaults
     # (inter 2 s, rise 2, fall 3; timeout: the interval, as `timeout check`).
     health_check: str = option(None, _request_path, restart_only=True)  # a path; None: off
@@ -391,6 +420,14 @@ class Settings:
     @property
     def registered(self):
         return self.zookeeper is not None
+
+    @property
+    def tls(self):
+        return self.certfile is not None
+
+    @property
+    def scheme(self):
+        return 'https' if self.tls else 'http'
 
 
 _CHECKS = {field.name: field.metadata['check'] for field in dataclasses.fields(Settings)
@@ -429,6 +466,30 @@ def _check_together(checked):
                           "(pip install 'zkprefork[sasl]')")
 
 
+# Options that mean nothing without certfile.
+_TLS_ONLY = ('keyfile', 'keyfile_password_file', 'ca_certs', 'cert_reqs', 'ciphers',
+             'tls_minimum_version')
+
+
+def _check_tls(checked):
+    """The TLS options together; then the files themselves, loaded the way
+    a worker will (tls.server_context), so that a bad one is an error now."""
+    if not checked.get('certfile'):
+        given = [name for name in _TLS_ONLY if name in checked]
+        if given:
+            raise ConfigError(f'{given[0]}: TLS needs certfile (the server certificate)')
+        return
+    if checked.get('health_check'):
+        # The checker speaks plain HTTP: over TLS it would never pass, and
+        # the server would stay unregistered without saying why.
+        raise ConfigError('health_check: the health check does not speak TLS yet: '
+                          'unset it or certfile')
+    checked.setdefault('cert_reqs', 'required' if checked.get('ca_certs') else 'none')
+    if checked['cert_reqs'] != 'none' and not checked.get('ca_certs'):
+        raise ConfigError(f'cert_reqs: {checked["cert_reqs"]} needs ca_certs (the CAs that sign '
+                          'client certificates)')
+
+
 def make_settings(options, **fixed):
     """Check raw option strings (ini and command line merged) into Settings.
 
@@ -441,4 +502,8 @@ def make_settings(options, **fixed):
     checked = {name: _CHECKS[name](name, value) for name, value in options.items()
                if value is not None}
     _check_together(checked)
-    return Settings(**fixed, **checked)
+    _check_tls(checked)
+    settings = Settings(**fixed, **checked)
+    if settings.tls:
+        tls.server_context(settings)
+    return settings

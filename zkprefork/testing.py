@@ -248,7 +248,7 @@ class ZkpreforkMaster(ProcessUnderTest):
     def wait_serving(self, timeout=15.0):
         """Wait until every worker is ready; sets self.port from the log."""
         self.wait_for_log(r'worker\(s\) ready, serving at', timeout)
-        self.port = int(self.wait_for_log(r'listening at http://\S+:(\d+)').group(1))
+        self.port = int(self.wait_for_log(r'listening at https?://\S+:(\d+)').group(1))
         self.children()
         return self
 

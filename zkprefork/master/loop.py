@@ -86,6 +86,7 @@ class Master:
         self.running_since = None
         self.notifier = systemd.Notifier()
         self.view = status.MasterView(self)
+        self.certificate = status.certificate_of(settings)
 
     # -- the loop --------------------------------------------------------
 
@@ -130,7 +131,7 @@ class Master:
         return None if soonest == NEVER else max(0.0, soonest - now)
 
     def url(self):
-        return 'http://' + format_address(bindable_host(self.settings.host), self.port)
+        return f'{self.settings.scheme}://' + format_address(bindable_host(self.settings.host), self.port)
 
     # -- signals ---------------------------------------------------------
 
@@ -166,6 +167,7 @@ class Master:
             log.error('SIGHUP: the configuration is not valid, keeping the running one: %s', error)
             return
         self.settings = keep_restart_only(self.settings, new)
+        self.certificate = status.certificate_of(self.settings)
         self.pool.reload(self.settings)
         log.info('SIGHUP: reloading: replacing the workers one at a time (generation %d, %d worker(s))',
                  self.pool.generation, self.pool.count)
@@ -194,6 +196,9 @@ class Master:
         record = self.scoreboards.claim(self.pool.count, self.settings.threads)
 
         def serve(link):
+            # Old boards still in use by draining workers would otherwise
+            # stay mapped in this worker for its whole life.
+            self.scoreboards.keep_only(record.board)
             Worker(slot, self.settings, self.listener, link, record, self.app).run()
         masters_fds = (self.signals.fds() + [w.link.fileno() for w in self.pool.workers.values()]
                        + self.link.child_fds() + self.monitor.fds())

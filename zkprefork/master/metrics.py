@@ -13,6 +13,7 @@ grows across reloads and recycling.
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
+from zkprefork.master import status
 from zkprefork.master.registrar_link import REGISTRATION_STATES
 from zkprefork.worker.scoreboard import BUCKETS
 
@@ -80,6 +81,24 @@ class MasterCollector:
         yield state
         yield GaugeMetricFamily('zkprefork_registered_nodes', 'Nodes registered in ZooKeeper',
                                 value=len(registration['nodes']))
+        if self.master.settings.tls:
+            yield from self._tls()
+
+    def _tls(self):
+        certificate = self.master.certificate or {}
+        expiry = GaugeMetricFamily('zkprefork_tls_certificate_expiry_timestamp_seconds',
+                                   'When the served certificate expires (notAfter)', labels=['subject'])
+        if certificate:
+            expiry.add_metric([certificate['subject']], certificate['not_after'])
+        yield expiry
+        counts = status.handshakes(self.master)
+        yield CounterMetricFamily('zkprefork_tls_handshakes', 'TLS handshakes completed',
+                                  value=counts['completed'])
+        failures = CounterMetricFamily('zkprefork_tls_handshake_failures',
+                                       'TLS handshakes that failed, by reason', labels=['reason'])
+        for reason, count in counts['failed'].items():
+            failures.add_metric([reason], count)
+        yield failures
 
 
 def cumulative_buckets(counts):

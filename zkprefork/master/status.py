@@ -9,7 +9,8 @@ import time
 import psutil
 
 import zkprefork
-from zkprefork import addresses
+from zkprefork import addresses, tls
+from zkprefork.errors import ConfigError
 
 # The master's phases, in the order it goes through them (as status reports them).
 BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
@@ -20,7 +21,7 @@ class MasterView:
     """The master as this module and metrics.py see it: these attributes,
     read-only (what they report cannot change what they report on)."""
     VISIBLE = frozenset({'settings', 'port', 'instance', 'phase', 'started_at', 'running_since',
-                         'pool', 'link', 'scoreboards', 'notifier', 'monitor', 'url'})
+                         'pool', 'link', 'scoreboards', 'notifier', 'monitor', 'url', 'certificate'})
     __slots__ = ('_master',)
 
     def __init__(self, master):
@@ -37,8 +38,9 @@ class MasterView:
 
 def node_data(master):
     """What the node(s) say: a dict, compact JSON in ZooKeeper."""
+    scheme = {'scheme': 'https'} if master.settings.tls else {}
     return {'pid': os.getpid(), 'instance': master.instance, 'workers': master.pool.count,
-            'generation': master.pool.generation, **master.monitor.node_data()}
+            'generation': master.pool.generation, **master.monitor.node_data(), **scheme}
 
 
 def endpoints(master):
@@ -59,9 +61,40 @@ def status(master):
         'generation': master.pool.generation,
         'workers_wanted': master.pool.count,
         'registration': master.link.registration,
+        'tls': tls_status(master),
         'workers': [_worker_status(w, now) for w in
                     sorted(master.pool.workers.values(), key=lambda w: (w.slot, w.started))],
     }
+
+
+def certificate_of(settings):
+    """What the served certificate says (tls.certificate), read when the
+    settings were: None without TLS, or if the file changed so much since
+    that it no longer reads (the workers loaded it before)."""
+    if not settings.tls:
+        return None
+    try:
+        return tls.certificate(settings.certfile)
+    except ConfigError:
+        return None
+
+
+def handshakes(master):
+    """TLS handshakes of every worker, reaped ones included: {'completed':
+    N, 'failed': {reason: N}} (reasons: tls.HANDSHAKE_FAILURES)."""
+    counts = list(master.scoreboards.retired_handshakes)
+    for worker in master.pool.workers.values():
+        counts = [a + b for a, b in zip(counts, worker.record.handshakes())]
+    return {'completed': counts[0], 'failed': dict(zip(tls.HANDSHAKE_FAILURES, counts[1:]))}
+
+
+def tls_status(master):
+    """None without TLS; else the certificate's subject, issuer and
+    validity (seconds since the epoch), and the handshakes."""
+    if not master.settings.tls:
+        return None
+    return {'certfile': master.settings.certfile, 'certificate': master.certificate,
+            'cert_reqs': master.settings.cert_reqs, 'handshakes': handshakes(master)}
 
 
 def _worker_status(worker, now):

@@ -15,6 +15,8 @@ import logging
 import threading
 import time
 
+from zkprefork.addresses import format_address
+
 log = logging.getLogger('zkprefork.registrar')
 
 UP, DOWN = 'up', 'down'
@@ -105,8 +107,8 @@ class Checker:
         self.sent = None  # when it was sent (monotonic seconds)
 
     def start(self):
-        log.info('health check: GET %s from %s:%d every %g s', self.options.path, *self.target,
-                 self.options.interval)
+        log.info('health check: GET %s from %s every %g s', self.options.path,
+                 format_address(*self.target), self.options.interval)
         self.thread.start()
 
     def stop(self):

@@ -12,11 +12,12 @@ unregister command), which it converges ZooKeeper to, retrying until
 ZooKeeper confirms; `unregistered` is said once ZooKeeper confirmed every
 delete, or the session that held the nodes is gone.
 
-End of file on stdin means the master is gone or done: the registrar closes
-the session, which deletes its ephemeral nodes at once (not after the session
-timeout), and exits. Disconnected then, with a session that may hold nodes,
-it keeps trying to reach ZooKeeper for up to the session timeout (ZooKeeper
-restores sessions at restart and keeps them that long), and closes the
+There is one way out (Registrar._leave), whatever ends the loop: end of
+file on stdin (the master is gone or done), a broken pipe to the master, a
+signal, an error. It closes the session, which deletes its ephemeral nodes
+at once (not after the session timeout), and exits. Disconnected then, with
+a session that may hold nodes, it keeps trying to reach ZooKeeper for up to
+the session timeout (ZooKeeper restores sessions at restart), and closes the
 session as soon as it answers.
 
 ``state`` is ``connecting`` (no session yet), ``connected``, ``suspended``
@@ -33,9 +34,10 @@ state event is written, and logged, on every change of any of these.
 The session (zksession.Session), the nodes (zknodes.Nodes) and the health
 check (healthcheck.py) are their own rooms; this module is the loop that
 feeds them the master's commands, kazoo's news, the checks' results and the
-timers, and reports their state. A session that does not come back within
-the session timeout (expired, or refused by a ZooKeeper that lost its data)
-is replaced by a new client's.
+timers, and reports their state. A session is kept however long ZooKeeper
+is unreachable (a restarted ZooKeeper restores it with a fresh timeout); it
+is replaced only when ZooKeeper says it expired (kazoo then starts a new
+one) or refuses it, having lost its data (a new client then starts one).
 """
 import logging
 import os
@@ -91,7 +93,8 @@ class Registrar:
     def __init__(self, config, credentials, events_out):
         self.out = events_out
         self.config = config
-        self.inbox = queue.Queue()
+        # SimpleQueue: its put() is reentrant, and the SIGTERM handler posts.
+        self.inbox = queue.SimpleQueue()
         self.timers = Timers()
         self.session = zksession.Session(config, credentials, self._post, self.timers)
         self.nodes = zknodes.Nodes(config, self.session, self._watch)
@@ -104,27 +107,81 @@ class Registrar:
         self.first_registration_checked = False
         self.reported = None
         self.since = time.time()
-        self.ending = False  # end of input while disconnected: closing the session when ZooKeeper answers
 
     def run(self):
+        """Serve the master until it is gone or done, a signal or an error;
+        then leave, always the same way."""
+        try:
+            self._serve()
+        except BrokenPipeError:
+            log.warning('the master is gone (it no longer reads what we write)')
+            _drop_output(self.out)
+        except BaseException as error:
+            log.error('the registrar failed (%r): leaving', error)
+            raise
+        finally:
+            self._leave()
+
+    def _serve(self):
         threading.Thread(target=self._read_commands, daemon=True).start()
         self._start_client()
         self._report()
         while True:
-            try:
-                kind, value = self.inbox.get(timeout=self.timers.wait())
-            except queue.Empty:
-                kind, value = 'tick', None
-            if kind == 'stop' or kind == 'end' and self._end():
-                break
+            kind, value = self._next()
+            if kind in ('stop', 'end'):
+                return
             self._handle(kind, value)
-            if self.ending and (self.session.connected or self.session.state == 'lost'):
-                break  # closing the session deletes the nodes; a lost one has none
             self._confirm_unregistered()
             self._report()
-        if self.checker:
-            self.checker.stop()
-        self.session.close()
+
+    def _next(self, deadline=None):
+        """The next (kind, value) from the inbox; ('tick', None) when a
+        timer (or the `deadline`, monotonic) is due first."""
+        due = [t for t in (self.timers.wait(), deadline and max(0.0, deadline - time.monotonic()))
+               if t is not None]
+        try:
+            return self.inbox.get(timeout=min(due) if due else None)
+        except queue.Empty:
+            return 'tick', None
+
+    def _leave(self):
+        """The one way out. Nothing more is registered, checked or told
+        the master; the session is closed, which deletes its nodes. If
+        ZooKeeper cannot be reached now and the session may hold nodes,
+        wait for it up to a session timeout first, so that the nodes go as
+        soon as it answers, not a session timeout later."""
+        try:
+            if self.checker:
+                self.checker.stop()
+            for job in (self._ensure, self._warn_unregistered):
+                self.timers.cancel(job)
+            if self._must_wait():
+                timeout = self.config.session_timeout / 1000.0
+                log.warning('ZooKeeper unreachable at exit: closing the session (and deleting the node) '
+                            'as soon as it answers, for up to %g s', timeout)
+                self._wait_for_zookeeper(time.monotonic() + timeout)
+        finally:
+            self.session.close()
+
+    def _must_wait(self):
+        session = self.session
+        return (session.running and not session.failure and not session.refused
+                and session.state in ('connecting', 'suspended') and self.nodes.may_hold())
+
+    def _wait_for_zookeeper(self, deadline):
+        """Only the session's news count now: connected (closing deletes
+        the nodes), lost or refused (the nodes are gone with it), a signal
+        (give up waiting) or the deadline."""
+        while self._must_wait() and time.monotonic() < deadline:
+            kind, value = self._next(deadline)
+            if kind == 'stop':
+                return
+            if kind == 'state':
+                self.session.on_state(*value)
+            elif kind == 'zxid':
+                self.session.on_probed(*value)
+            elif kind == 'tick':
+                self.timers.run_due()
 
     def stop(self):
         self._post('stop', None)
@@ -133,26 +190,16 @@ class Registrar:
         self.inbox.put((kind, value))
 
     def _read_commands(self):
-        for line in sys.stdin:
-            try:
-                self._post('command', read_command(line))
-            except ProtocolError as error:
-                log.error('ignoring a line from the master: %s', error)
-        self._post('end', None)
-
-    def _end(self):
-        """End of input: True to close the session now; else wait (up to a
-        session timeout) for ZooKeeper to answer, so that the nodes go as
-        soon as it does, not a session timeout later."""
-        if self.session.connected or self.session.failure or not self.nodes.may_hold():
-            return True
-        self.ending = True
-        timeout = self.config.session_timeout / 1000.0
-        log.warning('ZooKeeper unreachable at exit: closing the session (and deleting the node) '
-                    'as soon as it answers, for up to %g s', timeout)
-        self.timers.cancel(self._renew_session)
-        self.timers.at(timeout, self.stop)
-        return False
+        try:
+            for line in sys.stdin:
+                try:
+                    self._post('command', read_command(line))
+                except ProtocolError as error:
+                    log.error('ignoring a line from the master: %s', error)
+        finally:
+            # Whatever ends the reading (a line that is not even text too),
+            # the master is not heard any more: leave, never linger.
+            self._post('end', None)
 
     def _handle(self, kind, value):
         if kind == 'state':
@@ -169,6 +216,8 @@ class Registrar:
             self.timers.run_due()
         elif kind == 'health':
             self._on_health(*value)
+        elif kind == 'zxid':
+            self._on_probed(*value)
 
     def _watch(self, event):
         # Called on kazoo's event thread; one bound method, so that kazoo
@@ -192,19 +241,17 @@ class Registrar:
         if problem:
             self._fail(problem)
         elif self.session.connected:
-            self.timers.cancel(self._renew_session)
             self._ensure()
-        elif self.session.had_session and not self.timers.pending(self._renew_session):
-            self.timers.at(self.session.config.session_timeout / 1000.0, self._renew_session)
 
-    def _renew_session(self):
-        """Disconnected for a whole session timeout: the session is expired
-        (or ZooKeeper, having lost its data, refuses it); a new one is
-        needed, and the nodes are registered again in it."""
-        if self.session.connected or self.session.failure or self.ending:
+    def _on_probed(self, generation, zxid):
+        """However long ZooKeeper has been unreachable, the session is given
+        up only when ZooKeeper refuses it (or says it expired: kazoo starts
+        a new one itself): a restarted ZooKeeper restores its sessions."""
+        if self.session.failure or not self.session.on_probed(generation, zxid):
             return
-        log.warning('ZooKeeper has not taken our session back within the session timeout '
-                    '(it expired, or ZooKeeper lost its data): starting a new session')
+        log.warning('ZooKeeper refuses our session: it is at zxid 0x%x, behind the 0x%x our '
+                    'session saw (it lost its data): starting a new session',
+                    zxid, self.session.client.last_zxid)
         self.session.renew()
         self.nodes.new_session()
 
@@ -289,7 +336,7 @@ class Registrar:
             self._emit(Unregistered())
 
     def _ensure(self):
-        if self.ending or not self.session.connected or (self.session.failure and self.nodes.settled()):
+        if not self.session.connected or (self.session.failure and self.nodes.settled()):
             return
         self.timers.cancel(self._ensure)
         try:
@@ -373,3 +420,13 @@ def _write_event(out, event):
     out.write(event.line())
     out.flush()
 
+
+def _drop_output(out):
+    """Point `out` at /dev/null: what its buffer holds for a reader who is
+    gone would otherwise raise again at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, out.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

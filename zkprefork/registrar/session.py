@@ -6,6 +6,7 @@ and the TLS check's thread, which only pass news on with `post(kind, value)`.
 """
 import logging
 import math
+import random
 import threading
 import time
 
@@ -16,6 +17,9 @@ from kazoo.retry import KazooRetry
 from zkprefork.registrar import security as zksecurity
 
 log = logging.getLogger('zkprefork.registrar')
+# The probe's own kazoo logger: its attempts fail while ZooKeeper is down,
+# which the registrar's client says already.
+PROBE_LOG = logging.getLogger('kazoo.client.probe')
 
 # Seconds between reconnection attempts at most, before kazoo's ±40% jitter
 # (so 2.8 s at worst); KazooClient's default back-off would grow to an hour.
@@ -29,6 +33,13 @@ RECONNECT_MAX_DELAY = 2.0
 CONNECT_TIMEOUT = 2.0
 TLS_CHECK_AFTER = 1.5  # seconds without a connection before checking the TLS handshake
 TLS_CHECK_EVERY = 5.0
+# A session is given up only when ZooKeeper says it expired (kazoo then
+# reports LOST) or refuses it. ZooKeeper refuses, for ever and without a
+# word (it just closes the connection), a client that has seen a later zxid
+# than its own: one that lost its data. A fresh client, after this many
+# seconds disconnected and then every PROBE_EVERY, asks its zxid to find out.
+PROBE_AFTER = 1.0
+PROBE_EVERY = 1.0
 # kazoo warns of a host it cannot resolve on every attempt (~10 a second
 # for one unresolvable host): the first is logged, then one per this many seconds.
 REPEAT_EVERY = 30.0
@@ -61,6 +72,7 @@ class Session:
         self.client = None
         self.clients = 0  # how many clients were made: news from an older one is stale
         self.had_session = False  # this client had a session: it remembers a zxid
+        self.refused_at = None  # ZooKeeper's zxid when it refuses the session, or None
         self.password = None  # of the session, while there is one
         resume = config.resume and (config.resume[0], bytes.fromhex(config.resume[1]))
         self._new_client(resume)
@@ -70,7 +82,7 @@ class Session:
         self.had_session = False
         generation = self.clients
         client = KazooClient(
-            hosts=kazoo_hosts(self.config),
+            hosts=kazoo_hosts(self.config), randomize_hosts=False,
             timeout=self.config.session_timeout / 1000.0,
             connection_retry=KazooRetry(max_tries=-1, max_delay=RECONNECT_MAX_DELAY),
             client_id=client_id,
@@ -100,6 +112,7 @@ class Session:
     def stop(self):
         self.running = False
         self.timers.cancel(self.check_tls)
+        self.timers.cancel(self.probe)
         try:
             self.client.stop()
         except KazooException as error:
@@ -119,6 +132,8 @@ class Session:
         self._new_client()
         self.id = self.password = None
         self.state = 'connecting'
+        self.refused_at = None
+        self.timers.cancel(self.probe)
         if self.running:
             self.client.start_async()
         # Stopping a client that is not connected may wait for its
@@ -135,6 +150,7 @@ class Session:
             self.state = 'connected'
             self.had_session = True
             self.timers.cancel(self.check_tls)
+            self.timers.cancel(self.probe)
             return None
         if state == KazooState.LOST:
             self.id = self.password = None
@@ -145,7 +161,33 @@ class Session:
             self.state = 'suspended'
         if self.config.tls and self.running and not self.timers.pending(self.check_tls):
             self.timers.at(TLS_CHECK_AFTER, self.check_tls)
+        if self.had_session and not self.timers.pending(self.probe):
+            self.timers.at(PROBE_AFTER, self.probe)
         return None
+
+    @property
+    def refused(self):
+        return self.refused_at is not None
+
+    def probe(self):
+        # On a thread of its own, as check_tls: connecting may take a while.
+        if self.connected or not self.running or not self.had_session:
+            return
+        generation, options = self.clients, zksecurity.client_options(self.config.tls, self.identity)
+        threading.Thread(target=lambda: self.post(
+            'zxid', (generation, server_zxid(self.config.hosts, options))), daemon=True).start()
+
+    def on_probed(self, generation, zxid):
+        """The probe's answer, in the loop: True if ZooKeeper refuses our
+        session (its zxid is behind the last one our client saw, the very
+        test ZooKeeper applies), which then stays refused until renew()."""
+        if generation != self.clients or self.connected or not self.running:
+            return False
+        if zxid is not None and zxid < self.client.last_zxid:
+            self.refused_at = zxid
+            return True
+        self.timers.at(PROBE_EVERY, self.probe)
+        return False
 
     def check_tls(self):
         # On a thread of its own: a host that drops packets would otherwise
@@ -243,6 +285,7 @@ class QuietRepeats(logging.Filter):
 def quiet_kazoo_repeats():
     """Throttle kazoo's warnings that repeat on every connection attempt."""
     logging.getLogger('kazoo.client').addFilter(QuietRepeats('Cannot resolve', REPEAT_EVERY))
+    PROBE_LOG.setLevel(logging.ERROR)
 
 
 def _close_quietly(client):
@@ -254,8 +297,29 @@ def _close_quietly(client):
 
 
 def kazoo_hosts(config):
-    """The hosts string for kazoo: the servers named as often as it takes
-    for kazoo's connect timeout (session timeout / number of hosts) to be
-    CONNECT_TIMEOUT at most, so that several attempts fit in a session."""
-    attempts = math.ceil(config.session_timeout / 1000.0 / CONNECT_TIMEOUT / len(config.addresses))
-    return ','.join([config.hosts] * max(1, attempts))
+    """The hosts string for kazoo (which must not shuffle it again): the
+    servers (each once: settings removes repeats) shuffled once, as
+    ZooKeeper's own client does, then that round repeated as often as it
+    takes for kazoo's connect timeout (session timeout / number of hosts)
+    to be CONNECT_TIMEOUT at most, so that several attempts fit in a
+    session. Kazoo shuffling the repeats would try a frozen server twice in
+    a row now and then, losing two connect timeouts to it."""
+    servers = [server.strip() for server in config.hosts.split(',')]
+    random.shuffle(servers)
+    attempts = math.ceil(config.session_timeout / 1000.0 / CONNECT_TIMEOUT / len(servers))
+    return ','.join(servers * max(1, attempts))
+
+
+def server_zxid(hosts, options):
+    """The last zxid of the ZooKeeper that a new client (KazooClient
+    `options`) reaches at `hosts`, or None if none answers in time. After a
+    sync, so that a follower has caught up with its leader first."""
+    client = KazooClient(hosts=hosts, timeout=CONNECT_TIMEOUT, logger=PROBE_LOG, **options)
+    try:
+        client.start(CONNECT_TIMEOUT)
+        client.sync_async('/').get(timeout=CONNECT_TIMEOUT)
+        return client.last_zxid
+    except Exception:  # noqa: BLE001 - whatever stopped it, the probe has no answer; the next may
+        return None
+    finally:
+        _close_quietly(client)

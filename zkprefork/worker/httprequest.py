@@ -19,11 +19,14 @@ Content-Length body), so that it stops exactly at the end of its request
 and the channel decides when to parse the next one.
 """
 import dataclasses
+import errno
 import ipaddress
+import logging
 import re
 import tempfile
 import threading
 import time
+import weakref
 from io import BytesIO
 from urllib.parse import unquote_to_bytes
 
@@ -31,9 +34,16 @@ import httptools
 
 from zkprefork import settings
 
+log = logging.getLogger('zkprefork.worker')
+
 REASONS = {400: 'Bad Request', 408: 'Request Timeout', 413: 'Content Too Large', 414: 'URI Too Long',
-           431: 'Request Header Fields Too Large', 501: 'Not Implemented',
-           505: 'HTTP Version Not Supported'}
+           431: 'Request Header Fields Too Large', 500: 'Internal Server Error', 501: 'Not Implemented',
+           505: 'HTTP Version Not Supported', 507: 'Insufficient Storage'}
+# A body the server cannot store for want of space is RFC 4918 11.5's 507:
+# a 5xx (the server's failure, not the client's), which clients that do not
+# know it read as 500 (RFC 9110 15), and which says what to fix. Any other
+# failure to store it is a plain 500.
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 END_OF_HEAD = b'\r\n\r\n'
 # RFC 9112 3.2: Host = uri-host [ ":" port ], uri-host being RFC 3986's
 # IP-literal, IPv4address or reg-name (pct-encoded octets that are no controls).
@@ -42,7 +52,8 @@ HOST = re.compile(r"(?:\[(?P<literal>[0-9A-Fa-f:.]+|v[0-9A-Fa-f]+\.[-\w.~!$&'()*
 AUTHORITY = re.compile(rb'[^/?#]*')  # RFC 3986 3.2
 # RFC 3986 2: unreserved, reserved and "%"; llhttp lets "<>\^`{|} and obs-text by
 TARGET_CHARS = re.compile(rb"[-A-Za-z0-9._~:/?#\[\]@!$&'()*+,;=%]*")
-METHOD = re.compile(rb"[-!#$%&'*+.^_`|~A-Za-z0-9]+ ")  # RFC 9110 9.1: a token, then SP
+TCHARS = re.compile(rb"[-!#$%&'*+.^_`|~A-Za-z0-9]*")  # RFC 9110 5.6.2: a token's characters
+EMPTY_LINES = re.compile(rb'(?:\r\n)*')
 CHUNK_LINE = 32  # bytes of a chunk's size line and CRLFs not counted as extensions
 
 
@@ -76,9 +87,16 @@ class _Overrun(Exception):
 
 
 def unknown_method(line):
-    """llhttp refuses a method it does not know: 501 if the request `line`
-    starts with a token (RFC 9110 9.1), else 400."""
-    if METHOD.match(line):
+    """The answer to a method llhttp refused, from `line`, the request line
+    as far as it came: 501 if it starts with a token and SP (RFC 9110 9.1),
+    400 if anything else ends the method, None while it is all token
+    characters. llhttp refuses at the first byte that begins no method it
+    knows (the O of FOO): deciding there would answer 'FO' + 'O /' with 400
+    and 'FOO /' with 501. The answer must depend on the bytes alone."""
+    end = TCHARS.match(line).end()
+    if end == len(line):
+        return None
+    if end and line[end] == 0x20:
         return Refused(501, 'an unknown method')
     return Refused(400, 'an invalid method')
 
@@ -143,6 +161,7 @@ class Request:
     _line = b''             # the request line's bytes while they arrive, then None
     _tail = b''             # the last bytes of the previous read
     _url_size = _head_size = _fields = _body_size = _framing = _chunks = 0
+    _method_refused = False  # by llhttp: the rest of the method decides the answer
     _body = None
 
     def __init__(self, adj):
@@ -164,35 +183,65 @@ class Request:
             return 0
         size = len(data)
         fed = 0
-        try:
-            while fed < size and not self.completed:
-                end = self._piece_end(data, fed)
-                piece = data if end == size and not fed else memoryview(data)[fed:end]
-                in_body = self.headers_complete
-                if not in_body:
-                    self._count_head(piece)
-                fed = end
-                self._parser.feed_data(piece)
-                if in_body and self.chunked:
-                    self._count_chunk_framing(len(piece))
-        except Refused as refused:
-            self.refuse(refused)
-        except httptools.HttpParserUpgrade:
-            pass  # the message is complete; keep_alive is off for upgrades
-        except httptools.HttpParserInvalidMethodError:
-            self.refuse(unknown_method((self.request_line or self._line or b'').lstrip(b'\r\n')))
-        except httptools.HttpParserError as error:
-            cause = error.__context__
-            if isinstance(cause, _Overrun):
-                self.keep_alive = False  # where the next one begins is unknown: end here
-                self._parser = None
-                return size
-            self.refuse(cause if isinstance(cause, Refused) else Refused(400, str(error)))
+        while fed < size and not self.completed:
+            fed = self._feed(data, fed)
         if self.completed:
             self._parser = None  # it holds our bound methods: no cycle left for the GC
         else:
             self._tail = (self._tail + data[-3:])[-3:]
         return fed
+
+    def _feed(self, data, start):
+        """Feed the piece of `data` that begins at `start`; returns its end.
+        In the head, a piece ends before the byte that passes a limit: llhttp
+        has read all the bytes before it, so the first fault in the bytes is
+        the one answered, however they were split (a long line with a bad
+        method or target was 414 at once, 400 a byte at a time)."""
+        end = self._piece_end(data, start)
+        in_body = self.headers_complete
+        if not in_body:
+            end = min(end, start + self._head_room())
+        piece = data if end == len(data) and not start else memoryview(data)[start:end]
+        try:
+            if not in_body:
+                self._count_head(piece)
+            if self._method_refused:
+                self._refuse_method()
+            else:
+                self._parser.feed_data(piece)
+            if in_body and self.chunked:
+                self._count_chunk_framing(len(piece))
+        except Refused as refused:
+            self.refuse(refused)
+        except httptools.HttpParserUpgrade:
+            pass  # the message is complete; keep_alive is off for upgrades
+        except httptools.HttpParserInvalidMethodError:
+            self._method_refused = True
+            self._refuse_method()
+        except httptools.HttpParserError as error:
+            cause = error.__context__
+            if isinstance(cause, _Overrun):
+                self.keep_alive = False  # where the next one begins is unknown: end here
+                self._parser = None
+                return len(data)
+            self.refuse(cause if isinstance(cause, Refused) else Refused(400, str(error)))
+        return end
+
+    def _refuse_method(self):
+        """Refuse the request llhttp refused the method of, once its bytes say how."""
+        line = self._line if self._line is not None else self.request_line + b'\r\n'
+        refused = unknown_method(line)
+        if refused is not None:
+            self.refuse(refused)
+
+    def _head_room(self):
+        """Bytes the head may still take before one passes a limit (at least
+        1: the one that does)."""
+        limits = self.limits
+        room = limits.limit_request_header_size - self._head_size
+        if self._line is not None:
+            room = min(room, limits.limit_request_line - len(self._line))
+        return max(room, 1)
 
     def _piece_end(self, data, start):
         """Where the piece starting at `start` must end: a message ends after a
@@ -213,12 +262,20 @@ class Request:
             raise Refused(431, f'header section larger than {limits.limit_request_header_size} bytes')
         if self._line is None:
             return
-        self._line += bytes(piece[:limits.limit_request_line + 16])
-        line, crlf, _ = self._line.lstrip(b'\r\n').partition(b'\r\n')
+        line = self._line + bytes(piece[:limits.limit_request_line + 16])
+        # RFC 9112 2.2: empty lines (CRLF) before a request line may be
+        # ignored. llhttp skips any CR and LF there, but a bare CR is
+        # invalid and a proxy may take it, or a bare LF, for part of the line.
+        line = line[EMPTY_LINES.match(line).end():]
+        if line[:1] == b'\n' or line[:1] == b'\r' and len(line) > 1:
+            raise Refused(400, 'a bare CR or LF before the request line')
+        self._line = line
+        line, crlf, _ = line.partition(b'\r\n')
         if crlf:
             self._line = None
             self.request_line = line
-        if len(line) > limits.limit_request_line:
+        # A CR last may begin the CRLF: the line is that long only if it does not.
+        if len(line) - (not crlf and line[-1:] == b'\r') > limits.limit_request_line:
             raise Refused(414, f'request line longer than {limits.limit_request_line} bytes')
 
     def _count_chunk_framing(self, size):
@@ -232,11 +289,21 @@ class Request:
             raise Refused(431, f'chunk extensions and trailer fields larger than {limit} bytes')
 
     def refuse(self, refused):
+        """Answer `refused` instead of the application (or stop the body
+        it reads); nothing more of this request is parsed or stored."""
         self.error = refused
-        self.completed = True
         self.keep_alive = False
+        self.close(refused)
+
+    def close(self, error='the connection ended'):
+        """Release what this request holds, however it ended: llhttp's
+        parser, which holds our bound methods (a cycle that only a full
+        collection would break, with the spool file in it), and the body's
+        spool file. A task still reading the body gets OSError (`error`)."""
+        self.completed = True
+        self._parser = None
         if self._body is not None:
-            self._body.fail(refused)
+            self._body.close(error)
 
     # -- llhttp's callbacks --
 
@@ -333,7 +400,13 @@ class Request:
             raise Refused(413, f'body larger than {self.limits.max_request_body_size} bytes')
         if self._remaining is not None:
             self._remaining -= len(data)
-        self._body.append(data)
+        try:
+            self._body.append(data)
+        except OSError as error:
+            status = 507 if error.errno in NO_SPACE else 500
+            # The one report of it: the client gets no detail of the server's.
+            log.error('cannot store the request body of %s (answered %d): %s', self.first_line, status, error)
+            raise Refused(status, 'the server could not store the request body') from None
 
     def on_message_complete(self):
         self.completed = True
@@ -357,7 +430,9 @@ class Request:
     def when_body_read(self, callback):
         """Call `callback` (once) when the application first reads the body."""
         if self._body is not None:
-            self._body.on_first_read = callback
+            # Weakly: the callback is the task's, which holds this request
+            # (a cycle, were it strong, for an application that never reads).
+            self._body.on_first_read = weakref.WeakMethod(callback)
 
     def fail_body(self, error):
         """The client is gone or too slow: a reader of the body gets OSError."""
@@ -433,6 +508,22 @@ class Body:
                 self.error = self.error or error
                 self.changed.notify_all()
 
+    def close(self, error):
+        """Close the spool file; a reader of the body gets `error`."""
+        if not self.streamed:
+            self._close_file()
+            return
+        with self.changed:  # not while a reader is in the file
+            self.error = self.error or error
+            self.changed.notify_all()
+            self._close_file()
+
+    def _close_file(self):
+        try:
+            self.file.close()
+        except OSError:
+            pass  # its last buffered bytes did not fit on the disk: nobody reads them now
+
     def stream(self):
         return StreamedBody(self) if self.streamed else self.file
 
@@ -440,8 +531,9 @@ class Body:
         """Up to `size` bytes (all if negative; up to a newline if `line`),
         waiting for them; b'' at the end of the body."""
         if self.on_first_read is not None:
-            callback, self.on_first_read = self.on_first_read, None
-            callback()
+            callback, self.on_first_read = self.on_first_read(), None
+            if callback is not None:
+                callback()
         with self.changed:
             while True:
                 available = self.written - self.read_at

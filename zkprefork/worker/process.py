@@ -13,7 +13,8 @@ import traceback
 
 import psutil
 
-from zkprefork import inifile, logsetup, proctitle
+from zkprefork import clock, inifile, logsetup, proctitle, tls
+from zkprefork.errors import ConfigError
 from zkprefork.worker import balance, scoreboard
 from zkprefork.supervision import MASTER_ONLY_SIGNALS
 from zkprefork.worker.protocol import BootFailed, Heartbeat, Ready, RetireRequest, encode
@@ -79,10 +80,11 @@ class Worker:
     def _run(self):
         proctitle.set(f'worker {self.slot} {self.settings.config_file or ""}'.rstrip())
         self.score.booting(os.getpid(), self.settings.threads)
-        app = self._load_app()
+        tls_context = self._tls_context()
+        app = None if tls_context is False else self._load_app()
         if app is None:
             return BOOT_FAILED
-        server, dispatcher = self._start_server(app)
+        server, dispatcher = self._start_server(app, tls_context)
         self.server = server
         self.score.set_state(scoreboard.SERVING)
         self._tell_master(Ready(os.getpid()))
@@ -105,7 +107,20 @@ class Worker:
             self._tell_master(BootFailed(summary))
             return None
 
-    def _start_server(self, app):
+    def _tls_context(self):
+        """This worker's own SSLContext (OpenSSL's objects do not survive a
+        fork), from the files as they are now: None without TLS, False if
+        they no longer load (the master checked them a moment ago)."""
+        if not self.settings.tls:
+            return None
+        try:
+            return tls.server_context(self.settings)
+        except ConfigError as error:
+            log.error('worker %d (pid %d) cannot load its TLS files: %s', self.slot, os.getpid(), error)
+            self._tell_master(BootFailed(str(error)))
+            return False
+
+    def _start_server(self, app, tls_context):
         from zkprefork.worker import eventloop, httprequest, wakeup, zopeserver  # zopeserver: imported by the master
         self.loop = eventloop.install()  # first: every dispatcher keeps the map it was created with
         zopeserver.fresh_wakeup()
@@ -117,7 +132,7 @@ class Worker:
         hit_log = zopeserver.access_logger() if self.settings.access_log else None
         server = zopeserver.server_class(self.settings.zservertracelog)(
             self.listener, app, self.settings.name, self.settings.host, dispatcher, hit_log,
-            httprequest.HTTPOptions.from_settings(self.settings), self.score)
+            httprequest.HTTPOptions.from_settings(self.settings), self.score, tls_context)
         return server, dispatcher
 
     def _install_signals(self, wakeup):
@@ -224,9 +239,10 @@ class Worker:
         deadline = time.monotonic() + self.settings.graceful_timeout
         while not self.quit_now and time.monotonic() < deadline:
             stopping = self.score.record.board.header.stopping
-            idle_since = time.time() - (STOP_IDLE_SECONDS if stopping else RETIRE_KEEPALIVE_SECONDS)
+            idle_limit = STOP_IDLE_SECONDS if stopping else RETIRE_KEEPALIVE_SECONDS
+            now = clock.now()
             for channel in server.channels():
-                if not channel.busy() and channel.last_activity < idle_since:
+                if not channel.busy() and channel.idle_for(now) > idle_limit:
                     channel.close()
             if not server.channels():
                 return

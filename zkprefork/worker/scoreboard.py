@@ -29,14 +29,24 @@ see the board they were forked with, so balancing spans the workers of one
 board; a board goes when its last worker is reaped. Pages are committed as
 records are first written: records are claimed lowest first, and readers
 look only below the highest claimed one.
+
+Unmapping: a board that goes is closed (munmap) at once, not left to the
+garbage collector: its records and the board refer to each other, and the
+master freezes the collector before every fork (spawn.py), which makes
+such a cycle immortal. A new worker closes, in its own process, every
+board but its own, so that it carries no old board for its whole life.
 """
 import bisect
 import ctypes
+import logging
 import mmap
 import threading
 import time
 
+from zkprefork.tls import HANDSHAKE_FAILURES
 from zkprefork.worker import balance
+
+log = logging.getLogger('zkprefork.scoreboard')
 
 # Request duration histogram buckets, seconds (Prometheus's defaults, and
 # longer ones for slow applications); the last bucket is +Inf.
@@ -63,7 +73,9 @@ class Header(ctypes.Structure):
                 ('connections', ctypes.c_int64),
                 ('loop_beat', ctypes.c_double),  # time.monotonic() of the loop's last turn
                 ('busy', ctypes.c_int64),  # threads running a request
-                ('waiting', ctypes.c_int64)]  # connections accepted, their first request not started
+                ('waiting', ctypes.c_int64),  # connections accepted, their first request not started
+                ('handshakes', ctypes.c_int64),  # TLS handshakes completed (by the loop's thread)
+                ('handshake_failures', ctypes.c_int64 * len(HANDSHAKE_FAILURES))]  # by reason
 
 
 class BoardHeader(ctypes.Structure):
@@ -127,8 +139,17 @@ class Record:
         """Finished requests."""
         return sum(self.histogram()[0])
 
+    def handshakes(self):
+        """TLS handshakes: [completed, then failed for each of tls.HANDSHAKE_FAILURES]."""
+        return [self.head.handshakes, *self.head.handshake_failures]
+
     def clear(self):
         ctypes.memset(ctypes.addressof(self._data), 0, ctypes.sizeof(self._data))
+
+    def _detach(self):
+        """Drop the views into the board's memory, which pin its mapping; a
+        use afterwards raises instead of touching unmapped memory."""
+        self._data = self.head = self.threads = None
 
 
 class Scorekeeper:
@@ -194,6 +215,12 @@ class Scorekeeper:
         return self.accepting
 
     # -- hooks -------------------------------------------------------------
+
+    def handshake_completed(self):
+        self.record.head.handshakes += 1
+
+    def handshake_failed(self, reason):
+        self.record.head.handshake_failures[HANDSHAKE_FAILURES.index(reason)] += 1
 
     def channel_opened(self, channel):
         self._count_channel(set.add, channel)
@@ -297,6 +324,17 @@ class Scoreboard:
         """The records of the board's other workers."""
         return [r for r in self.records[:self.header.used] if r is not mine and r.head.state != EMPTY]
 
+    def close(self):
+        """Unmap the board. Every view into it goes first: mmap refuses to
+        close while one exists (BufferError), which then leaves it mapped."""
+        for record in self.records:
+            record._detach()
+        self.records, self.header, self._free = [], None, set()
+        try:
+            self._map.close()
+        except BufferError:
+            log.warning('a scoreboard of %d bytes is still referenced: left mapped', len(self._map))
+
 
 class Scoreboards:
     """The master's boards: claims a record for each worker it forks, and
@@ -306,6 +344,7 @@ class Scoreboards:
         self.boards = [Scoreboard(max(2 * workers, MIN_RECORDS), threads)]
         self.retired_buckets = [0] * (len(BUCKETS) + 1)
         self.retired_sum = 0.0
+        self.retired_handshakes = [0] * (1 + len(HANDSHAKE_FAILURES))
 
     def claim(self, workers, threads):
         """A record for a worker of `threads` threads, in a pool of `workers`."""
@@ -315,16 +354,35 @@ class Scoreboards:
             board = Scoreboard(max(2 * workers, MIN_RECORDS), threads)
             self.boards.append(board)
             record = board.claim()
+            self._close_unused()  # the newest before it may have been empty
         return record
 
     def release(self, record):
-        """Its worker was reaped: keep its figures, free the record, and drop
+        """Its worker was reaped: keep its figures, free the record, and close
         a board that no worker uses any more (unless it is the newest)."""
         counts, total = record.histogram()
         self.retired_buckets = [a + b for a, b in zip(self.retired_buckets, counts)]
         self.retired_sum += total
+        self.retired_handshakes = [a + b for a, b in zip(self.retired_handshakes, record.handshakes())]
         record.board.release(record)
-        self.boards = [b for b in self.boards if b.in_use() or b is self.boards[-1]]
+        self._close_unused()
+
+    def _close_unused(self):
+        """A board with a worker stays mapped until that worker is reaped,
+        however long it drains: the monitor reads its record until then."""
+        newest = self.boards[-1]
+        for board in self.boards:
+            if board is not newest and not board.in_use():
+                board.close()
+        self.boards = [b for b in self.boards if b is newest or b.records]
+
+    def keep_only(self, board):
+        """In a new worker: unmap the boards it was not forked for (its own
+        process's copies; the master's stay)."""
+        for other in self.boards:
+            if other is not board:
+                other.close()
+        self.boards = [board]
 
     def stopping(self):
         """The server stops: draining workers need not wait for stragglers."""

@@ -43,6 +43,17 @@ def check_header(name, value):
 
 
 NO_BODY = ('204', '304')  # statuses framed without a body (RFC 9110, 6.4.1)
+
+
+def valid_status(code):
+    """Whether an application may send the status `code` (str): three ASCII
+    digits (str.isdigit() also takes '²'), 200 to 599. 1xx are interim
+    responses (the server sends 100 Continue itself), and RFC 9110 15
+    defines no class beyond 5xx: a proxy may refuse the response (HAProxy
+    answers 502 to non-ASCII digits)."""
+    return len(code) == 3 and code.isascii() and code.isdigit() and '200' <= code <= '599'
+
+
 _date = [None, '']  # the second and its IMF-fixdate, cached: one response after another asks
 
 
@@ -66,18 +77,21 @@ def start_response_for(task):
         elif task.accumulated_headers is not None:
             raise AssertionError('start_response called a second time without exc_info')
         code, _, reason = status.partition(' ')
-        if not (len(code) == 3 and code.isdigit() and code >= '200'):
-            # 1xx are interim responses: the server sends 100 Continue itself.
+        if not valid_status(code):
             raise ValueError(f'not an HTTP status a WSGI application may send: {status!r}')
         lines = []
-        lengths = set()
+        length = None
         for name, value in headers:
             check_header(name, value)
             if name.lower() == 'content-length':
-                lengths.add(int(value))
+                if length is not None:
+                    if int(value) != length:
+                        raise ValueError(f'Content-Length fields that disagree: {length} and {value.strip()}')
+                    # RFC 9110 8.6 lets a recipient fold equal ones, but a
+                    # proxy may as well refuse the response (and llhttp does).
+                    continue
+                length = int(value)
             lines.append(f'{name}: {value}')
-        if len(lengths) > 1:
-            raise ValueError(f'Content-Length fields that disagree: {sorted(lengths)}')
         task.setResponseStatus(code, reason)
         task.accumulated_headers = None
         task.response_headers = {}

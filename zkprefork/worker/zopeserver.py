@@ -14,6 +14,7 @@ import queue
 import resource
 import select
 import socket
+import ssl
 import stat
 import threading
 import time
@@ -27,8 +28,8 @@ from zope.server.task import AbstractTask
 from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
-from zkprefork.worker import httprequest, outbuffer, wsgi
-from zkprefork import addresses
+from zkprefork.worker import httprequest, outbuffer, tlsconnection, wsgi
+from zkprefork import addresses, clock
 
 
 log = logging.getLogger('zkprefork.worker')
@@ -78,6 +79,28 @@ class TaskDispatcher(ThreadedTaskDispatcher):
         super().__init__()
         self.queue = queue.SimpleQueue()
 
+    def shutdown(self, cancel_pending=True, timeout=5):
+        """zope.server's, waiting for the threads on the monotonic clock: on
+        its wall clock, a step back during the wait kept a worker with a
+        stuck thread until the master killed it."""
+        self.setThreadCount(0)
+        deadline = clock.now() + timeout
+        while self.threads and clock.now() < deadline:
+            time.sleep(0.1)
+        if self.threads:
+            log.error('%d thread(s) still running', len(self.threads))
+        if cancel_pending:
+            self._cancel_queued()
+
+    def _cancel_queued(self):
+        while True:
+            try:
+                task = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if task is not None:  # None: setThreadCount's stop sign for a thread
+                task.cancel()
+
 
 class DrainingTask(HTTPTask):
     """A request to answer: the application's (the environ of PEP 3333,
@@ -91,6 +114,8 @@ class DrainingTask(HTTPTask):
     counted = False           # the scoreboard counts this task's thread busy
     body_sent = 0
     failed = False            # cut short: no last chunk, and the connection closes
+    app_close = False         # the application's Connection field said close
+    warned = False            # something the application sent was dropped, and logged
 
     def __init__(self, channel, request_data):
         super().__init__(channel, request_data)
@@ -124,11 +149,37 @@ class DrainingTask(HTTPTask):
     def setResponseStatus(self, status, reason):
         wsgi.check_header_text(f'{status} {reason}')
         super().setResponseStatus(status, reason)
+        self.app_close = False  # start_response again (exc_info): new fields
 
     def appendResponseHeaders(self, lst):
+        """The application's fields, less the framing that is the server's:
+        Connection (a close in it ends the connection, announced by the one
+        Connection field the server writes) and Content-Length on a 204,
+        which RFC 9110 8.6 forbids (Varnish answers 503 to it). The 204 is
+        sent without it rather than made a 500: its framing does not depend
+        on the field, and frameworks send "Content-Length: 0" with it
+        (werkzeug drops it itself); another length meant a body: logged."""
+        kept = []
         for line in lst:
             wsgi.check_header_text(line)
-        super().appendResponseHeaders(lst)
+            name, _, value = line.partition(':')
+            name = name.lower()
+            if name == 'connection':
+                self.app_close |= 'close' in {token.strip().lower() for token in value.split(',')}
+            elif name == 'content-length' and self.status == '204':
+                if int(value):
+                    self._warn_dropped(f'Content-Length: {int(value)}')
+            else:
+                kept.append(line)
+        super().appendResponseHeaders(kept)
+
+    def _warn_dropped(self, what):
+        """Once a response: an application that sends one wrong thing often
+        sends several (a length, then the body)."""
+        if not self.warned:
+            self.warned = True
+            log.warning('the application sent %s with its %s response to %s: not sent',
+                        what, self.status, self.request_data.first_line)
 
     def prepareResponseHeaders(self):
         """zope.server's choice of keeping the connection, and its Server and
@@ -146,7 +197,7 @@ class DrainingTask(HTTPTask):
         if not framed and self.version == '1.1':
             framed = self.chunked_response = True
             headers['Transfer-Encoding'] = 'chunked'
-        close = (not request.keep_alive or not framed or names.get('connection', '').strip().lower() == 'close'
+        close = (not request.keep_alive or not framed or self.app_close
                  # Ends keep-alive once the worker drains, so clients reconnect
                  # to a worker that stays instead of losing their next request.
                  or self.channel.server.draining
@@ -193,6 +244,8 @@ class DrainingTask(HTTPTask):
             env[key] = value
         if 'CONTENT_LENGTH' in env or (request.chunked and not request.expect_continue):
             env['CONTENT_LENGTH'] = str(request.content_length)
+        if channel.tls_environ:
+            env.update(channel.tls_environ)  # HTTPS=on makes zope.server's wsgi.url_scheme https
         self.cgi_env = env
         return env
 
@@ -216,7 +269,11 @@ class DrainingTask(HTTPTask):
 
     def _frame(self, data):
         if self.no_body:
-            return b''  # whatever the application returns (RFC 9110, 6.4.1 and 9.3.2)
+            # Whatever the application returns (RFC 9110, 6.4.1 and 9.3.2):
+            # a body for HEAD is expected (PEP 3333), one for 204/304 a mistake.
+            if data and self.request_data.command != 'HEAD':
+                self._warn_dropped(f'{len(data)} bytes of body')
+            return b''
         if self.body_limit is not None and len(data) > self.body_limit - self.body_sent:
             log.warning('the application sent more than its Content-Length %d on %s: cut',
                         self.body_limit, self.request_data.first_line)
@@ -254,7 +311,7 @@ class DrainingTask(HTTPTask):
             offset = file.tell()
         except (AttributeError, OSError, ValueError):
             return False
-        if not stat.S_ISREG(info.st_mode):
+        if not stat.S_ISREG(info.st_mode) or not self.channel.zero_copy:
             return False
         self.write(b'')
         if self.chunked_response or self.no_body:
@@ -294,7 +351,11 @@ class DrainingChannel(HTTPServerChannel):
     task_class = DrainingTask
     parser_class = httprequest.Request
     inbuf = b''     # input not parsed yet: it waits while a request is queued
+    abandoned = None  # the request being read when the input ended, until the connection ends
     ended = False   # a request that ends the connection was read: nothing after it is
+    active_at = 0.0  # clock.now() of the last byte in or out, or of the last task's end
+    tls_environ = None  # a TLS connection's SSL_* environ (tlsconnection.TLSChannel)
+    zero_copy = True  # a response's file may go by os.sendfile
 
     def __init__(self, server, conn, addr, adj=None):
         self.parse_lock = threading.Lock()  # the loop reads; a pool thread resumes parsing
@@ -313,7 +374,7 @@ class DrainingChannel(HTTPServerChannel):
         except OSError:
             self.handle_comm_error()
             return
-        self.last_activity = time.time()
+        self.active_at = clock.now()
         if data:
             self.received(data)
 
@@ -343,9 +404,12 @@ class DrainingChannel(HTTPServerChannel):
                 self.handle_request(request)
 
     def _end(self):
-        """No request after this point of the input is read (parse_lock held)."""
+        """No request after this point of the input is read (parse_lock held).
+        One still being read is kept for _release: its task may still run."""
         self.ended = True
         self.inbuf = b''
+        if self.proto_request is not None:
+            self.abandoned = self.proto_request
         self.proto_request = None
 
     def handle_close(self):
@@ -366,12 +430,12 @@ class DrainingChannel(HTTPServerChannel):
         end of a connection idle for keepalive seconds."""
         request = self.proto_request
         if request is None:
-            self._close_if_idle()
+            self._close_if_idle(now)
             return
         timeout = self.adj.http.request_read_timeout
         if request is None or self.will_close or self.ended or (
                 now - request.started < timeout if not request.headers_complete
-                else time.time() - self.last_activity < timeout and not request.body_too_slow(now)):
+                else self.idle_for(now) < timeout and not request.body_too_slow(now)):
             return
         refused = httprequest.Refused(408, f'no complete request within {timeout:g} s')
         with self.parse_lock:
@@ -384,13 +448,43 @@ class DrainingChannel(HTTPServerChannel):
         if not dispatched:
             self.handle_request(request)
 
-    def _close_if_idle(self):
+    def _close_if_idle(self, now):
         """Close the connection (from the loop's thread) if it has carried
         nothing for keepalive seconds: no byte yet, or none since the last
         response, and no task, input or output pending."""
         if (self.async_mode and not self.will_close and not self.busy()
-                and time.time() - self.last_activity >= self.adj.http.keepalive):
+                and self.idle_for(now) >= self.adj.http.keepalive):
             self.close()
+
+    def idle_for(self, now):
+        """Seconds without activity at `now` (clock.now())."""
+        return now - self.active_at
+
+    # zope.server sets last_activity = time.time() (on accepting, sending,
+    # going asynchronous), and it and the worker's drain compare it with
+    # time.time(): kept on the monotonic clock, so that a wall-clock step
+    # between a write and a read is no idle time.
+    @property
+    def last_activity(self):
+        return clock.as_wall_clock(self.active_at)
+
+    @last_activity.setter
+    def last_activity(self, wall_time):
+        self.active_at = clock.now()  # every writer means "now"
+
+    def check_maintenance(self, now):
+        # zope.server passes its wall-clock creation_time: the sweep's
+        # schedule (cleanup_interval) is kept on the monotonic clock too.
+        super().check_maintenance(clock.now())
+
+    def kill_zombies(self):
+        """zope.server's sweep of channels idle for channel_timeout, on the
+        monotonic clock."""
+        now = clock.now()
+        for channel in list(self.active_channels.values()):
+            if (channel is not self and not channel.running_tasks
+                    and channel.idle_for(now) >= self.adj.channel_timeout):
+                channel.close()
 
     def service(self):
         """ServerChannelBase.service, sending from this thread after each task."""
@@ -399,7 +493,7 @@ class DrainingChannel(HTTPServerChannel):
                 if not self.tasks:
                     self.running_tasks = False
                     self.async_mode = True
-                    self.last_activity = time.time()
+                    self.active_at = clock.now()
                     if self.outbuf or self.will_close:
                         self.pull_trigger()  # the loop has work left: wake it
                     return
@@ -438,8 +532,8 @@ class DrainingChannel(HTTPServerChannel):
         returned 0 and the application went on producing for no one)."""
         try:
             return self.socket.send(data)
-        except (BlockingIOError, InterruptedError):
-            return 0
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0  # (OpenSSL's two: a TLS connection's socket)
         except OSError as error:
             raise ClientGone(f'the client is gone: {error}') from error
 
@@ -519,7 +613,19 @@ class DrainingChannel(HTTPServerChannel):
         fd = self._fileno
         super().del_channel(map)
         self.active_channels.pop(fd, None)
+        self._release()
         self.server.observer.channel_closed(self)  # scoreboard hook
+
+    def _release(self):
+        """The one place a connection's resources go, however it ended:
+        the request being read (its parser and spool file) and the input
+        waiting. Not left to the garbage collector: a pool thread holds on
+        to the last channel it served, and request and parser form a cycle."""
+        with self.parse_lock:
+            self._end()
+            request, self.abandoned = self.abandoned, None
+        if request is not None:
+            request.close()
 
     def busy(self):
         return bool(self.running_tasks or self.outbuf or self.proto_request is not None or self.inbuf)
@@ -549,6 +655,12 @@ class NoObserver:
     def may_accept(self):
         return True
 
+    def handshake_completed(self):
+        pass
+
+    def handshake_failed(self, reason):
+        pass
+
 
 class SharedSocketServer(WSGIHTTPServer):
     """A WSGIHTTPServer on an already bound, listening socket."""
@@ -556,8 +668,10 @@ class SharedSocketServer(WSGIHTTPServer):
     channel_class = DrainingChannel
     draining = False
 
-    def __init__(self, sock, application, name, host, task_dispatcher, hit_log, options, observer=None):
+    def __init__(self, sock, application, name, host, task_dispatcher, hit_log, options, observer=None,
+                 tls_context=None):
         self._inherited = sock
+        self.handshakes = None
         self.forwarded = wsgi.ForwardedPeers(options.forwarded_allow_ips)
         # The worker's scoreboard.Scorekeeper: the hooks below tell it about
         # accepts, connections and requests (no-ops without one).
@@ -565,6 +679,12 @@ class SharedSocketServer(WSGIHTTPServer):
         # SERVER_PORT comes from this port argument: pass the real one.
         super().__init__(application, name, host, sock.getsockname()[1], task_dispatcher=task_dispatcher,
                          adj=adjustments(options), hit_log=hit_log)
+        if tls_context is not None:
+            # zope.server's handle_accept makes channel_class(self, conn, addr, adj):
+            # with TLS, a handshake comes first, then the TLS-aware channel.
+            self.handshakes = tlsconnection.Handshakes(
+                tls_context, tlsconnection.tls_channel_class(self.channel_class), self.observer)
+            self.channel_class = self.handshakes.begin
 
     def _constructWSGIEnvironment(self, task):
         env = super()._constructWSGIEnvironment(task)
@@ -621,7 +741,20 @@ class SharedSocketServer(WSGIHTTPServer):
 
     def run_application(self, task):
         """WSGIHTTPServer.executeRequest, with a start_response that refuses
-        what would split the response."""
+        what would split the response. An application that fails on a body
+        the server refused while it read it (507 for a full disk) gets the
+        server's answer, logged once where it was refused: no 500, no traceback."""
+        try:
+            self._run_application(task)
+        except ClientGone:
+            raise
+        except Exception:
+            refused = task.request_data.error
+            if refused is None:
+                raise
+            self._answer_failure(task, refused.status, refused.reason, f'{refused.reason}: {refused.detail}\n')
+
+    def _run_application(self, task):
         result = self.application(self._constructWSGIEnvironment(task), wsgi.start_response_for(task))
         try:
             if not (isinstance(result, wsgi.FileWrapper) and task.sendfile(result.file)):
@@ -648,12 +781,15 @@ class SharedSocketServer(WSGIHTTPServer):
         self.close()
 
     def channels(self):
-        return list(DrainingChannel.active_channels.values())
+        """The connections: channels, and TLS handshakes in progress (which
+        are busy, and expire after request_read_timeout)."""
+        handshaking = list(self.handshakes.pending) if self.handshakes else []
+        return list(DrainingChannel.active_channels.values()) + handshaking
 
     def expire_stalled_requests(self):
         """Answer 408 to requests whose headers or body stopped arriving
         (the worker's loop calls it about once a second)."""
-        now = time.monotonic()
+        now = clock.now()
         for channel in self.channels():
             channel.expire_stalled(now)
 
