@@ -148,10 +148,19 @@ def same_resources(server, monitor, expected):
     return seen[-1]
 
 
+def steady_resources(server, monitor):
+    """The resources once three readings in a row agree: a monitor
+    connection of the previous reading may still hold an fd for a moment."""
+    seen = []
+    wait_until(lambda: seen.append(resources(server, monitor)) or seen[-3:] == [seen[-1]] * 3,
+               timeout=10, interval=0.1, message='the resources to settle')
+    return seen[-1]
+
+
 def test_reloads_resizes_and_a_killed_worker_leave_no_resource_behind(start, tmp_path):
     server, monitor = start('workers = 2\nthreads = 2\n')
     settle(server, monitor, 2)
-    after_boot = resources(server, monitor)
+    after_boot = steady_resources(server, monitor)
     assert after_boot['master boards'] == 1 and after_boot['worker boards'] == [1, 1]
     reconfigure(server, 2, 2)  # the first reload loads what reloading needs, once
     settle(server, monitor, 2)
