@@ -15,10 +15,13 @@ import http.client
 import json
 import os
 import re
+import socket
 import subprocess
 import textwrap
+import time
 
 import psutil
+import pytest
 
 from zkprefork.testing import (  # noqa: F401 (re-exported for the tests)
     ZOOKEEPER_CLASSPATH, Processes, ProcessUnderTest, ZkpreforkMaster, ZooKeeperServer, free_port,
@@ -39,6 +42,21 @@ def write_ini(directory, server_options='', app='egg:zkprefork#demo', extra=''):
 
 # The master under test, as the tests have always called it.
 Server = ZkpreforkMaster
+
+
+def closed_after(sock, limit=6):
+    """Seconds until the server closes `sock` (reading and discarding what
+    it sends); fails the test if it is still open after `limit` s."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    try:
+        while sock.recv(65536):
+            pass
+    except socket.timeout:
+        pytest.fail(f'the connection is still open after {limit} s')
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - start
 
 
 def log_times(server, text):

@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from support import wait_until
+from support import closed_after, wait_until
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -124,18 +124,14 @@ def read_response(sock):
     return int(status_line.split()[1]), fields
 
 
-def closed_after(sock, limit):
-    """Seconds until the server closes `sock`; fails if it is still open after `limit` s."""
-    start = time.monotonic()
-    sock.settimeout(limit)
-    try:
-        while sock.recv(65536):
-            pass
-    except socket.timeout:
-        pytest.fail(f'the connection is still open after {limit} s')
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - start
+
+
+def served_then_stepped(sock, clock, step):
+    """One request served on `sock`, then the servers' clock stepped by `step` s
+    once the connection is idle."""
+    assert ask(sock)[0] == 200
+    time.sleep(SETTLE)
+    clock.step(step)
 
 
 def date_of(fields):
@@ -158,9 +154,7 @@ def test_stepped_back_an_idle_keep_alive_connection_is_still_closed(start, clock
     # Before: time.time() - last_activity was an hour negative: never closed.
     server = start('keepalive = 2\n')
     with connect(server) as sock:
-        assert ask(sock)[0] == 200
-        time.sleep(SETTLE)
-        clock.step(-HOUR)
+        served_then_stepped(sock, clock, -HOUR)
         assert 1.2 < closed_after(sock, limit=8) < 4.5  # keepalive = 2, checked every second
 
 
@@ -169,9 +163,7 @@ def test_stepped_forward_a_connection_idle_within_keepalive_stays_open(start, cl
     # next request on it got no response.
     server = start('keepalive = 5\n')
     with connect(server) as sock:
-        assert ask(sock)[0] == 200
-        time.sleep(SETTLE)
-        clock.step(HOUR)
+        served_then_stepped(sock, clock, HOUR)
         time.sleep(2.5)
         assert ask(sock)[0] == 200
         assert 4.0 < closed_after(sock, limit=10) < 7.5  # and keepalive still ends it
@@ -221,9 +213,7 @@ def test_stepped_back_sigterm_closes_idle_connections_promptly(start, clock):
     # waited the whole graceful_timeout for the connection.
     server = start('keepalive = 30\ngraceful_timeout = 20\n')
     with connect(server) as sock:
-        assert ask(sock)[0] == 200
-        time.sleep(SETTLE)
-        clock.step(-HOUR)
+        served_then_stepped(sock, clock, -HOUR)
         time.sleep(0.6)  # idle longer than a stopping worker keeps a connection (0.5 s)
         stopping = time.monotonic()
         server.signal(signal.SIGTERM)

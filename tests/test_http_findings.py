@@ -9,6 +9,7 @@ from urllib.parse import quote
 
 import pytest
 
+from support import closed_after
 from test_http_strict import (SMALL_LIMITS, SMUGGLED, assert_workers_kept, check, exchange, parse_responses, records,
                               req, start_echo_server)
 
@@ -304,18 +305,6 @@ def keepalive_server(tmp_path_factory):
     server.stop()
 
 
-def closed_after(sock, limit=6):
-    """Seconds until the server closes `sock` (reading and discarding)."""
-    start = time.monotonic()
-    sock.settimeout(limit)
-    try:
-        while sock.recv(65536):
-            pass
-    except socket.timeout:
-        pytest.fail(f'still open after {limit} s')
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - start
 
 
 def test_a_connection_that_sends_nothing_is_closed(keepalive_server):
