@@ -36,14 +36,17 @@ setup(
     extras_require={
         'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography',
                  'docutils'],
-        # bench/: the peer servers, the reload plot and the profiler (wrk and
-        # ZooKeeper come from Debian: apt-get install -y wrk zookeeper).
-        'bench': ['gunicorn', 'waitress', 'pyuwsgi', 'granian', 'matplotlib', 'py-spy'],
+        # bench/: the peer servers, the reload plot and the profiler; the real
+        # applications (bench/realapps.py) and the TLS table's test certificates
+        # (wrk, gcc and ZooKeeper come from Debian: apt-get install -y wrk gcc zookeeper).
+        'bench': ['gunicorn', 'waitress', 'pyuwsgi', 'granian', 'matplotlib', 'py-spy',
+                  'flask >= 3.1', 'jinja2 >= 3.1', 'django >= 5.2', 'trustme'],
         'sasl': ['pure-sasl'],
         'tracelog': ['zc.zservertracelog'],
     },
     entry_points={
-        'console_scripts': ['zkprefork = zkprefork.cli:main'],
+        'console_scripts': ['zkprefork = zkprefork.cli:main',
+                            'zkprefork-providers = zkprefork.discovery.command:main'],
         'paste.server_runner': ['main = zkprefork.runner:run'],
         'paste.app_factory': ['demo = zkprefork.demo:make_app'],
     },

@@ -2,7 +2,7 @@
 connection and per 100 ms.
 
     python3 bench/loadgen.py --port P [--conns 48] [--duration 10] [--max-requests N]
-                             [--header 'Connection: close'] --out FILE
+                             [--header 'Connection: close'] [--tls] --out FILE
 
 wrk's totals cannot say whether every connection was served (a server
 whose threads each hold one keep-alive connection serves a few of them and
@@ -15,6 +15,11 @@ response, a timeout, or a status other than 200; a request still waiting
 for its response when the time is up is neither a response nor a failure:
 it is counted in `waiting_at_end`.
 
+With --tls it speaks HTTPS: every connection a full handshake (Python's
+ssl never resumes a session it is not given), the certificate not
+verified (it is the bench's own, made for the run: what is measured is how
+the responses spread, not the certificate).
+
 Traffic goes to 127.0.0.1 only; it stops by itself after --duration seconds
 or --max-requests responses, whichever comes first. The output (JSON):
 start, bucket, ok, per_bucket, per_connection, waiting_at_end, reconnects,
@@ -24,6 +29,7 @@ import argparse
 import asyncio
 import collections
 import json
+import ssl
 import time
 
 BUCKET = 0.1
@@ -65,7 +71,7 @@ async def client(index, args, request, stats, start, end):
         try:
             if writer is None:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection('127.0.0.1', args.port), timeout)
+                    asyncio.open_connection('127.0.0.1', args.port, ssl=args.ssl_context), timeout)
             writer.write(request)
             status, close = await read_response(reader, timeout)
             now = time.monotonic()
@@ -115,8 +121,10 @@ def main():
     parser.add_argument('--max-requests', type=int, default=2_000_000)
     parser.add_argument('--timeout', type=float, default=5.0)
     parser.add_argument('--header', action='append', default=[], help='a request header, NAME: VALUE')
+    parser.add_argument('--tls', action='store_true', help='HTTPS (the certificate is not verified)')
     parser.add_argument('--out', required=True)
     args = parser.parse_args()
+    args.ssl_context = ssl._create_unverified_context() if args.tls else None
     start, stats = asyncio.run(main_async(args))
     buckets = max(stats.buckets, default=0) + 1
     with open(args.out, 'w') as file:

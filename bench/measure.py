@@ -28,7 +28,7 @@ import time
 import psutil
 
 from loads import LOADS, loadgen_result, run_fairness, run_wrk, start_loadgen
-from servers import THREADS, WORKERS, Server
+from servers import THREADS, TLS_KINDS, WORKERS, Server, make_certificates
 from zkprefork.testing import IdleClients, ZooKeeperServer, free_port, wait_until
 
 IDEAL_SLEEP10 = WORKERS * THREADS / 0.010  # req/s of the 10 ms app, 800 on 2 workers × 4 threads
@@ -44,44 +44,60 @@ def throughput(processes, workdir, servers, loads, rounds, duration, wrk_threads
                memory_after=True):
     """Interleaved: every round starts every server afresh, then for each
     load runs wrk against A, B, C, ... in turn (each followed, with
-    fairness_duration > 0, by a loadgen cell of that many seconds).
-    Returns ({server: {load: [cell per round]}}, {server: memory rows})."""
+    fairness_duration > 0, by a loadgen cell of that many seconds). Loads
+    that need another app or TLS (Load.app, Load.tls) are served by servers
+    started for them, in the same round; a server kind without TLS is left
+    out of the TLS loads. Returns ({server: {load: [cell per round]}},
+    {server: memory rows})."""
     cells = {server: {load: [] for load in loads} for server in servers}
     memory = {}
+    groups = {}  # (app, tls) -> its loads, in the order given
+    for load in loads:
+        groups.setdefault((LOADS[load].app, LOADS[load].tls), []).append(load)
+    tls_files = make_certificates(workdir) if any(tls for _, tls in groups) else None
     for rnd in range(rounds):
-        log(f'round {rnd + 1}/{rounds}: starting {", ".join(servers)}')
-        running = {name: Server(name, processes, workdir).start() for name in servers}
-        try:
-            for server in running.values():
-                server.wait_ready()
-            time.sleep(0.5)  # let the servers settle after their start
-            for load in loads:
-                for name in servers:
-                    result = run_cell(processes, workdir, running[name].port, load, duration, wrk_threads,
-                                      fairness_duration)
-                    cells[name][load].append(result)
-                    log(f'  {load:14s} {name:18s} ' + describe_cell(result))
-            if memory_after and rnd == rounds - 1:
-                for name, server in running.items():
-                    memory[name] = memory_of(server.worker_pids())
-        finally:
-            for server in running.values():
-                server.stop()
+        for (app, tls), group in groups.items():
+            kinds = [name for name in servers if not tls or name in TLS_KINDS]
+            log(f'round {rnd + 1}/{rounds}: starting {", ".join(kinds)} ({app}{", TLS" if tls else ""})')
+            running = {name: Server(name, processes, workdir, app=app, tls=tls_files if tls else None)
+                       for name in kinds}
+            try:
+                _round(processes, workdir, running, group, cells, duration, wrk_threads, fairness_duration)
+                if memory_after and rnd == rounds - 1:
+                    memory.update({name: memory_of(server.worker_pids()) for name, server in running.items()})
+            finally:
+                for server in running.values():
+                    server.stop()
     return cells, memory
 
 
-def run_cell(processes, workdir, port, load, duration, wrk_threads, fairness_duration):
-    result = run_wrk(port, load, duration, wrk_threads)
+def _round(processes, workdir, running, loads, cells, duration, wrk_threads, fairness_duration):
+    """One round of `loads` against the `running` servers ({name: Server}), each server in turn."""
+    for server in running.values():
+        server.start()
+    for server in running.values():
+        server.wait_ready()
+    time.sleep(0.5)  # let the servers settle after their start
+    for load in loads:
+        for name, server in running.items():
+            result = run_cell(processes, workdir, server, load, duration, wrk_threads, fairness_duration)
+            cells[name][load].append(result)
+            log(f'  {load:17s} {name:18s} ' + describe_cell(result))
+
+
+def run_cell(processes, workdir, server, load, duration, wrk_threads, fairness_duration):
+    result = run_wrk(server.port, load, duration, wrk_threads, server.cpu_seconds)
     pause = 1.0 if LOADS[load].conns >= 1000 else 0.3  # the previous cell's connections close
     time.sleep(pause)
     if fairness_duration:
-        result['fairness'] = run_fairness(processes, workdir, port, load, fairness_duration)
+        result['fairness'] = run_fairness(processes, workdir, server.port, load, fairness_duration)
         time.sleep(pause)
     return result
 
 
 def describe_cell(result):
-    text = (f'{result["rps"]:9.0f} req/s  p99 {result["p99_ms"]} ms  errors {result["errors"]}  '
+    text = (f'{result["rps"]:9.0f} req/s  p99 {result["p99_ms"]} ms  p99.9 {result.get("p999_ms")} ms  '
+            f'CPU {result.get("server_cpu_us", 0):.0f} µs/req  errors {result["errors"]}  '
             f'other CPU {result["other_cpu_pct"]:.0f}%')
     fairness = result.get('fairness')
     if fairness:
@@ -122,6 +138,8 @@ def _summarize_runs(runs):
         'rps_min': min(rps), 'rps_max': max(rps),
         'p50_ms': _median([r['p50_ms'] for r in runs]),
         'p99_ms': _median([r['p99_ms'] for r in runs]),
+        'p999_ms': _median([r.get('p999_ms') for r in runs]),
+        'server_cpu_us': _median([r.get('server_cpu_us') for r in runs]),
         'p99_max_ms': max((r['p99_ms'] for r in runs if r['p99_ms'] is not None), default=None),
         'errors': sum(r['errors'] for r in runs),
         'socket_errors': {k: sum(r[k] for r in runs) for k in ('connect', 'read', 'write', 'timeout')},

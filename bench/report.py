@@ -3,9 +3,10 @@ the peer table printed at the end of a run, all from the data of one run
 (bench/results/main.json), so that `run.py --render` can write them again.
 
     machine_info   what the run was measured on (CPU, versions, commit)
-    write_results  main.json -> RESULTS.md and the reload plot
+    write_results  main.json (and apps.json, tls.json) -> RESULTS.md and the reload plot
     peer_table     the side-by-side table with ratios to each peer (markdown lines)
-    targets        the targets with their measured value and pass/fail
+    targets        the targets of main.json with their measured value and pass/fail
+    suite_targets  the same for any run's data: main, apps (issue 22) or tls (issue 19)
 """
 import datetime
 import importlib.metadata
@@ -25,7 +26,9 @@ EXPERIMENTS = os.path.join(BENCH, 'experiments', 'NOTES.md')
 REFERENCE = 'gunicorn-gthread'
 BUSY_PCT = 5  # other CPU (median of a cell's rounds) above which the machine counts as shared
 VERSIONS_OF = ('zkprefork', 'zope.server', 'gunicorn', 'waitress', 'pyuwsgi', 'granian', 'kazoo', 'psutil',
-               'matplotlib')
+               'matplotlib', 'Flask', 'Jinja2', 'Django')
+# The runs of `run.py --peers` besides main.json, each an interleaved run of its own.
+SUITE_FILES = {'apps': 'apps.json', 'tls': 'tls.json'}
 
 
 # -- the machine -------------------------------------------------------------
@@ -49,14 +52,7 @@ def machine_info():
     versions['wrk'] = (wrk.stdout + wrk.stderr).split('[')[0].replace('wrk', '').strip()
     zk = subprocess.run(['dpkg-query', '-W', '-f', '${Version}', 'zookeeper'], capture_output=True, text=True)
     versions['zookeeper (Debian)'] = zk.stdout.strip() or 'not installed'
-    try:
-        commit = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
-                                capture_output=True, text=True).stdout.strip()
-        # What is measured is the working tree: say when it is not the commit.
-        dirty = bool(subprocess.run(['git', '-C', REPO, 'status', '--porcelain', '--', 'zkprefork'],
-                                    capture_output=True, text=True).stdout.strip())
-    except OSError:
-        commit, dirty = '', False
+    commit, dirty = _commit()
     return {
         'date': datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC'),
         'nproc': os.cpu_count(),
@@ -68,7 +64,22 @@ def machine_info():
         'versions': versions,
         'commit': commit,
         'dirty': dirty,
+        # The machine is shared: how loaded it was when the run began (1, 5, 15 min).
+        'loadavg': [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _commit():
+    """(short commit, whether zkprefork/ differs from it)."""
+    try:
+        commit = subprocess.run(['git', '-C', REPO, 'rev-parse', '--short', 'HEAD'],
+                                capture_output=True, text=True).stdout.strip()
+        # What is measured is the working tree: say when it is not the commit.
+        dirty = bool(subprocess.run(['git', '-C', REPO, 'status', '--porcelain', '--', 'zkprefork'],
+                                    capture_output=True, text=True).stdout.strip())
+    except OSError:
+        return '', False
+    return commit, dirty
 
 
 def _os_name():
@@ -82,14 +93,16 @@ def _os_name():
 # -- writing RESULTS.md --------------------------------------------------------
 
 def write_results(out_dir, quick):
-    """Render out_dir/main.json; (path of the RESULTS file, the data)."""
-    main_data = _load(os.path.join(out_dir, 'main.json'))
+    """Render out_dir's main.json, apps.json and tls.json (those there); (path of the RESULTS file, {name: data})."""
+    runs = {'main': _load(os.path.join(out_dir, 'main.json'))}
+    runs.update({name: _load(os.path.join(out_dir, file)) for name, file in SUITE_FILES.items()})
+    main_data = runs['main']
     results_md = os.path.join(out_dir if quick else BENCH, 'RESULTS-quick.md' if quick else 'RESULTS.md')
     png_name = 'reload-quick.png' if quick else 'reload.png'
     if main_data and main_data.get('reload', {}).get('per_bucket'):
         plot_reload(main_data['reload'], os.path.join(os.path.dirname(results_md), png_name))
-    render(results_md, main_data, png_name)
-    return results_md, main_data
+    render(results_md, runs, png_name)
+    return results_md, runs
 
 
 def _load(path):
@@ -100,10 +113,13 @@ def _load(path):
         return None
 
 
-def render(path, main, png_name):
+def render(path, runs, png_name):
     lines = ['# zkprefork benchmark results', '']
-    if main:
-        lines += _render_main(main, png_name)
+    if runs.get('main'):
+        lines += _render_main(runs['main'], png_name)
+    for name in SUITE_FILES:
+        if runs.get(name):
+            lines += _render_suite(runs[name])
     # The record of the changes measured on the way (written by hand, not re-measured).
     with open(EXPERIMENTS) as file:
         lines += [file.read().strip(), '']
@@ -111,17 +127,22 @@ def render(path, main, png_name):
         file.write('\n'.join(lines) + '\n')
 
 
-def _machine_lines(machine, settings):
+def _machine_lines(machine, settings, loadavg_end=None):
     v = machine['versions']
+    optional = [(name, v.get(dist)) for name, dist in (('uWSGI (pyuwsgi)', 'pyuwsgi'), ('granian', 'granian'),
+                                                      ('Flask', 'Flask'), ('Jinja2', 'Jinja2'), ('Django', 'Django'))]
+    load = ''
+    if machine.get('loadavg'):  # the machine is shared with other jobs: how busy it was
+        load = f' Load average (1 / 5 / 15 min) when the run began: {" / ".join(map(str, machine["loadavg"]))}'
+        load += f'; when it ended: {" / ".join(map(str, loadavg_end))}.' if loadavg_end else '.'
     return [
         f'Measured {machine["date"]} on {machine["nproc"]} CPU(s) `{machine["cpu"]}`, '
         f'{machine["memory_gib"]} GiB, {machine["os"]} (Linux {machine["kernel"]}), '
         f'Python {machine["python"]}; zkprefork {v["zkprefork"]} (commit {machine["commit"]}'
         f'{" + uncommitted changes to zkprefork/" if machine.get("dirty") else ""}), '
         f'zope.server {v["zope.server"]}, gunicorn {v["gunicorn"]}, waitress {v["waitress"]}, '
-        + ''.join(f'{name} {v[dist]}, ' for name, dist in (('uWSGI (pyuwsgi)', 'pyuwsgi'), ('granian', 'granian'))
-                  if dist in v) +
-        f'kazoo {v["kazoo"]}, wrk {v["wrk"]}, ZooKeeper {v["zookeeper (Debian)"]}.',
+        + ''.join(f'{name} {version}, ' for name, version in optional if version not in (None, 'not installed'))
+        + f'kazoo {v["kazoo"]}, wrk {v["wrk"]}, ZooKeeper {v["zookeeper (Debian)"]}.' + load,
         '',
         f'Command: `{settings["command"]}` — {settings["rounds"]} interleaved round(s) of '
         f'{settings["duration"]} s per cell (every round starts each server afresh, then for every load runs '
@@ -142,25 +163,29 @@ def _fmt(value, digits=1):
     return f'{value:.{digits}f}'
 
 
-def _throughput_table(summary, servers, loads, reference=REFERENCE):
-    lines = ['| load | server | req/s (median) | min–max | p50 ms | p99 ms | errors | × gunicorn gthread '
-             '| other CPU % (median/max) |',
-             '|---|---|---:|---:|---:|---:|---:|---:|---:|']
+def _detail_table(summary, servers, loads, references=(REFERENCE,)):
+    """One row per load and server: req/s, latency percentiles, the server's
+    CPU per request, how the connections were served, errors, and the
+    req/s as a multiple of each reference server's."""
+    lines = ['| load | server | req/s (median) | min–max | p50 ms | p99 ms | p99.9 ms | server CPU µs/req '
+             '| per connection | errors | ' + ' | '.join(f'× {ref}' for ref in references)
+             + ' | other CPU % (median/max) |', '|---|---|' + '---:|' * (9 + len(references))]
     for load in loads:
-        ref = summary.get(reference, {}).get(load)
         for server in servers:
             cell = summary.get(server, {}).get(load)
             if not cell:
                 continue
-            ratio = cell['rps'] / ref['rps'] if ref and ref['rps'] else None
             errors = str(cell['errors'])
             if cell['errors']:
                 kinds = {**cell['socket_errors'], 'non2xx': cell['non2xx']}
                 errors += ' (' + ', '.join(f'{k} {n}' for k, n in kinds.items() if n) + ')'
             name = f'**{server}**' if server.startswith('zkprefork') else server
+            ratios = [_ratio(cell, summary.get(ref, {}).get(load)) for ref in references]
             lines.append(f'| {load} | {name} | {cell["rps"]:.0f} | {cell["rps_min"]:.0f}–{cell["rps_max"]:.0f} | '
-                         f'{_fmt(cell["p50_ms"], 2)} | {_fmt(cell["p99_ms"], 2)} | {errors} | {_fmt(ratio, 2)} | '
-                         f'{_fmt(cell.get("other_cpu_pct"), 0)}/{_fmt(cell.get("other_cpu_max_pct"), 0)} |')
+                         f'{_fmt(cell["p50_ms"], 2)} | {_fmt(cell["p99_ms"], 2)} | {_fmt(cell.get("p999_ms"), 2)} | '
+                         f'{_fmt(cell.get("server_cpu_us"), 0)} | {_fairness_cell(cell)} | {errors} | '
+                         + ' | '.join(ratios) + f' | {_fmt(cell.get("other_cpu_pct"), 0)}/'
+                         f'{_fmt(cell.get("other_cpu_max_pct"), 0)} |')
     return lines
 
 
@@ -193,6 +218,11 @@ def _slow_rounds_note(cells):
             'accept from one socket, with no balancing between them (see Experiments, `bal`).']
 
 
+def _add(rows, name, measured, ok):
+    """A target row: (name, measured, True/False, or None when not measured)."""
+    rows.append((name, measured, None if ok is None else bool(ok)))
+
+
 def targets(main):
     s = main['summary']
     zk, ref = s.get('zkprefork', {}), s.get(REFERENCE, {})
@@ -202,58 +232,66 @@ def targets(main):
         if load in zk and load in ref and ref[load]['rps']:
             return zk[load]['rps'] / ref[load]['rps']
         return None
-
-    def add(name, measured, ok):
-        rows.append((name, measured, None if ok is None else bool(ok)))
     r64, r16 = ratio('hello-ka64'), ratio('hello-ka16')
-    add('hello 2×4, 64 keep-alive: ≥ 2.0× gunicorn gthread req/s', f'{_fmt(r64, 2)}×', r64 and r64 >= 2.0)
-    add('hello 2×4, 16 keep-alive: ≥ 1.5× gunicorn gthread req/s', f'{_fmt(r16, 2)}×', r16 and r16 >= 1.5)
+    _add(rows, 'hello 2×4, 64 keep-alive: ≥ 2.0× gunicorn gthread req/s', f'{_fmt(r64, 2)}×', r64 and r64 >= 2.0)
+    _add(rows, 'hello 2×4, 16 keep-alive: ≥ 1.5× gunicorn gthread req/s', f'{_fmt(r16, 2)}×', r16 and r16 >= 1.5)
     for load in ('hello-ka16', 'hello-ka64'):
         if load in zk and load in ref:
             a, b = zk[load]['p99_ms'], ref[load]['p99_ms']
-            add(f'{load}: p99 ≤ gunicorn gthread\'s', f'{_fmt(a, 2)} ms vs {_fmt(b, 2)} ms',
+            _add(rows, f'{load}: p99 ≤ gunicorn gthread\'s', f'{_fmt(a, 2)} ms vs {_fmt(b, 2)} ms',
                 a is not None and b is not None and a <= b)
     rows += _peer_targets(s)
+    return rows + _run_targets(main)
+
+
+def _run_targets(main):
+    """The targets of the 10 ms app, the scoreboard, 1000 connections, reload, ZooKeeper and memory."""
+    zk, rows = main['summary'].get('zkprefork', {}), []
     for load in ('sleep10-ka16', 'sleep10-ka64'):
         if load in zk:
             low = zk[load]['rps_min']
-            add(f'10 ms app, {LOADS_CONNS[load]} keep-alive: every round ≥ 95% of {IDEAL_SLEEP10:.0f} req/s '
+            _add(rows, f'10 ms app, {LOADS_CONNS[load]} keep-alive: every round ≥ 95% of {IDEAL_SLEEP10:.0f} req/s '
                 '(the lowest round)', f'{low:.0f} req/s ({low / IDEAL_SLEEP10 * 100:.1f}%)',
                 low >= 0.95 * IDEAL_SLEEP10)
     pairs = main.get('slow_pairs')
     if pairs:
         spread = pairs['workers_per_pair']
-        add('2 × 1 thread, two concurrent 1 s requests on new connections: on two workers in every trial',
+        _add(rows, '2 × 1 thread, two concurrent 1 s requests on new connections: on two workers in every trial',
             f'{spread.count(2)} of {len(spread)} trials', spread.count(2) == len(spread))
     idle = main.get('idle_clients')
     if idle:
-        add('clients idling between requests on kept connections, across HUP, TTOU and max_requests: 0 failed',
+        _add(rows, 'clients idling between requests on kept connections, across HUP, TTOU and max_requests: 0 failed',
             f'{idle["failed"]} failed of {idle["ok"] + idle["failed"]}', idle['failed'] == 0)
     if 'hello-ka1000' in zk:
         cell = zk['hello-ka1000']
-        add('1000 keep-alive connections on 2 workers all served (no errors, no timeouts)',
+        _add(rows, '1000 keep-alive connections on 2 workers all served (no errors, no timeouts)',
             f'{cell["errors"]} errors ({cell["socket_errors"]["timeout"]} timeouts) in {cell["rounds"]} round(s)',
             cell['errors'] == 0)
     reload = main.get('reload')
     if reload:
-        add('zero failed requests across a HUP under load',
+        _add(rows, 'zero failed requests across a HUP under load',
             f'{reload["failed"]} failed of {reload["ok"] + reload["failed"]}', reload['failed'] == 0)
+    return rows + _zookeeper_memory_targets(main)
+
+
+def _zookeeper_memory_targets(main):
+    rows = []
     zkl = main.get('zookeeper')
     if zkl:
         def worst(key):
             values = [v for v in zkl[key] if v is not None]
             return max(values) if values else None
         w = worst('sigterm_gone_s')
-        add('SIGTERM → node gone ≤ 50 ms (worst trial)', f'{_fmt(w and w * 1000, 1)} ms', w is not None and w <= 0.050)
+        _add(rows, 'SIGTERM → node gone ≤ 50 ms (worst trial)', f'{_fmt(w and w * 1000, 1)} ms', w is not None and w <= 0.050)
         w = worst('sigkill_gone_s')
-        add('master SIGKILL → node gone ≤ 1 s (worst trial)', f'{_fmt(w and w * 1000, 0)} ms', w is not None and w <= 1.0)
+        _add(rows, 'master SIGKILL → node gone ≤ 1 s (worst trial)', f'{_fmt(w and w * 1000, 0)} ms', w is not None and w <= 1.0)
         w = worst('start_registered_s')
-        add('start → registered with 4 workers ≤ 300 ms (worst trial)', f'{_fmt(w and w * 1000, 0)} ms',
+        _add(rows, 'start → registered with 4 workers ≤ 300 ms (worst trial)', f'{_fmt(w and w * 1000, 0)} ms',
             w is not None and w <= 0.300)
     mem = main.get('memory_preload', {}).get('preload = true')
     if mem:
         uss = max(w['uss'] for w in mem['workers']) / 1048576
-        add('per-worker USS with preload ≤ 6 MB (largest worker)', f'{uss:.1f} MiB', uss <= 6.0)
+        _add(rows, 'per-worker USS with preload ≤ 6 MB (largest worker)', f'{uss:.1f} MiB', uss <= 6.0)
     return rows
 
 
@@ -286,7 +324,7 @@ def _peer_targets(summary, ours='zkprefork'):
 
 
 def _render_main(main, png_name):
-    lines = ['## Side by side', ''] + _machine_lines(main['machine'], main['settings'])
+    lines = ['## Side by side', ''] + _machine_lines(main['machine'], main['settings'], main.get('loadavg_end'))
     lines += ['Servers, 2 workers × 4 threads each: '
               + '; '.join(KINDS[server][0] for server in main['settings']['servers'])
               + '. Apps: bench/apps.py (hello world with Content-Length; `/sleep10` blocks 10 ms in '
@@ -297,7 +335,7 @@ def _render_main(main, png_name):
     for name, measured, ok in targets(main):
         lines.append(f'| {name} | {measured} | {"–" if ok is None else ("PASS" if ok else "**FAIL**")} |')
     lines += ['', '### Throughput and latency', '']
-    lines += _throughput_table(main['summary'], main['settings']['servers'], main['settings']['loads'])
+    lines += _detail_table(main['summary'], main['settings']['servers'], main['settings']['loads'])
     lines += _other_cpu_note(main['summary'])
     lines += _slow_rounds_note(main.get('cells', {}).get('zkprefork', {}))
     if main.get('reload'):
@@ -445,3 +483,102 @@ def _ratio(ours, theirs):
     if not ours or not theirs or not theirs['rps']:
         return '–'
     return f'{ours["rps"] / theirs["rps"]:.2f}×'
+
+
+# -- the real applications (issue 22) and TLS (issue 19) ------------------------
+
+SUITE_TITLES = {
+    'apps': ('Real applications, side by side',
+             'Apps: bench/realapps.py — the Flask page (a Jinja template of 50 rows, compiled once), the Flask JSON '
+             'API (100 objects) and a Django template view (the same 50 rows, cached loader), one callable for '
+             'every server. Targets (issue 22): req/s ≥ 1.0× granian and ≥ 1.0× uWSGI with every connection '
+             'served, p99 ≤ 1.1× granian\'s.'),
+    'tls': ('TLS, side by side',
+            'The servers that terminate TLS themselves, with the same certificate (ECDSA P-256 from a trustme test '
+            'CA, made for the run; all negotiate TLS 1.3 with wrk): zkprefork (`certfile`/`keyfile` in its ini), '
+            'gunicorn gthread (`--certfile/--keyfile`), granian (`--ssl-certificate/--ssl-keyfile`); waitress has '
+            'no TLS and the pyuwsgi wheel is built without OpenSSL. Apps: hello world and the Flask page of '
+            'bench/realapps.py. In the `close64` loads every request is a new connection with a **full '
+            'handshake** (wrk would otherwise resume its last session: bench/fullhandshake.c), so req/s there is '
+            'handshakes/s. Targets (issue 19): on the Flask page ≥ 2× gunicorn and ≥ 0.9× granian, handshakes/s '
+            '≥ gunicorn\'s, no connection left unserved.'),
+}
+SUITE_REFERENCES = {'apps': ('granian', 'uwsgi'), 'tls': ('granian', 'gunicorn-gthread')}
+
+
+def _render_suite(data):
+    """The section of RESULTS.md for an apps.json or tls.json run."""
+    title, what = SUITE_TITLES[data['name']]
+    settings, summary = data['settings'], data['summary']
+    servers = [server for server in settings['servers'] if server in summary]
+    lines = [f'## {title}', ''] + _machine_lines(data['machine'], settings, data.get('loadavg_end'))
+    lines += [f'Servers, 2 workers × 4 threads each: {"; ".join(KINDS[server][0] for server in servers)}. {what}',
+              '', '"Server CPU" is the user + system CPU time of all the server\'s processes (master, workers, '
+              'helpers; psutil) during the wrk cell, divided by the requests wrk completed. "Per connection": '
+              f'bench/loadgen.py, {settings.get("fairness_duration")} s after each wrk cell, the worst round: '
+              'responses completed by the slowest connection / connections that got none / Jain\'s index.', '',
+              '### Targets', ''] + _target_matrix(_suite_checks(data)) + ['', '### Figures', '']
+    lines += _detail_table(summary, servers, settings['loads'], SUITE_REFERENCES[data['name']])
+    if data.get('note'):  # written by hand into the json: what the figures cannot say by themselves
+        lines += ['', f'**Note:** {data["note"]}']
+    lines += _other_cpu_note(summary) + ['', f'Bench time: {data["elapsed_s"] / 60:.1f} min.', '']
+    return lines
+
+
+def suite_targets(data):
+    """(name, measured, ok) rows of any run: main.json's targets, or those of apps/tls."""
+    if data.get('name', 'main') == 'main':
+        return targets(data)
+    return [(f'{load}: {check}', measured, ok) for load, check, measured, ok in _suite_checks(data)]
+
+
+def _suite_checks(data):
+    """(load, check, measured, ok) of the apps or tls targets, for zkprefork."""
+    summary, checks = data['summary'], []
+    zk = summary.get('zkprefork', {})
+    for load in data['settings']['loads']:
+        if load not in zk:
+            continue
+        ours = zk[load]
+        for what, peer, least in _RATIO_TARGETS[data['name']](load):
+            theirs = summary.get(peer, {}).get(load)
+            if theirs and theirs['rps']:
+                ratio = ours['rps'] / theirs['rps']
+                checks.append((load, f'{what} ≥ {least:.1f}× {peer}', f'{ratio:.2f}×', ratio >= least))
+        if data['name'] == 'apps' and summary.get('granian', {}).get(load):
+            a, b = ours['p99_ms'], summary['granian'][load]['p99_ms']
+            checks.append((load, 'p99 ≤ 1.1× granian\'s', f'{_fmt(a, 1)} vs {_fmt(b, 1)} ms',
+                           a is not None and b is not None and a <= 1.1 * b))
+        fairness = ours.get('fairness') or {}
+        checks.append((load, 'every connection served (wrk errors; loadgen: connections unserved)',
+                       f'{ours["errors"]} errors; {fairness.get("conns_unserved", "–")} of '
+                       f'{fairness.get("conns", "–")} unserved',
+                       ours['errors'] == 0 and fairness.get('conns_unserved') == 0))
+    return checks
+
+
+def _tls_ratio_targets(load):
+    """(what, peer, least) of issue 19: the ratios on the real application;
+    handshakes/s (req/s on new connections, a full handshake each) ≥ gunicorn's."""
+    ratios = [('req/s', 'gunicorn-gthread', 2.0), ('req/s', 'granian', 0.9)] if load.startswith('tls-page') else []
+    return ratios + ([('handshakes/s', 'gunicorn-gthread', 1.0)] if 'close' in load else [])
+
+
+_RATIO_TARGETS = {'apps': lambda load: [('req/s', 'granian', 1.0), ('req/s', 'uwsgi', 1.0)],
+                  'tls': _tls_ratio_targets}
+
+
+def _target_matrix(checks):
+    """Markdown lines: a row per load, a column per check, 'measured PASS/FAIL' in each cell."""
+    order = ('req/s', 'handshakes/s', 'p99', 'every')  # the columns: ratios, then latency, then fairness
+    names = sorted(dict.fromkeys(check for _, check, _, _ in checks),
+                   key=lambda name: [name.startswith(prefix) for prefix in order].index(True))
+    loads = list(dict.fromkeys(load for load, _, _, _ in checks))
+    found = {(load, check): (measured, ok) for load, check, measured, ok in checks}
+    lines = ['| load | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(names)]
+    for load in loads:
+        cells = [f'{found[load, name][0]} {"PASS" if found[load, name][1] else "**FAIL**"}'
+                 if (load, name) in found else '–' for name in names]
+        lines.append(f'| {load} | ' + ' | '.join(cells) + ' |')
+    passed = sum(1 for *_, ok in checks if ok)
+    return lines + ['', f'{passed} of {len(checks)} targets pass.']

@@ -7,12 +7,17 @@ and a free port, as a zkprefork.testing.ProcessUnderTest: in a session of
 its own, its output in a log file, stopped by pid and process group.
 
     KINDS        every server kind, in the order of the tables
+    TLS_KINDS    the kinds that terminate TLS themselves (what the TLS table compares)
     Server       one running server of a kind
+    make_certificates  a test CA and a server certificate for 127.0.0.1, made once per run
 """
 import http.client
 import os
+import ssl
 import sys
 import sysconfig
+
+import psutil
 
 from zkprefork.testing import ProcessUnderTest, free_port, http_get, wait_until
 
@@ -29,10 +34,10 @@ def child_env():
             'PYTHONUNBUFFERED': '1'}
 
 
-def write_ini(directory, port, workers=WORKERS, threads=THREADS, extra=''):
+def write_ini(directory, port, workers=WORKERS, threads=THREADS, extra='', app='apps'):
     path = os.path.join(directory, f'zkprefork-{port}.ini')
     with open(path, 'w') as file:
-        file.write('[app:main]\nuse = call:apps:make_app\n\n'
+        file.write(f'[app:main]\nuse = call:{app}:make_app\n\n'
                    '[server:main]\nuse = egg:zkprefork\n'
                    f'host = 127.0.0.1\nport = {port}\nworkers = {workers}\nthreads = {threads}\n'
                    + extra)
@@ -50,15 +55,48 @@ KINDS = {
               '--listen 1024 --disable-logging`', 'spawned uWSGI worker'),
     'granian': ('granian `--interface wsgi --workers 2 --blocking-threads 4`', 'Started worker-'),
 }
+# TLS options of each kind that has them, given (certfile, keyfile). waitress
+# has no TLS; the pyuwsgi wheel is built without OpenSSL (no --https-socket).
+TLS_KINDS = {
+    'zkprefork': lambda cert, key: [],  # in its ini: see Server.argv
+    'gunicorn-gthread': lambda cert, key: ['--certfile', cert, '--keyfile', key],
+    'gunicorn-sync': lambda cert, key: ['--certfile', cert, '--keyfile', key],
+    'granian': lambda cert, key: ['--ssl-certificate', cert, '--ssl-keyfile', key],
+}
+
+
+def make_certificates(directory):
+    """(certfile, keyfile) for 127.0.0.1 from a trustme test CA, written once
+    into directory, the same files for every server. The key is PKCS#8
+    (granian reads no other format); the CA is not kept: clients do not verify
+    (see loadgen.py --tls)."""
+    import trustme
+    from cryptography.hazmat.primitives import serialization
+    leaf = trustme.CA().issue_cert('127.0.0.1', 'localhost')
+    certfile, keyfile = os.path.join(directory, 'server.pem'), os.path.join(directory, 'server.key')
+    leaf.cert_chain_pems[0].write_to_path(certfile)
+    for blob in leaf.cert_chain_pems[1:]:
+        blob.write_to_path(certfile, append=True)
+    key = serialization.load_pem_private_key(leaf.private_key_pem.bytes(), None)
+    with open(keyfile, 'wb') as file:
+        file.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                     serialization.NoEncryption()))
+    return certfile, keyfile
 
 
 class Server:
     """A server of one of KINDS under test: start() it through `processes`
     (a zkprefork.testing.Processes), wait_ready(), then stop()."""
 
-    def __init__(self, kind, processes, workdir, port=None, workers=WORKERS, threads=THREADS, ini_extra=''):
+    def __init__(self, kind, processes, workdir, port=None, workers=WORKERS, threads=THREADS, ini_extra='',
+                 app='apps', tls=None):
+        """app: the module whose `app` it serves (bench/apps.py or realapps.py);
+        tls: None, or (certfile, keyfile) to serve HTTPS."""
         if kind not in KINDS:
             raise ValueError(f'unknown server {kind!r}: one of {", ".join(KINDS)}')
+        if tls and kind not in TLS_KINDS:
+            raise ValueError(f'{kind} does not serve TLS: one of {", ".join(TLS_KINDS)}')
+        self.app, self.tls = app, tls
         self.kind = kind
         self.processes = processes
         self.port = port or free_port()
@@ -69,28 +107,34 @@ class Server:
         self.proc = None
 
     def argv(self):
-        py, bind = sys.executable, f'127.0.0.1:{self.port}'
+        argv = self._plain_argv()
+        if self.tls and self.kind != 'zkprefork':
+            argv += TLS_KINDS[self.kind](*self.tls)
+        return argv
+
+    def _plain_argv(self):
+        py, bind, module = sys.executable, f'127.0.0.1:{self.port}', f'{self.app}:app'
         workers, threads = str(self.workers), str(self.threads)
         if self.kind == 'zkprefork':
-            return [py, '-m', 'zkprefork.cli',
-                    write_ini(self.workdir, self.port, self.workers, self.threads, self.ini_extra)]
+            tls = f'certfile = {self.tls[0]}\nkeyfile = {self.tls[1]}\n' if self.tls else ''
+            return [py, '-m', 'zkprefork.cli', write_ini(self.workdir, self.port, self.workers, self.threads,
+                                                         self.ini_extra + tls, self.app)]
         if self.kind == 'gunicorn-gthread':
-            return [py, '-m', 'gunicorn', '-w', workers, '-k', 'gthread', '--threads', threads, '-b', bind,
-                    'apps:app']
+            return [py, '-m', 'gunicorn', '-w', workers, '-k', 'gthread', '--threads', threads, '-b', bind, module]
         if self.kind == 'gunicorn-sync':
-            return [py, '-m', 'gunicorn', '-w', workers, '-k', 'sync', '-b', bind, 'apps:app']
+            return [py, '-m', 'gunicorn', '-w', workers, '-k', 'sync', '-b', bind, module]
         if self.kind == 'waitress':
             # Single process, so all the threads in one; its default connection
             # limit (100) and select() would refuse the 1000-connection load.
             return [py, '-m', 'waitress', f'--threads={self.workers * self.threads}', f'--listen={bind}',
-                    '--connection-limit=2000', '--asyncore-use-poll', 'apps:app']
+                    '--connection-limit=2000', '--asyncore-use-poll', module]
         if self.kind == 'uwsgi':
             # http11-socket keeps connections alive (plain --http-socket does not).
             return [os.path.join(SCRIPTS, 'uwsgi'), '--http11-socket', bind, '--master', '--processes', workers,
-                    '--threads', threads, '--module', 'apps:app', '--disable-logging', '--thunder-lock',
+                    '--threads', threads, '--module', module, '--disable-logging', '--thunder-lock',
                     '--listen', '1024']
         return [py, '-m', 'granian', '--interface', 'wsgi', '--host', '127.0.0.1', '--port', str(self.port),
-                '--workers', workers, '--blocking-threads', threads, 'apps:app']
+                '--workers', workers, '--blocking-threads', threads, module]
 
     def start(self):
         self.proc = self.processes.start(
@@ -112,9 +156,30 @@ class Server:
 
     def answers(self):
         try:
-            return http_get(self.port, timeout=1.0)[0] == 200
+            if not self.tls:
+                return http_get(self.port, timeout=1.0)[0] == 200
+            # The bench's own certificate: what is checked here is that it serves.
+            connection = http.client.HTTPSConnection('127.0.0.1', self.port, timeout=1.0,
+                                                     context=ssl._create_unverified_context())
+            try:
+                connection.request('GET', '/')
+                return connection.getresponse().status == 200
+            finally:
+                connection.close()
         except (OSError, http.client.HTTPException):
             return False
+
+    def cpu_seconds(self):
+        """{pid: user + system CPU seconds} of the server's every live process
+        (master, workers, helpers): the CPU a request costs is all of it."""
+        times = {}
+        for process in [psutil.Process(self.proc.pid)] + self.proc.children():
+            try:
+                cpu = process.cpu_times()
+            except psutil.Error:
+                continue  # exited meanwhile
+            times[process.pid] = cpu.user + cpu.system
+        return times
 
     def wait_ready(self, timeout=30):
         wait_until(self.ready, timeout, interval=0.05, message=f'{self.kind} to serve')

@@ -23,7 +23,11 @@ ALLOWED = {
     'master': {'zkprefork.worker', 'zkprefork.registrar.protocol'},
     'worker': set(),
     'registrar': set(),
-    'discovery': {'zkprefork.registrar.security'},
+    # A reader validates and connects as the registrar does, with its very
+    # functions: the configuration (protocol), kazoo_hosts and the zxid probe
+    # (session), credentials and TLS (security).
+    'discovery': {'zkprefork.registrar.security', 'zkprefork.registrar.protocol',
+                  'zkprefork.registrar.session'},
 }
 # Third-party packages a side must never have, even through what it imports.
 FORBIDDEN = {

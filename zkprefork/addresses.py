@@ -39,7 +39,8 @@ def format_address(host, port):
 def parse_address(text):
     """'host:port' or '[v6]:port' -> (host, port); None if it is neither."""
     host, colon, port = text.rpartition(':')
-    if not colon or not port.isdigit():
+    # isdigit() alone is true for '²', which int() refuses.
+    if not colon or not (port.isascii() and port.isdigit()):
         return None
     return host.strip('[]'), int(port)
 

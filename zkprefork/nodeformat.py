@@ -76,15 +76,26 @@ class Registration(typing.NamedTuple):
     registered_at: int  # ms since the epoch (Curator's registrationTimeUTC)
 
 
+class Advertised(typing.NamedTuple):
+    """What a discovery reader makes of a node: a provider that is alive."""
+    host: str
+    port: int  # 1-65535
+    scheme: str  # 'http' or 'https'
+    data: dict  # the node's JSON object, {} if it holds none
+
+
 class Format(typing.NamedTuple):
     """One node format. `build(registration, endpoint)` -> Node;
     `read(name, value, instance)` -> Claim, `value` a dict decoded from the
     node's JSON (a format without a pid in its data leaves Claim.pid None);
-    `member_prefix` names the sequential nodes of formats that use them."""
+    `member_prefix` names the sequential nodes of formats that use them;
+    `advertised(name, value)` -> (host, port, scheme) of a provider that is
+    alive, else None (a reader's view, of any writer's node: see read_advertised)."""
     name: str
     build: typing.Callable
     read: typing.Callable
     member_prefix: str = None
+    advertised: typing.Callable = None
 
 
 def nodes(node_format, path, endpoints, data, properties=(), registered_at=0):
@@ -106,6 +117,23 @@ def read_claim(node_format, name, raw, instance):
     return TABLE[node_format].read(name, value, instance)
 
 
+def read_advertised(node_format, name, raw):
+    """The provider that the child `name` with data `raw` (bytes) advertises
+    as a reader of `node_format` sees it, zkprefork's nodes or another
+    writer's: an Advertised, or None for a node that is no live provider (a
+    ServerSet member whose status is not ALIVE, a Curator instance with
+    "enabled": false, a node that is none of the format's)."""
+    try:
+        value = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        value = None
+    if not isinstance(value, dict):
+        # zc.zk's nodes say it all in their name; the others need their data.
+        value = {} if node_format == 'zk' else None
+    found = value is not None and TABLE[node_format].advertised(name, value)
+    return Advertised(*found, value) if found else None
+
+
 def _encode(value):
     return json.dumps(value, separators=(',', ':')).encode()
 
@@ -124,6 +152,13 @@ def _zk_node(registration, endpoint):
 def _zk_claim(name, value, instance):
     return Claim(parse_address(name), _pid(value.get('pid')),
                  value.get('instance') == instance)
+
+
+def _zk_advertised(name, value):
+    endpoint = parse_address(name)
+    if endpoint is None or not endpoint[0] or not _is_port(endpoint[1]):
+        return None
+    return (*endpoint, 'https' if value.get('scheme') == 'https' else 'http')
 
 
 SERVERSET_MEMBER_PREFIX = 'member_'
@@ -155,6 +190,26 @@ def _serverset_claim(name, value, instance):
     own = value.get('zkprefork') if isinstance(value.get('zkprefork'), dict) else {}
     endpoint = (service.get('host'), service.get('port')) if isinstance(service, dict) else None
     return Claim(endpoint, _pid(own.get('pid')), own.get('instance') == instance)
+
+
+def _serverset_advertised(name, value):
+    # Finagle's readers (serverset2) list only member_* children; Status ALIVE
+    # is the only one that takes traffic (DEAD, STARTING, STOPPING... do not).
+    if not name.startswith(SERVERSET_MEMBER_PREFIX) or value.get('status') != 'ALIVE':
+        return None
+    service = _endpoint_of(value.get('serviceEndpoint'))
+    extra = value.get('additionalEndpoints')
+    if service is None:
+        return None
+    secure = isinstance(extra, dict) and _endpoint_of(extra.get('https')) == service
+    return (*service, 'https' if secure else 'http')
+
+
+def _endpoint_of(item):
+    """(host, port) of a ServerSet Endpoint {"host": str, "port": int}, or None."""
+    if not isinstance(item, dict) or not isinstance(item.get('host'), str) or not item['host']:
+        return None
+    return (item['host'], item['port']) if _is_port(item.get('port')) else None
 
 
 def curator_id(instance, endpoint):
@@ -198,6 +253,21 @@ def _curator_claim(name, value, instance):
     return Claim(endpoint, None, name == curator_id(instance, endpoint))
 
 
+def _curator_advertised(name, value):
+    # Curator 5's ServiceInstance: `enabled` absent means true; its UriSpec's
+    # {scheme} is https whenever sslPort is set, so the TLS port wins.
+    address = value.get('address')
+    if value.get('enabled') is False or not isinstance(address, str) or not address:
+        return None
+    if _is_port(value.get('sslPort')):
+        return address, value['sslPort'], 'https'
+    return (address, value['port'], 'http') if _is_port(value.get('port')) else None
+
+
+def _is_port(value):
+    return isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 65535
+
+
 def _host_port(endpoint):
     return {'host': endpoint[0], 'port': endpoint[1]}
 
@@ -206,11 +276,11 @@ def _pid(value):
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-# Adding a format: its two functions above, one row here, its tests and
+# Adding a format: its three functions above, one row here, its tests and
 # README's "Node formats".
 TABLE = {format.name: format for format in (
-    Format('zk', _zk_node, _zk_claim),
-    Format('serverset', _serverset_node, _serverset_claim, SERVERSET_MEMBER_PREFIX),
-    Format('curator', _curator_node, _curator_claim),
+    Format('zk', _zk_node, _zk_claim, advertised=_zk_advertised),
+    Format('serverset', _serverset_node, _serverset_claim, SERVERSET_MEMBER_PREFIX, _serverset_advertised),
+    Format('curator', _curator_node, _curator_claim, advertised=_curator_advertised),
 )}
 FORMATS = tuple(TABLE)

@@ -1,9 +1,9 @@
-"""Profile one zkprefork worker under the hello-world 64-connection load.
+"""Profile one zkprefork worker under a load of bench/loads.py (default: hello world, 64 connections).
 
-    python3 bench/experiments/profile.py [--seconds 8] [--out FILE]
+    python3 bench/experiments/profile.py [--seconds 8] [--load page-ka64] [--out FILE]
 
-Starts zkprefork (2 workers x 4 threads),
-runs `wrk -t2 -c64` on 127.0.0.1, records worker 0 with
+Starts zkprefork (2 workers x 4 threads, serving the load's app, over TLS for a tls- load),
+runs `wrk -t2` with the load's connections, path and headers on 127.0.0.1, records worker 0 with
 `py-spy record --nonblocking --threads --format raw` (py-spy comes with
 `pip install -e '.[bench]'`) and prints the share of samples per thread kind, per function
 (inclusive) and per top frame.  Everything started is stopped by pid.
@@ -21,7 +21,8 @@ import time
 BENCH = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [BENCH, os.path.dirname(BENCH)]  # bench's modules, this checkout's zkprefork
 
-from servers import Server  # noqa: E402
+from loads import LOADS  # noqa: E402
+from servers import Server, make_certificates  # noqa: E402
 from zkprefork.testing import Processes, ProcessUnderTest  # noqa: E402
 
 
@@ -55,6 +56,7 @@ def summarize(raw_path, top=45):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument('--seconds', type=int, default=8)
+    parser.add_argument('--load', default='hello-ka64', choices=list(LOADS))
     parser.add_argument('--out')
     args = parser.parse_args()
     if shutil.which('py-spy') is None:
@@ -64,10 +66,13 @@ def main():
     processes = Processes()
     raw = os.path.join(workdir, 'profile.raw')
     try:
-        server = Server(kind, processes, workdir).start().wait_ready()
+        spec = LOADS[args.load]
+        server = Server(kind, processes, workdir, app=spec.app,
+                        tls=make_certificates(workdir) if spec.tls else None).start().wait_ready()
         worker = sorted(server.worker_pids())[0]
-        load = processes.start(ProcessUnderTest(['wrk', '-t2', '-c64', f'-d{args.seconds + 4}s',
-                                                 f'http://127.0.0.1:{server.port}/'], workdir))
+        url = f'{"https" if spec.tls else "http"}://127.0.0.1:{server.port}{spec.path}'
+        load = processes.start(ProcessUnderTest(['wrk', '-t2', f'-c{spec.conns}', f'-d{args.seconds + 4}s',
+                                                 *(a for h in spec.headers for a in ('-H', h)), url], workdir))
         time.sleep(2)
         subprocess.run(['py-spy', 'record', '-p', str(worker), '-d', str(args.seconds), '-r', '200',
                         '--nonblocking', '--threads', '--format', 'raw', '-o', raw],
@@ -80,7 +85,7 @@ def main():
     print(text)
     if args.out:
         with open(args.out, 'w') as file:
-            file.write(f'{kind}, worker 0 under wrk -t2 -c64 hello world\n{text}\n')
+            file.write(f'{kind}, worker 0 under wrk -t2, {LOADS[args.load].description}\n{text}\n')
     shutil.rmtree(workdir, ignore_errors=True)
 
 
