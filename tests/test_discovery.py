@@ -178,6 +178,18 @@ def test_a_zookeeper_restart_keeps_the_snapshot(servers, ini, own_zookeeper, zk_
         recorder.check_history()
 
 
+def wipe(zookeeper, providers):
+    """Replace `zookeeper` by a new one with a fresh data dir on the same
+    port, and wait until `providers` has a session on it."""
+    session = providers._follower._client.client_id[0]
+    zookeeper.stop()
+    shutil.rmtree(os.path.join(zookeeper.directory, 'data'))
+    zookeeper.start()
+    wait_until(lambda: providers.state == 'connected'
+               and providers._follower._client.client_id[0] != session, timeout=10,
+               message='a fresh session')
+
+
 def test_a_wiped_zookeeper_gets_a_fresh_session_and_no_empty_snapshot(servers, ini, own_zookeeper, zk_path):
     zookeeper = own_zookeeper()
     hosts = ','.join([zookeeper.hosts] * 3)
@@ -187,14 +199,7 @@ def test_a_wiped_zookeeper_gets_a_fresh_session_and_no_empty_snapshot(servers, i
     with Providers(hosts, zk_path, session_timeout=2000) as providers:
         recorder = Recorder(providers)
         recorder.wait_urls([url(first), url(second)], timeout=10)
-        session = providers._follower._client.client_id[0]
-        # A new ZooKeeper with a fresh data dir on the same port.
-        zookeeper.stop()
-        shutil.rmtree(os.path.join(zookeeper.directory, 'data'))
-        zookeeper.start()
-        wait_until(lambda: providers.state == 'connected'
-                   and providers._follower._client.client_id[0] != session, timeout=10,
-                   message='a fresh session')
+        wipe(zookeeper, providers)
         mark = recorder.mark()
         second.signal(signal.SIGTERM)
         recorder.wait_urls([url(first)], mark, timeout=10)
@@ -223,13 +228,7 @@ def test_after_a_wipe_the_list_stands_until_its_providers_are_back_or_a_session_
     with Providers(zookeeper.hosts, zk_path, session_timeout=2000) as providers:
         recorder = Recorder(providers)
         recorder.wait_urls(['http://127.0.0.1:9001', 'http://127.0.0.1:9002'], timeout=5)
-        session = providers._follower._client.client_id[0]
-        zookeeper.stop()
-        shutil.rmtree(os.path.join(zookeeper.directory, 'data'))
-        zookeeper.start()
-        wait_until(lambda: providers.state == 'connected'
-                   and providers._follower._client.client_id[0] != session, timeout=10,
-                   message='a fresh session')
+        wipe(zookeeper, providers)
         mark = recorder.mark()
         # One provider registers again; the reader has read it (it watches its data)...
         kazoo_client(zookeeper.hosts).create(f'{zk_path}/127.0.0.1:9001', b'{"pid":2}', makepath=True,

@@ -94,7 +94,7 @@ class Follower:
         if self._thread.is_alive():
             self._thread.join()
         if self._client:
-            _close(self._client)
+            zksession.close_quietly(self._client)
             self._client = None
 
     def _new_client(self):
@@ -190,7 +190,7 @@ class Follower:
         self._new_client()
         self.state, self._session_ended = 'connecting', True
         self._timers.pop('probe', None)
-        threading.Thread(target=_close, args=(old,), daemon=True).start()
+        threading.Thread(target=zksession.close_quietly, args=(old,), daemon=True).start()
 
     def _hold(self):
         # A new session: ours expired or was refused, and so, likely, were
@@ -232,10 +232,3 @@ class Follower:
         self._generation += 1  # nothing more from this client, which stop() closes
         self.fail(message)
 
-
-def _close(client):
-    try:
-        client.stop()
-        client.close()
-    except KazooException as error:
-        log.warning('closing the ZooKeeper session: %r', error)

@@ -120,7 +120,7 @@ class Session:
 
     def close(self):
         """End the session: ZooKeeper deletes its ephemeral nodes at once."""
-        _close_quietly(self.client)
+        close_quietly(self.client)
 
     def renew(self):
         """Give up the session for a new one, with a new client: kazoo keeps
@@ -138,7 +138,7 @@ class Session:
             self.client.start_async()
         # Stopping a client that is not connected may wait for its
         # connection thread: not in the loop.
-        threading.Thread(target=_close_quietly, args=(old,), daemon=True).start()
+        threading.Thread(target=close_quietly, args=(old,), daemon=True).start()
 
     def on_state(self, generation, state, keeper_state, client_id):
         """Kazoo's news, in the loop. Returns a problem that retrying cannot
@@ -288,7 +288,8 @@ def quiet_kazoo_repeats():
     PROBE_LOG.setLevel(logging.ERROR)
 
 
-def _close_quietly(client):
+def close_quietly(client):
+    """Stop and close a kazoo client; a failure is logged, never raised."""
     try:
         client.stop()
         client.close()
@@ -322,4 +323,4 @@ def server_zxid(hosts, options):
     except Exception:  # noqa: BLE001 - whatever stopped it, the probe has no answer; the next may
         return None
     finally:
-        _close_quietly(client)
+        close_quietly(client)
