@@ -3,9 +3,13 @@ ZooKeeper: its output, its bad-input errors, --watch until a signal, --exec
 once per burst and never two at once, and an HAProxy in front of two
 zkprefork servers kept up to date by it."""
 import json
+import pathlib
+import re
+import shlex
 import signal
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
@@ -117,48 +121,22 @@ def test_exec_runs_once_per_burst_never_two_at_once(zookeeper, zk, zk_path, comm
 
 
 # The README's HAProxy example (Clients), as a new user would run it.
-RENDER = '''\
-"""zkprefork-providers --exec hook: a snapshot (JSON, on stdin) -> the
-server lines of an HAProxy backend, in place of the line #providers of a
-template."""
-import json
-import os
-import re
-import sys
+README = pathlib.Path(__file__).parent.parent / 'README.rst'
 
-template, config = sys.argv[1], sys.argv[2]
-lines = []
-for provider in json.load(sys.stdin):
-    name = re.sub(r'[^A-Za-z0-9_.:-]', '_', provider['name'])  # HAProxy's name characters
-    address = provider['url'].partition('://')[2]  # host:port, [v6]:port
-    tls = ' ssl verify required ca-file /etc/ssl/certs/ca-certificates.crt' if provider['scheme'] == 'https' else ''
-    lines.append(f'    server {name} {address} check inter 1s{tls}\\n')
-with open(template) as file:
-    text = file.read().replace('#providers\\n', ''.join(lines))
-with open(config + '.new', 'w') as file:
-    file.write(text)
-os.replace(config + '.new', config)
-'''
 
-TEMPLATE = '''\
-global
-    master-worker
-defaults
-    mode http
-    timeout connect 1s
-    timeout client 10s
-    timeout server 10s
-    retries 2
-    option redispatch
-frontend web
-    bind 127.0.0.1:{port}
-    default_backend providers
-backend providers
-    balance roundrobin
-#providers
-'''
+def readme_block(introduced_by):
+    """The literal block of README.rst's Clients section that follows the
+    paragraph ending with `introduced_by` (which ends with '::'), dedented."""
+    text = README.read_text(encoding='utf-8')
+    rest = text[text.index(introduced_by) + len(introduced_by):].lstrip('\n')
+    block = re.match(r'((?: {4}.*\n|\n)+)', rest).group(1)
+    return textwrap.dedent(block).strip('\n') + '\n'
 
-RELOAD = 'python3 render.py haproxy.cfg.in haproxy.cfg && haproxy -c -q -f haproxy.cfg && kill -USR2 "$(cat haproxy.pid)"'
+
+# The README's own example, run as it is written there.
+RENDER = readme_block('``render.py``::')
+TEMPLATE = readme_block('the line ``#providers``::')
+RELOAD = shlex.split(readme_block('keep it up to date::').splitlines()[-1])[-1]
 
 
 def answering(port, pids_by_server, count=12):
@@ -178,7 +156,7 @@ def answering(port, pids_by_server, count=12):
 def test_haproxy_in_front_of_zkprefork_servers_follows_them(zookeeper, zk_path, servers, ini, command, tmp_path):
     port = free_port()
     (tmp_path / 'render.py').write_text(RENDER)
-    (tmp_path / 'haproxy.cfg.in').write_text(TEMPLATE.replace('{port}', str(port)))
+    (tmp_path / 'haproxy.cfg.in').write_text(TEMPLATE.replace('127.0.0.1:8000', f'127.0.0.1:{port}'))
     options = f'zookeeper = {zookeeper.hosts}\npath = {zk_path}\nhost = 127.0.0.1\n'
     running = [servers(ini(options)).wait_serving() for _ in range(2)]
     wait_until(lambda: len(run(zookeeper.hosts, zk_path).stdout.split()) == 2, message='both registered')

@@ -66,6 +66,7 @@ def test_master_killed_while_zookeeper_is_down(servers, ini, own_zookeeper, kazo
     node = f'{zk_path}/127.0.0.1:{server.port}'
     zk = kazoo_client(zookeeper.hosts, timeout=20)
     wait_until(lambda: zk.exists(node), message='the node')
+    zk.stop()  # no reader is left reconnecting through the outage (seconds_until_gone has its own)
     registrar = registrar_of(server)
     zookeeper.stop()
     server.wait_for_log('ZooKeeper suspended')

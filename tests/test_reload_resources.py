@@ -34,8 +34,10 @@ def factory(global_conf, **local):
     return app
 '''
 
-# Loaded by every zkprefork process of these tests: on SIGUSR2, a process
+# Loaded by every zkprefork process of these tests: on PROBE_SIGNAL, a process
 # appends how many objects it holds frozen (gc.freeze) to a file of its own.
+# (A real-time signal: zkprefork handles none of them, and it does USR2.)
+PROBE_SIGNAL = signal.SIGRTMIN + 1
 FREEZE_PROBE = '''\
 import gc
 import os
@@ -45,7 +47,7 @@ def _tell(signum, frame):
     with open(os.path.join(os.environ['FREEZE_PROBE_DIR'], str(os.getpid())), 'a') as file:
         file.write('%d\\n' % gc.get_freeze_count())
 
-signal.signal(signal.SIGUSR2, _tell)
+signal.signal(signal.SIGRTMIN + 1, _tell)
 '''
 
 
@@ -132,7 +134,7 @@ def frozen(server, tmp_path):
     """How many objects the master holds frozen (it freezes before each fork)."""
     path = tmp_path / str(server.pid)
     told = path.read_text().count('\n') if path.exists() else 0
-    server.signal(signal.SIGUSR2)
+    server.signal(PROBE_SIGNAL)
     wait_until(lambda: path.exists() and path.read_text().count('\n') > told, message='the freeze count')
     return int(path.read_text().split()[-1])
 
