@@ -67,8 +67,9 @@ class Reference:
         self.seen = []
         ChildrenWatch(zk, path, lambda children: self.seen.append((time.monotonic(), sorted(children))))
 
-    def wait_count(self, count, timeout=15):
-        return wait_until(lambda: next((t for t, c in reversed(self.seen) if len(c) == count), None),
+    def wait_count(self, count, timeout=15, since=0):
+        """When ZooKeeper held `count` children, in what was seen after index `since`."""
+        return wait_until(lambda: next((t for t, c in reversed(self.seen[since:]) if len(c) == count), None),
                           timeout, message=f'ZooKeeper to hold {count} children')
 
 
@@ -112,6 +113,33 @@ def test_the_snapshot_follows_start_hup_ttin_sigterm_and_a_killed_master(servers
         assert providers.current()[0].data['pid'] == second.pid
         recorder.check_history()
         assert providers.state == 'connected'
+
+
+def test_a_server_whose_health_check_fails_leaves_the_list_and_comes_back(
+        servers, ini, zookeeper, zk, zk_path, tmp_path):
+    """The node follows the health check (README "Health check"); so does
+    the list, within LAG of ZooKeeper, while the other server stays."""
+    flag = tmp_path / 'unhealthy'
+    pythonpath = os.pathsep.join(filter(None, [os.path.dirname(__file__), os.environ.get('PYTHONPATH')]))
+    checked = servers(ini(f'zookeeper = {zookeeper.hosts}\npath = {zk_path}\nhost = 127.0.0.1\n'
+                          'health_check = /healthz\nhealth_check_interval = 0.2\n'
+                          'health_check_rise = 1\nhealth_check_fall = 1\n', app='call:healthapp:factory'),
+                      env={'PYTHONPATH': pythonpath, 'HEALTHAPP_FLAG': str(flag)}).wait_serving()
+    other = start(servers, ini, zookeeper.hosts, zk_path).wait_serving()
+    reference = Reference(zk, zk_path)
+    with Providers(zookeeper.hosts, zk_path) as providers:
+        recorder = Recorder(providers)
+        recorder.wait_urls([url(checked), url(other)], timeout=10)
+        reference.wait_count(2)
+        mark = recorder.mark()
+        flag.write_text('')
+        gone = reference.wait_count(1)
+        recorder.wait_urls([url(other)], mark, timeout=gone - time.monotonic() + LAG)
+        mark, since = recorder.mark(), len(reference.seen)
+        flag.unlink()
+        back = reference.wait_count(2, since=since)
+        recorder.wait_urls([url(checked), url(other)], mark, timeout=back - time.monotonic() + LAG)
+        recorder.check_history()
 
 
 def test_each_snapshot_once_in_order_by_iteration_and_by_watch(zookeeper, zk, zk_path):
