@@ -24,8 +24,8 @@ import psutil
 import pytest
 
 from zkprefork.testing import (  # noqa: F401 (re-exported for the tests)
-    ZOOKEEPER_CLASSPATH, Processes, ProcessUnderTest, ZkpreforkMaster, ZooKeeperServer, free_port,
-    kill_tree, wait_until)
+    ZOOKEEPER_CLASSPATH, ClientThreads, Processes, ProcessUnderTest, ZkpreforkMaster, ZooKeeperServer,
+    free_port, kill_tree, wait_until)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -93,7 +93,26 @@ def node_data(zk, node):
     return json.loads(data)
 
 
-class Load:
+class Background:
+    """A with block runs `self._run()` in a thread until `stopping` is set
+    (it must look at least every 0.1 s), then calls `close()`."""
+
+    def __init__(self):
+        import threading
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stopping.set()
+        self.thread.join(5)
+        self.close()
+
+
+class Load(ClientThreads):
     """Concurrent keep-alive HTTP clients hammering a server until stopped.
 
     Each client keeps one connection open and reconnects only when the
@@ -103,27 +122,9 @@ class Load:
 
     def __init__(self, port, clients=50, path='/'):
         import threading
-        self.port = port
-        self.path = path
-        self.stopping = threading.Event()
+        super().__init__(port, [()] * clients, path)
         self.lock = threading.Lock()
-        self.ok = 0
-        self.failures = []
         self.bodies = collections.Counter()
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-
-    def __enter__(self):
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop()
-
-    def stop(self):
-        self.stopping.set()
-        for thread in self.threads:
-            thread.join(30)
 
     def _client(self):
         connection = http.client.HTTPConnection('127.0.0.1', self.port, timeout=30)

@@ -204,6 +204,13 @@ BAD_VALUES = [
     ('loggers', 'verbose', ['loggers', "'verbose'"]),
     ('loggers', '\n  <logger>\n    level verbose\n  </logger>', ['loggers', 'verbose']),
     ('zservertracelog', 'maybe', ['zservertracelog', "'maybe'"]),
+    # name goes into the Server header: a line break would inject a header,
+    # and zope.server fails every request on a character beyond latin-1.
+    ('name', 'myname\nX-Injected: yes', ['name', 'printable ASCII']),
+    ('name', 'caf\u20ac', ['name', "'caf\u20ac'", 'printable ASCII']),
+    ('name', 'a\x01b', ['name', 'printable ASCII']),
+    ('boot_timeout', '-5', ['boot_timeout', "'-5'", 'must be more than zero seconds']),
+    ('keepalive', 'nan', ['keepalive', "'nan'", 'must be more than zero seconds']),
 ]
 
 
@@ -327,6 +334,27 @@ def test_loggers_with_a_log_file_that_cannot_be_opened(tmp_path, ini, zookeeper,
     config = ini(registered_options(zookeeper, zk_path) + f'loggers =\n{loggers}\n')
     result = run_zkprefork([config], tmp_path)
     assert_one_line_error(result, 'loggers', str(log_path))
+    assert_not_registered(zk, zk_path)
+
+
+@pytest.mark.parametrize('target, reason', [
+    ('{tmp_path}', 'Is a directory'),
+    ('/proc/version', 'Invalid argument'),  # writable, but takes no appending
+], ids=['directory', 'proc-file'])
+def test_access_log_that_cannot_be_opened(tmp_path, ini, zookeeper, zk, zk_path, target, reason):
+    target = target.format(tmp_path=tmp_path)
+    config = ini(registered_options(zookeeper, zk_path) + f'access_log = {target}\n')
+    result = run_zkprefork([config], tmp_path)
+    assert_one_line_error(result, 'access_log', repr(target), reason)
+    assert_not_registered(zk, zk_path)
+
+
+def test_zookeeper_ca_file_that_is_not_pem(tmp_path, ini, zookeeper, zk, zk_path):
+    ca_file = tmp_path / 'hostname'
+    ca_file.write_text('myhost\n')  # readable, as /etc/hostname is
+    config = ini(registered_options(zookeeper, zk_path) + f'zookeeper_ca_file = {ca_file}\n')
+    result = run_zkprefork([config], tmp_path)
+    assert_one_line_error(result, 'zookeeper_ca_file', str(ca_file), 'no CA certificate loads')
     assert_not_registered(zk, zk_path)
 
 

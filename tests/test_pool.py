@@ -6,7 +6,7 @@ import os
 
 from zkprefork.worker import protocol as worker_protocol
 from zkprefork.lines import LineReader
-from zkprefork.master.pool import KILL_GRACE, BootFailedAtStart, Kill, Pool, Retire, Spawn
+from zkprefork.master.pool import KILL_GRACE, BootFailedAtStart, Kill, Pool, Retire, Spawn, Stage
 from zkprefork.settings import Settings
 from zkprefork.supervision import NEVER, Backoff
 from zkprefork.worker.protocol import BootFailed, Heartbeat, Ready, RetireRequest
@@ -75,12 +75,12 @@ def test_reload_replaces_one_at_a_time_each_ready_before_its_old_one_retires():
     replaced = []
     for _ in range(10):
         hands.converge()
-        booting = [w for w in hands.pool.workers.values() if not w.ready]
+        booting = [w for w in hands.pool.workers.values() if w.state.stage is Stage.STARTING]
         assert len(booting) <= 1, 'two replacements at once'
         for name, pid, reason in hands.sent:
             assert name == 'Retire' and reason == 'reloaded: its replacement is ready'
             slot = hands.pool.workers[pid].slot
-            assert any(w.ready and w.generation == 1 and w.slot == slot
+            assert any(w.state.stage is Stage.RUNNING and w.generation == 1 and w.slot == slot
                        for w in hands.pool.workers.values()), 'retired before its replacement was ready'
         for name, pid, _ in hands.sent:
             replaced.append(pid)

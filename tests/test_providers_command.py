@@ -10,10 +10,12 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
 
-from support import Processes, ProcessUnderTest, free_port, wait_until
+from support import Load, Processes, ProcessUnderTest, free_port, wait_until
+from zkprefork.discovery.command import COALESCE
 from zkprefork.testing import http_get
 
 COMMAND = [sys.executable, '-m', 'zkprefork.discovery.command']
@@ -58,6 +60,12 @@ def test_one_url_per_line_and_the_full_data_as_json(zookeeper, zk, zk_path):
      "zookeeper_credentials_file: '/nonexistent' is not a readable file"),
     (('127.0.0.1:2181',), 'the following arguments are required: PATH'),
     (('127.0.0.1:2181', '/p', '--session-timeout', 'soon'), "session_timeout: 'soon' is not an integer"),
+    (('127.0.0.1:2181', '/p', '--timeout', '0'), "argument --timeout: '0' is out of range (must be more than zero"),
+    (('127.0.0.1:2181', '/p', '--timeout', '-1'), "argument --timeout: '-1' is out of range"),
+    (('127.0.0.1:2181', '/p', '--timeout', 'inf'), "argument --timeout: 'inf' is out of range"),
+    (('127.0.0.1:2181', '/p', '--timeout', 'nan'), "argument --timeout: 'nan' is out of range"),
+    (('127.0.0.1:2181', '/p', '--timeout', 'soon'), "argument --timeout: 'soon' is not a number of seconds"),
+    (('127.0.0.1:2181', '/p', '--exec', ' '), 'argument --exec: an empty command'),
 ])
 def test_bad_input_is_exit_2_with_one_line(args, message):
     done = run(*args)
@@ -120,6 +128,29 @@ def test_exec_runs_once_per_burst_never_two_at_once(zookeeper, zk, zk_path, comm
     assert 'exited with status' not in process.log()
 
 
+@pytest.mark.parametrize('full', [False, True])
+def test_exec_runs_for_a_new_list_not_for_new_data_unless_json(zookeeper, zk, zk_path, command, tmp_path, full):
+    """A server's reload or new worker count changes its data only: a
+    proxy's reload for it would cost its idle connections for nothing."""
+    (tmp_path / 'record.py').write_text(RECORD)
+    log = tmp_path / 'runs'
+    node = f'{zk_path}/127.0.0.1:9001'
+    zk.create(node, b'{"generation":0}', makepath=True, ephemeral=True)
+    process = command(zookeeper.hosts, zk_path, '--exec', f'{sys.executable} record.py {log}',
+                      *(['--json'] if full else []))
+    runs = lambda: log.read_text().splitlines() if log.exists() else []  # noqa: E731
+    wait_until(lambda: len(runs()) == 1, timeout=10, message='the first run')
+    zk.set(node, b'{"generation":1}')
+    zk.create(f'{zk_path}/127.0.0.1:9002', b'{}', ephemeral=True)  # a burst that ends where it began
+    zk.delete(f'{zk_path}/127.0.0.1:9002')
+    time.sleep(COALESCE + 1.0)
+    assert len(runs()) == (2 if full else 1), runs()
+    zk.create(f'{zk_path}/127.0.0.1:9003', b'{}', ephemeral=True)
+    wait_until(lambda: len(runs()) == (3 if full else 2), timeout=10, message='a run for the new provider')
+    process.signal(signal.SIGTERM)
+    assert process.wait(10) == 0
+
+
 # The README's HAProxy example (Clients), as a new user would run it.
 README = pathlib.Path(__file__).parent.parent / 'README.rst'
 
@@ -170,12 +201,14 @@ def test_haproxy_in_front_of_zkprefork_servers_follows_them(zookeeper, zk_path, 
         watcher = command(zookeeper.hosts, zk_path, '--exec', RELOAD)
         pids = lambda: [server.worker_pids() for server in running]  # noqa: E731
         wait_until(lambda: answering(port, pids()) == {0, 1}, timeout=10, message='both servers behind HAProxy')
-        running.append(servers(ini(options)).wait_serving())
-        wait_until(lambda: answering(port, pids()) == {0, 1, 2}, timeout=10, message='the third one')
-        running[0].signal(signal.SIGTERM)
-        wait_until(lambda: running[0].process.poll() is not None, timeout=15, message='the first to stop')
-        wait_until(lambda: f'127.0.0.1:{running[0].port} ' not in (tmp_path / 'haproxy.cfg').read_text(),
-                   timeout=10, message='the first out of the configuration')
+        with Load(port, clients=4) as load:  # keep-alive clients of HAProxy, through its reloads
+            running.append(servers(ini(options)).wait_serving())
+            wait_until(lambda: answering(port, pids()) == {0, 1, 2}, timeout=10, message='the third one')
+            running[0].signal(signal.SIGTERM)
+            wait_until(lambda: running[0].process.poll() is not None, timeout=15, message='the first to stop')
+            wait_until(lambda: f'127.0.0.1:{running[0].port} ' not in (tmp_path / 'haproxy.cfg').read_text(),
+                       timeout=10, message='the first out of the configuration')
+        assert load.failures == [] and load.ok > 0, load.failures[:3]
         assert answering(port, pids(), count=30) == {1, 2}  # every request answered, by the others
         assert 'exited with status' not in watcher.log()
     finally:

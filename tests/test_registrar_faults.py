@@ -12,14 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 
 import psutil
 import pytest
 from kazoo.recipe.watchers import ChildrenWatch
 
-from support import free_port, registrar_of, wait_until
+from support import Background, free_port, registrar_of, wait_until
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -211,7 +210,7 @@ def test_sigterm_while_zookeeper_is_down_closes_the_session_when_it_returns(
     assert registrar.process.wait(5) == 0
 
 
-class DroppingServers:
+class DroppingServers(Background):
     """Listening sockets that accept each connection and close it at once,
     as a ZooKeeper that refuses the client does; records which was reached,
     in order (a client tries one host at a time, so the order is exact)."""
@@ -225,16 +224,9 @@ class DroppingServers:
             self.sockets.append(sock)
         self.ports = [sock.getsockname()[1] for sock in self.sockets]
         self.reached = []
-        self.stopping = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        super().__init__()
 
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stopping.set()
-        self.thread.join(5)
+    def close(self):
         for sock in self.sockets:
             sock.close()
 

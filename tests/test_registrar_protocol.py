@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from zkprefork.registrar.protocol import (
-    CredentialsSource, ProtocolError, RegistrarConfig, Register, Session, State, TLSOptions,
+    CredentialsSource, ProtocolError, RegistrarConfig, Register, SessionHeld, State, TLSOptions,
     Unregister, Unregistered, make_identity, read_command, read_event)
 from zkprefork.settings import make_settings
 
@@ -66,9 +66,8 @@ def test_bad_events(line):
         read_event(line)
 
 
-def test_config_from_settings_round_trip(tmp_path, monkeypatch):
-    pem = tmp_path / 'ca.pem'
-    pem.write_text('not read here')
+def test_config_from_settings_round_trip(tls_files, monkeypatch):
+    pem = tls_files['ca']  # settings loads it
     monkeypatch.setenv('ZKPF_TEST_CREDENTIALS', 'app:secret')
     settings = make_settings({
         'zookeeper': 'zk1:2181,[::1]/chroot', 'path': '/svc', 'session_timeout': '4000',
@@ -124,7 +123,7 @@ def test_the_masters_own_secrets_travel_only_on_the_pipe():
     assert RegistrarConfig.read(config.line()) == config
     assert config.resume == (72, 'ab' * 16) and config.identity == identity
     assert password not in repr(config) and 'ab' * 16 not in repr(config)
-    session = Session(72, 'ab' * 16)
+    session = SessionHeld(72, 'ab' * 16)
     assert read_event(session.line()) == {'event': 'session', 'id': 72, 'password': 'ab' * 16}
     assert 'ab' * 16 not in repr(session)
     # With the user's credentials, their identity writes the nodes.

@@ -71,7 +71,7 @@ def test_a_forked_worker_writes_and_the_parent_reads():
     pid = os.fork()
     if pid == 0:
         keeper = scoreboard.Scorekeeper(record)
-        keeper.booting(os.getpid(), 2)
+        keeper.starting(os.getpid(), 2)
         keeper.set_state(scoreboard.SERVING)
         channels = [object() for _ in range(4)]  # stand-ins for zope.server channels
         for channel in channels:

@@ -31,7 +31,7 @@ def test_defaults_are_zc_zkzopeservers():
     assert settings.graceful_timeout == 30
     # kazoo's (and so zc.zk's) default session timeout is 10 s; the option is in ms.
     assert settings.session_timeout == 10000
-    assert settings.zookeeper is None and not settings.registered
+    assert settings.zookeeper is None and not settings.registers
     assert settings.path is None
     assert settings.monitor_server is None
     assert settings.loggers is None
@@ -93,6 +93,25 @@ def test_good_numbers(option, value, expected):
 def test_bad_numbers(option, value):
     message = rejected(option, value)
     assert repr(value) in message
+
+
+ZOOKEEPER = {'zookeeper': 'zk', 'path': '/svc'}  # what the health check options need
+
+
+@pytest.mark.parametrize('option, limit', [
+    ('boot_timeout', 'more than zero seconds'), ('keepalive', 'more than zero seconds'),
+    ('request_read_timeout', 'more than zero seconds'), ('send_timeout', 'more than zero seconds'),
+    ('health_check_interval', 'more than zero seconds'), ('health_check_timeout', 'more than zero seconds'),
+    ('graceful_timeout', 'zero or more seconds'), ('timeout', 'zero or more seconds'),
+    ('request_timeout', 'zero or more seconds'),
+])
+@pytest.mark.parametrize('value', ['-5', '0', 'inf', '-inf', 'nan'])
+def test_a_duration_out_of_range_is_told_its_real_limit(option, limit, value):
+    if value == '0' and limit.startswith('zero'):
+        assert getattr(make_settings({option: value, **ZOOKEEPER}), option) == 0
+        return
+    message = rejected(option, value, **ZOOKEEPER)
+    assert message.startswith(f'{option}: {value!r} ') and message.endswith(f'(must be {limit})'), message
 
 
 # -- loggers --------------------------------------------------------------------------------
@@ -165,7 +184,7 @@ GOOD_ZOOKEEPER = [
 def test_good_zookeeper_strings(value):
     settings = make_settings({'zookeeper': value, 'path': '/services/app'})
     assert settings.zookeeper == value.strip()
-    assert settings.registered
+    assert settings.registers
     hosts, chroot = collect_hosts(settings.zookeeper)  # what kazoo makes of it
     assert len(hosts) == value.count(',') + 1
     assert all(host and 0 < port < 65536 for host, port in hosts)
@@ -242,7 +261,7 @@ def test_zookeeper_needs_a_path():
 
 def test_path_without_zookeeper_is_unregistered():
     settings = make_settings({'path': '/services/app'})
-    assert not settings.registered
+    assert not settings.registers
 
 
 # -- paths ------------------------------------------------------------------------------------
@@ -334,20 +353,56 @@ def test_name_and_pidfile():
     assert make_settings({'name': '', 'pidfile': ''}) == Settings()
 
 
+def test_name_is_what_an_http_header_carries():
+    """It goes into the Server response header."""
+    assert make_settings({'name': 'shop (eu-1) ~v2.0!'}).name == 'shop (eu-1) ~v2.0!'
+    for value in ('myname\nX-Injected: yes', 'a\rb', 'caf\u20ac', 'caf\u00e9', 'a\x01b', 'a\tb', 'a\x7fb'):
+        message = rejected('name', value)
+        assert message == (f'name: {value!r} is not allowed in an HTTP header: printable ASCII '
+                           'characters and spaces only'), message
+
+
 def test_host_is_stripped():
     assert make_settings({'host': ' 127.0.0.1 '}).host == '127.0.0.1'
 
 
 @pytest.mark.parametrize('option', ['zookeeper_cert_file', 'zookeeper_key_file'])
-def test_tls_options_without_a_ca_file_are_refused(option, tmp_path):
-    pem = tmp_path / 'x.pem'
-    pem.write_text('not checked here')
-    both = {'zookeeper_cert_file': str(pem), 'zookeeper_key_file': str(pem)}
+def test_tls_options_without_a_ca_file_are_refused(option, tls_files):
+    both = {'zookeeper_cert_file': tls_files['client_cert'], 'zookeeper_key_file': tls_files['client_key']}
     with pytest.raises(ConfigError, match=r'^zookeeper_cert_file: TLS needs zookeeper_ca_file'):
         make_settings(both)
     with pytest.raises(ConfigError, match=r'^zookeeper_(cert|key)_file: '):
-        make_settings({option: str(pem)})
-    assert make_settings({**both, 'zookeeper_ca_file': str(pem)}).zookeeper_ca_file == str(pem)
+        make_settings({option: both[option]})
+    assert make_settings({**both, 'zookeeper_ca_file': tls_files['ca']}).zookeeper_ca_file == tls_files['ca']
+
+
+def _encrypted_key(path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    path.write_bytes(ec.generate_private_key(ec.SECP256R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b'secret')))
+    return str(path)
+
+
+@pytest.mark.parametrize('option, bad, expected', [
+    ('zookeeper_ca_file', 'not_pem', 'no CA certificate loads (NO_CERTIFICATE_OR_CRL_FOUND)'),
+    ('zookeeper_cert_file', 'not_pem', 'no certificate loads (NO_CERTIFICATE_OR_CRL_FOUND)'),
+    ('zookeeper_key_file', 'not_pem', 'unusable as the client key (not PEM)'),
+    ('zookeeper_key_file', 'rogue_client_key',
+     'unusable as the client key (the key does not match zookeeper_cert_file)'),
+    ('zookeeper_key_file', 'encrypted', 'is encrypted: zkprefork gives ZooKeeper client keys no password'),
+])
+def test_zookeeper_tls_files_are_loaded_at_start(tls_files, tmp_path, option, bad, expected):
+    """Readable is not enough: kazoo would fail on every connection attempt."""
+    (tmp_path / 'not_pem').write_text('myhost\n')  # such as /etc/hostname
+    files = {**tls_files, 'not_pem': str(tmp_path / 'not_pem'),
+             'encrypted': _encrypted_key(tmp_path / 'encrypted.key')}
+    good = {'zookeeper_ca_file': files['ca'], 'zookeeper_cert_file': files['client_cert'],
+            'zookeeper_key_file': files['client_key']}
+    assert make_settings(good).zookeeper_key_file == files['client_key']
+    message = rejected(option, files[bad], **{name: path for name, path in good.items() if name != option})
+    assert message.startswith(f'{option}: {files[bad]!r}') and expected in message, message
 
 
 def test_hostname_checking_alone_is_refused_without_tls():

@@ -178,6 +178,32 @@ def test_a_stalled_handshake_holds_no_thread_and_is_closed(tls_server, pki):
             sock.close()
 
 
+def _resumed_get(server, context, session):
+    """(session_reused, the answering worker's pid, the session to offer next)."""
+    sock = socket.create_connection(('127.0.0.1', server.port), timeout=10)
+    with context.wrap_socket(sock, server_hostname='127.0.0.1', session=session) as tls:
+        tls.sendall(b'GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n')
+        answer = _read_until_closed(tls)  # TLS 1.3: the tickets come after the handshake
+        return tls.session_reused, json.loads(answer.partition(b'\r\n\r\n')[2])['pid'], tls.session
+
+
+@pytest.mark.parametrize('version', [ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2], ids=['TLSv1.3', 'TLSv1.2'])
+def test_a_session_resumes_on_any_worker(tls_server, pki, version):
+    """The workers share their session ticket keys (the master makes the
+    context before it forks them): a session from one worker resumes on another."""
+    server = tls_server('workers = 2\nthreads = 1\n')
+    context = client_context(pki, maximum_version=version)
+    _, first, session = _resumed_get(server, context, None)
+    resumed = {}
+    for _ in range(40):  # until a resumption has landed on the other worker too
+        reused, pid, _ = _resumed_get(server, context, session)
+        resumed.setdefault(pid, []).append(reused)
+        if len(resumed) == 2:
+            break
+    assert len(resumed) == 2, f'every connection went to one worker: {resumed}'
+    assert all(all(reused) for reused in resumed.values()), resumed
+
+
 def test_keep_alive_chunked_streaming_file_wrapper_and_bodies(tls_server, pki):
     server = tls_server('threads = 2\n')
     connection = http.client.HTTPSConnection('127.0.0.1', server.port, timeout=10,
@@ -277,7 +303,9 @@ def test_rotation_on_hup_and_a_bad_file_keeps_the_old_one(tls_server, pki, tmp_p
     ('tls_minimum_version = TLSv1.1\n', 'tls_minimum_version: TLSv1.1 is not accepted'),
     ('cert_reqs = required\n', 'cert_reqs: required needs ca_certs'),
     ('ciphers = NOTHING-AT-ALL\n', 'ciphers: OpenSSL selects no cipher'),
-    ('health_check = /\n', 'health_check: the health check does not speak TLS yet'),
+    ('ciphers = ALL:COMPLEMENTOFALL:@SECLEVEL=0\n', 'selects suites without server authentication or encryption'),
+    ('ciphers = aNULL\n', 'add :!aNULL:!eNULL'),
+    ('ca_certs = {pki[rogue_ca]}\nhealth_check = /\n', 'health_check: the server refuses its own certificate'),
 ])
 def test_bad_tls_files_are_exit_2_with_one_line(servers, ini, pki, options, message, zookeeper, zk,
                                                  zk_path):

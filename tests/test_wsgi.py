@@ -182,6 +182,12 @@ def test_a_slow_reader_holds_back_the_application_instead_of_a_temp_file(wsgi_se
     assert_healthy(wsgi_server)
 
 
+def established(server):
+    """The workers' established connections on the server's port."""
+    return [c for pid in server.worker_pids() for c in psutil.Process(pid).net_connections('tcp')
+            if c.status == psutil.CONN_ESTABLISHED and c.laddr.port == server.port]
+
+
 def test_a_client_that_reads_nothing_for_send_timeout_is_dropped(tmp_path):
     server = start_app_server(tmp_path, 'wsgiapp', 'send_timeout = 1\noutbuf_high_watermark = 65536\n')
     token = uuid.uuid4().hex[:12]
@@ -192,6 +198,24 @@ def test_a_client_that_reads_nothing_for_send_timeout_is_dropped(tmp_path):
             wait_until(lambda: f'closed {token}' in app_log(server), timeout=15, message='close() of the response')
             assert time.monotonic() - start > 0.9
             assert app_log(server).count(f'block {token}') < 256 * 16
+            # Dropped: the connection too, not only the application's
+            # response (its output waited for a client that never reads).
+            wait_until(lambda: not established(server), timeout=5, message='the connection to end')
+        assert_healthy(server)
+    finally:
+        server.stop()
+
+
+def test_a_response_left_waiting_for_a_client_that_reads_nothing_is_dropped(tmp_path):
+    """The whole response fits the output buffer (the thread is free at
+    once), but the client reads none of it: after send_timeout the
+    connection is reset, and its buffer freed."""
+    server = start_app_server(tmp_path, 'wsgiapp', 'send_timeout = 1\n')
+    try:
+        with connect(server, rcvbuf=65536) as sock:
+            sock.sendall(get(f'/generated?id={uuid.uuid4().hex[:12]}&mb=4'))
+            wait_until(lambda: established(server), timeout=5, message='the connection')
+            wait_until(lambda: not established(server), timeout=5, message='the connection to end')
         assert_healthy(server)
     finally:
         server.stop()

@@ -16,7 +16,7 @@ from kazoo.security import OPEN_ACL_UNSAFE, make_digest_acl
 from support import (ZOOKEEPER_TLS_CLASSPATH, free_port, registrar_of, secure_port,
                      tls_zookeeper_config, wait_until, write_ini)
 from test_operations import ask
-from zkprefork.registrar import security as zksecurity
+from zkprefork.registrar import security as zksecurity, session as zksession
 from zkprefork.master.registrar_link import RegistrarLink
 from zkprefork.registrar.protocol import CredentialsSource, RegistrarConfig, TLSOptions
 from zkprefork.settings import Settings
@@ -204,7 +204,9 @@ def test_unreadable_credentials_are_named_without_a_restart_loop(servers, tmp_pa
     credentials.write_text(f'app:{PASSWORD}\n')
     server = start(servers, tmp_path, zookeeper.hosts, zk_path,
                    f'zookeeper_credentials_file = {credentials}\n').wait_serving()
-    credentials.unlink()
+    # Rewritten in place, as the master's open fd of it sees it (a file
+    # deleted or replaced would change nothing: test_registrar_liveness.py).
+    credentials.write_text(PASSWORD + '\n')
     old = registrar_of(server)
     old.kill()  # the master starts another, which cannot read the file
     server.wait_for_log('cannot read the ZooKeeper credentials: .* not registering')
@@ -307,6 +309,36 @@ def test_tls_hostname_checking(servers, tmp_path, tls_zookeeper, tls_files, kazo
     wait_until(lambda: zk.exists(node_of(unchecked, path)), message='the unchecked node')
     assert_reported_once(checked, 'the server certificate is not accepted: IP address mismatch')
     assert zk.get_children(path) == [node_of(unchecked, path).rpartition('/')[2]]
+
+
+def registration_state(monitor_port):
+    return json.loads(ask(('127.0.0.1', monitor_port), b'status\n'))['registration']['state']
+
+
+def test_a_ca_file_that_stops_loading_is_one_error_and_state_failed(servers, tmp_path, tls_files):
+    """Settings loaded it at the start; replaced later by something that is
+    not PEM, the registrar's TLS check says so, and so does a registrar
+    started anew: one line each, state failed, no thread traceback."""
+    ca_file = tmp_path / 'ca.pem'
+    with open(tls_files['ca'], 'rb') as good:
+        ca_file.write_bytes(good.read())
+    monitor_port = free_port()
+    # Nothing listens there: no handshake fails, the check keeps looking.
+    server = start(servers, tmp_path, f'127.0.0.1:{free_port()}', '/tls-files/providers',
+                   f'zookeeper_ca_file = {ca_file}\nmonitor_server = 127.0.0.1:{monitor_port}\n').wait_serving()
+    ca_file.write_text('myhost\n')  # such as /etc/hostname
+    text = f'zookeeper_ca_file: {str(ca_file)!r}: no CA certificate loads (NO_CERTIFICATE_OR_CRL_FOUND)'
+    checks = zksession.TLS_CHECK_AFTER + zksession.TLS_CHECK_EVERY
+    server.wait_for_log(re.escape(text), timeout=checks + 5)
+    wait_until(lambda: registration_state(monitor_port) == 'failed', message='state failed')
+    old = registrar_of(server)
+    old.kill()  # the master starts another: it reads the file anew
+    wait_until(lambda: len(error_lines(server, text)) == 2, timeout=10, message='the new registrar\'s error')
+    assert registrar_of(server).pid != old.pid
+    wait_until(lambda: registration_state(monitor_port) == 'failed', message='state failed again')
+    assert all('not retrying before the next reload or restart' in line for line in error_lines(server, text))
+    assert 'Traceback' not in server.log() and 'Exception in thread' not in server.log(), server.log()
+    assert server.request('/')[0] == 200
 
 
 def test_a_server_that_refuses_ephemeral_nodes(servers, tmp_path, ensemble):

@@ -22,6 +22,7 @@ import inspect
 import pathlib
 import pkgutil
 import re
+import subprocess
 import sys
 import textwrap
 
@@ -33,6 +34,7 @@ from zope.server.http.httptask import HTTPTask
 from zope.server.http.wsgihttpserver import WSGIHTTPServer
 
 import zkprefork.worker
+from zkprefork.master import listener
 from zkprefork.worker import scoreboard, tlsconnection, zopeserver
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -42,7 +44,7 @@ WORKER = pathlib.Path(zkprefork.worker.__file__).parent
 # a function, or type(name, bases, namespace)), and a call of each.
 FACTORIES = {
     'zopeserver.server_class': lambda: zopeserver.server_class(True),
-    'tlsconnection.tls_channel_class': lambda: tlsconnection.tls_channel_class(zopeserver.DrainingChannel),
+    'tlsconnection.tls_channel_class': lambda: tlsconnection.tls_channel_class(zopeserver.HTTPChannel),
     'scoreboard._record_type': lambda: scoreboard._record_type(1),  # a ctypes record: no seam class
 }
 # The objects zkprefork code reaches zope.server's through, by the
@@ -439,3 +441,23 @@ def test_installed_zope_server_is_within_the_pin():
     assert len(pins) == 1 and pins[0].specifier, f'one pinned zope.server requirement in setup.py: {pins}'
     version = importlib.metadata.version('zope.server')
     assert pins[0].specifier.contains(version), f'zope.server {version} is outside the pin {pins[0].specifier}'
+
+
+# -- what the seam keeps of the master's socket ------------------------------------------
+
+def listen_backlog(port):
+    """The backlog of the socket listening on 127.0.0.1:`port`, as the
+    kernel holds it (ss: Send-Q of a listening socket)."""
+    out = subprocess.run(['ss', '-ltnH', f'sport = :{port}'], capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[0] == 'LISTEN' and out[3] == f'127.0.0.1:{port}', out
+    return int(out[2])
+
+
+def test_workers_keep_the_masters_listen_backlog(servers, ini):
+    somaxconn = int(pathlib.Path('/proc/sys/net/core/somaxconn').read_text())
+    # The kernel caps a backlog at somaxconn: below zope's 1024, both look alike.
+    assert somaxconn > Adjustments.backlog, f'somaxconn {somaxconn}: this test cannot tell'
+    server = servers(ini('host = 127.0.0.1\nworkers = 2\n')).wait_serving()
+    assert len(server.worker_pids()) == 2
+    assert listen_backlog(server.port) == min(listener.BACKLOG, somaxconn)

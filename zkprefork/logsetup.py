@@ -2,6 +2,8 @@
 import logging
 import sys
 
+from zkprefork.errors import ConfigError
+
 FORMAT = '%(asctime)s %(levelname)s %(name)s[%(process)d] %(message)s'
 
 
@@ -34,7 +36,12 @@ def _configure_access_log(target):
     for handler in list(access.handlers):
         access.removeHandler(handler)
         handler.close()
-    handler = logging.StreamHandler(sys.stdout) if target == '-' else logging.FileHandler(target)
+    try:
+        handler = logging.StreamHandler(sys.stdout) if target == '-' else logging.FileHandler(target)
+    except OSError as error:
+        # A directory, or a file that takes no appending (/proc/version):
+        # settings' check cannot tell without opening it.
+        raise ConfigError(f'access_log: cannot open {target!r}: {error.strerror}') from None
     handler.setFormatter(logging.Formatter('%(message)s'))
     access.addHandler(handler)
 

@@ -8,13 +8,14 @@ import importlib.util
 import io
 import ipaddress
 import logging
+import math
 import os
 import re
 import unicodedata
 
 from paste.deploy.converters import asbool
 
-from zkprefork import tls
+from zkprefork import tls, zookeeper_tls
 from zkprefork.addresses import HOST_PORT
 from zkprefork.errors import ConfigError
 from zkprefork.nodeformat import FORMATS, RESERVED_KEYS
@@ -36,21 +37,26 @@ def _integer_in(option, value, low, high):
     return number
 
 
-def _seconds(option, value):
-    try:
-        number = float(str(value).strip())
-    except ValueError:
-        raise ConfigError(f'{option}: {value!r} is not a number of seconds') from None
-    if not number >= 0 or number == float('inf'):
-        raise ConfigError(f'{option}: {value!r} must be zero or more seconds')
-    return number
+def _duration(positive):
+    """A check of a finite number of seconds (a float): more than zero if
+    `positive`, else zero or more; the error states that very limit."""
+    limit = 'more than zero seconds' if positive else 'zero or more seconds'
+
+    def check(option, value):
+        try:
+            number = float(str(value).strip())
+        except ValueError:
+            raise ConfigError(f'{option}: {value!r} is not a number of seconds') from None
+        if not math.isfinite(number):
+            raise ConfigError(f'{option}: {value!r} is not a finite number (must be {limit})')
+        if number < 0 or (positive and number == 0):
+            raise ConfigError(f'{option}: {value!r} is out of range (must be {limit})')
+        return number
+    return check
 
 
-def _positive_seconds(option, value):
-    number = _seconds(option, value)
-    if number == 0:
-        raise ConfigError(f'{option}: {value!r} must be more than zero seconds')
-    return number
+_seconds = _duration(positive=False)
+_positive_seconds = _duration(positive=True)
 
 
 def _forwarded_allow_ips(option, value):
@@ -177,6 +183,19 @@ def _host_and_port(option, value):
 
 def _text(option, value):
     return value.strip() or None
+
+
+def _header_text(option, value):
+    """Text that goes into an HTTP response header field (`name`: the
+    Server header): printable ASCII and spaces only, a strict subset of an
+    RFC 9110 5.5 field value. A line break would end the field and start
+    another one; zope.server encodes headers as latin-1 and fails on
+    anything beyond it."""
+    text = _text(option, value)
+    if text is not None and not all(' ' <= character <= '~' for character in text):
+        raise ConfigError(f'{option}: {value!r} is not allowed in an HTTP header: '
+                          'printable ASCII characters and spaces only')
+    return text
 
 
 def _absolute_path(option, value):
@@ -349,7 +368,7 @@ class Settings:
     monitor_server: tuple = option(None, _host_and_port, restart_only=True)  # (host, port)
     loggers: str = option(None, _loggers, restart_only=True)
     zservertracelog: bool = option(False, _zservertracelog)
-    name: str = option(None, _text)
+    name: str = option(None, _header_text)  # in the Server response header
     graceful_timeout: float = option(30.0, _seconds)
     pidfile: str = option(None, _absolute_path, restart_only=True, flag=(
         'FILE', 'write the master pid to FILE'))
@@ -410,6 +429,11 @@ class Settings:
     health_check_timeout: float = option(None, _positive_seconds, restart_only=True)
     health_check_rise: int = option(2, _integer(1, 1000), restart_only=True)
     health_check_fall: int = option(3, _integer(1, 1000), restart_only=True)
+    # The client certificate the check presents to a server that asks for
+    # one (cert_reqs optional or required); default: the server's own.
+    health_check_certfile: str = option(None, _readable_file, restart_only=True)
+    health_check_keyfile: str = option(None, _readable_file, restart_only=True)
+    health_check_keyfile_password_file: str = option(None, _readable_file, restart_only=True)
 
     def __post_init__(self):
         # Made directly (as tests do) rather than by make_settings: the
@@ -418,8 +442,21 @@ class Settings:
             object.__setattr__(self, 'zookeeper', ConnectionString(self.zookeeper))
 
     @property
-    def registered(self):
+    def registers(self):
+        """True if the server registers in ZooKeeper (`zookeeper` is set)."""
         return self.zookeeper is not None
+
+    @property
+    def health_check_identity(self):
+        """(certfile, keyfile, keyfile_password_file) that the health check
+        presents over TLS (keyfile and password file may be None), or None
+        when the server asks no client certificate."""
+        if self.health_check_certfile:
+            return (self.health_check_certfile, self.health_check_keyfile,
+                    self.health_check_keyfile_password_file)
+        if self.tls and self.cert_reqs in ('optional', 'required'):
+            return self.certfile, self.keyfile, self.keyfile_password_file
+        return None
 
     @property
     def tls(self):
@@ -475,19 +512,44 @@ def _check_tls(checked):
     """The TLS options together; then the files themselves, loaded the way
     a worker will (tls.server_context), so that a bad one is an error now."""
     if not checked.get('certfile'):
-        given = [name for name in _TLS_ONLY if name in checked]
+        given = [name for name in _TLS_ONLY + _HEALTH_CHECK_TLS if name in checked]
         if given:
             raise ConfigError(f'{given[0]}: TLS needs certfile (the server certificate)')
         return
-    if checked.get('health_check'):
-        # The checker speaks plain HTTP: over TLS it would never pass, and
-        # the server would stay unregistered without saying why.
-        raise ConfigError('health_check: the health check does not speak TLS yet: '
-                          'unset it or certfile')
     checked.setdefault('cert_reqs', 'required' if checked.get('ca_certs') else 'none')
     if checked['cert_reqs'] != 'none' and not checked.get('ca_certs'):
         raise ConfigError(f'cert_reqs: {checked["cert_reqs"]} needs ca_certs (the CAs that sign '
                           'client certificates)')
+    given = [name for name in _HEALTH_CHECK_TLS if name in checked]
+    if given and checked['cert_reqs'] == 'none':
+        raise ConfigError(f'{given[0]}: the server asks no client certificate (cert_reqs none): '
+                          'the health check would present none')
+    if given and 'health_check_certfile' not in checked:
+        raise ConfigError(f'{given[0]}: needs health_check_certfile (the certificate it goes with)')
+
+
+# The health check's client certificate: only a server asking for one reads it.
+_HEALTH_CHECK_TLS = ('health_check_certfile', 'health_check_keyfile',
+                     'health_check_keyfile_password_file')
+
+
+def _check_health_check_accepted(settings, server):
+    """The client certificate the health check would present, offered to
+    `server` (the server's own SSLContext) in a handshake in memory: one
+    the server refuses is an error now, not a node that never registers."""
+    if not (settings.health_check and settings.health_check_identity):
+        return
+    own = not settings.health_check_certfile
+    client = tls.client_context(*settings.health_check_identity, prefix='' if own else 'health_check_')
+    refusal = tls.handshake_refusal(server, client)
+    if refusal and own:
+        raise ConfigError(f'health_check: the server refuses its own certificate '
+                          f'{settings.certfile!r} as the check\'s client certificate ({refusal}, '
+                          f'ca_certs {settings.ca_certs!r}): give one in health_check_certfile')
+    if refusal:
+        raise ConfigError(f'health_check_certfile: {settings.health_check_certfile!r}: the server '
+                          f'refuses it as a client certificate ({refusal}, ca_certs '
+                          f'{settings.ca_certs!r})')
 
 
 def make_settings(options, **fixed):
@@ -505,5 +567,8 @@ def make_settings(options, **fixed):
     _check_tls(checked)
     settings = Settings(**fixed, **checked)
     if settings.tls:
-        tls.server_context(settings)
+        _check_health_check_accepted(settings, tls.server_context(settings))
+    if settings.zookeeper_ca_file:
+        zookeeper_tls.client_context(settings.zookeeper_ca_file, settings.zookeeper_cert_file,
+                                     settings.zookeeper_key_file, settings.zookeeper_check_hostname)
     return settings

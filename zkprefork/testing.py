@@ -76,19 +76,16 @@ def http_get(port, path='/', host='127.0.0.1', timeout=10.0, headers=None):
         connection.close()
 
 
-class IdleClients:
-    """`clients` threads, each a keep-alive connection (plain http.client,
-    which never probes a connection before reusing it) that sends GET `path`
-    and idles 0.3-0.8 s before the next; `ok` counts the 200s, `failures`
-    keeps every other status and every error. A with block runs them."""
+class ClientThreads:
+    """Client threads running `self._client(*arguments)`, one per entry
+    of `arguments`, from the start of a with block to its end (or stop());
+    `ok` counts the 200s, `failures` keeps everything else."""
 
-    def __init__(self, port, clients, path='/'):
+    def __init__(self, port, arguments, path='/'):
         self.port, self.path = port, path
-        seeds = random.Random(13)
         self.stopping = threading.Event()
         self.ok, self.failures = 0, []
-        self.threads = [threading.Thread(target=self._client, args=(seeds.random(),), daemon=True)
-                        for _ in range(clients)]
+        self.threads = [threading.Thread(target=self._client, args=args, daemon=True) for args in arguments]
 
     def __enter__(self):
         for thread in self.threads:
@@ -96,9 +93,42 @@ class IdleClients:
         return self
 
     def __exit__(self, *exc_info):
+        self.stop()
+
+    def stop(self):
         self.stopping.set()
         for thread in self.threads:
             thread.join(30)
+
+
+class NewConnections(ClientThreads):
+    """`clients` threads that each send GET `path` on a new connection
+    (``Connection: close``), again and again."""
+
+    def __init__(self, port, clients, path='/'):
+        super().__init__(port, [()] * clients, path)
+
+    def _client(self):
+        while not self.stopping.is_set():
+            try:
+                status, _ = http_get(self.port, self.path, headers={'Connection': 'close'})
+            except OSError as error:
+                self.failures.append(repr(error))
+                continue
+            if status == 200:
+                self.ok += 1
+            else:
+                self.failures.append(status)
+
+
+class IdleClients(ClientThreads):
+    """`clients` threads, each a keep-alive connection (plain http.client,
+    which never probes a connection before reusing it) that sends GET `path`
+    and idles 0.3-0.8 s before the next."""
+
+    def __init__(self, port, clients, path='/'):
+        seeds = random.Random(13)
+        super().__init__(port, [(seeds.random(),) for _ in range(clients)], path)
 
     def _client(self, seed):
         idle = random.Random(seed)

@@ -39,12 +39,9 @@ def server_context(settings):
     context.options |= ssl.OP_NO_RENEGOTIATION | ssl.OP_NO_COMPRESSION
     context.set_alpn_protocols(ALPN)
     if settings.ciphers:
-        try:
-            context.set_ciphers(settings.ciphers)
-        except ssl.SSLError:
-            raise ConfigError(f'ciphers: OpenSSL selects no cipher from {settings.ciphers!r}') from None
+        _set_ciphers(context, settings.ciphers)
     check_validity(settings.certfile)
-    _load_key(context, settings)
+    _load_key(context, settings.certfile, settings.keyfile, settings.keyfile_password_file)
     if settings.ca_certs:
         try:
             context.load_verify_locations(settings.ca_certs)
@@ -55,28 +52,47 @@ def server_context(settings):
     return context
 
 
-def _load_key(context, settings):
-    keyfile = settings.keyfile or settings.certfile  # the key may follow the chain in certfile
-    password = _password(settings.keyfile_password_file)
+def _set_ciphers(context, ciphers):
+    """`ciphers` (OpenSSL's cipher list) on `context`; ConfigError if it
+    selects nothing, or a suite that authenticates no server (aNULL) or
+    encrypts nothing (eNULL): OpenSSL takes them when asked, and an
+    operator's ``ALL:@SECLEVEL=0`` would serve pages in the clear."""
+    try:
+        context.set_ciphers(ciphers)
+    except ssl.SSLError:
+        raise ConfigError(f'ciphers: OpenSSL selects no cipher from {ciphers!r}') from None
+    unsafe = [suite['name'] for suite in context.get_ciphers()
+              if suite['auth'] == 'auth-null' or suite['symmetric'] is None]
+    if unsafe:
+        raise ConfigError(f'ciphers: {ciphers!r} selects suites without server authentication or '
+                          f'encryption ({", ".join(unsafe[:3])}{", ..." if len(unsafe) > 3 else ""}): '
+                          f'add :!aNULL:!eNULL')
+
+
+def _load_key(context, certfile, keyfile, password_file, prefix=''):
+    """Load certificate chain and key into `context`; errors name the
+    options `prefix` + certfile, keyfile, keyfile_password_file."""
+    password = _password(password_file, prefix)
+    keyfile_named = keyfile or certfile  # the key may follow the chain in certfile
 
     def no_password():
         # Called only for an encrypted key; OpenSSL would prompt on the terminal.
-        raise ConfigError(f'keyfile: {keyfile!r} is encrypted: give its password in '
-                          'keyfile_password_file')
+        raise ConfigError(f'{prefix}keyfile: {keyfile_named!r} is encrypted: give its password in '
+                          f'{prefix}keyfile_password_file')
     try:
-        context.load_cert_chain(settings.certfile, settings.keyfile, password=password or no_password)
+        context.load_cert_chain(certfile, keyfile, password=password or no_password)
     except (ssl.SSLError, OSError) as error:
-        reason = _reason(error)
+        reason = _reason(error, prefix)
         if password and reason == 'no PEM private key here':
-            reason = 'wrong password (keyfile_password_file), or no PEM private key here'
-        raise ConfigError(f'keyfile: {keyfile!r}: {reason}') from None
+            reason = f'wrong password ({prefix}keyfile_password_file), or no PEM private key here'
+        raise ConfigError(f'{prefix}keyfile: {keyfile_named!r}: {reason}') from None
 
 
-def _reason(error):
-    """OpenSSL's reason in words, or the OS's."""
+def _reason(error, prefix=''):
+    """OpenSSL's reason in words, or the OS's; options named with `prefix`."""
     reason = getattr(error, 'reason', None)
-    known = {'KEY_VALUES_MISMATCH': 'the key does not match the certificate (certfile)',
-             'BAD_DECRYPT': 'wrong password for the key (keyfile_password_file)',
+    known = {'KEY_VALUES_MISMATCH': f'the key does not match the certificate ({prefix}certfile)',
+             'BAD_DECRYPT': f'wrong password for the key ({prefix}keyfile_password_file)',
              'PEM_LIB': 'no PEM private key here',
              'NO_CIPHER_MATCH': 'no cipher matches'}
     if reason in known:
@@ -86,7 +102,7 @@ def _reason(error):
     return reason or getattr(error, 'strerror', None) or str(error.args[0] if error.args else error)
 
 
-def _password(path):
+def _password(path, prefix=''):
     """The key's password, read from its file (never from the ini, a log
     or a command line); None without one."""
     if not path:
@@ -95,23 +111,77 @@ def _password(path):
         with open(path, 'rb') as file:
             secret = file.read(MAX_PASSWORD_BYTES + 1)
     except OSError as error:
-        raise ConfigError(f'keyfile_password_file: {path!r}: {error.strerror}') from None
+        raise ConfigError(f'{prefix}keyfile_password_file: {path!r}: {error.strerror}') from None
     if len(secret) > MAX_PASSWORD_BYTES or not secret.strip():
-        raise ConfigError(f'keyfile_password_file: {path!r} must hold the password, '
+        raise ConfigError(f'{prefix}keyfile_password_file: {path!r} must hold the password, '
                           f'one line of at most {MAX_PASSWORD_BYTES} bytes')
     return secret.rstrip(b'\r\n')
 
 
-def certificate(path):
+def client_context(certfile=None, keyfile=None, password_file=None, prefix='health_check_'):
+    """The health check's SSLContext: TLS 1.2 or later, ALPN http/1.1, and
+    with `certfile` a client certificate (`keyfile`, `password_file` as
+    the server's own options; errors name `prefix` + the option).
+
+    The server's certificate is NOT verified: the checker connects to its
+    own server, on a local address (the one it registers, or loopback),
+    with no network in between; there is no name to check it against, and
+    a check asks whether the server answers over TLS and HTTP, not who it
+    is. Raises ConfigError as server_context does."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(ALPN)
+    if certfile:
+        certificate(certfile, prefix + 'certfile')  # else OpenSSL blames the key
+        _load_key(context, certfile, keyfile, password_file, prefix)
+    return context
+
+
+def handshake_refusal(server, client, rounds=10):
+    """Why SSLContext `server` refuses a handshake from SSLContext `client`
+    (a few words, OpenSSL's), or None when it is accepted: a real
+    handshake, in memory (ssl.MemoryBIO), with nothing on the network."""
+    to_server, to_client = ssl.MemoryBIO(), ssl.MemoryBIO()
+    # Client first: in TLS 1.3 the client finishes before the server has
+    # checked the client's certificate, so the server's verdict comes last.
+    sides = [client.wrap_bio(to_client, to_server),
+             server.wrap_bio(to_server, to_client, server_side=True)]
+    finished = [False, False]
+    for _ in range(rounds):
+        for index, side in enumerate(sides):
+            if finished[index]:
+                continue
+            try:
+                side.do_handshake()
+                finished[index] = True
+            except ssl.SSLWantReadError:
+                pass  # its peer's turn
+            except ssl.SSLError as error:
+                return _handshake_reason(error)
+        if all(finished):
+            return None
+    return 'the handshake did not finish'
+
+
+def _handshake_reason(error):
+    verified = getattr(error, 'verify_message', None)
+    if verified:
+        return verified
+    return (error.reason or str(error)).replace('_', ' ').lower()
+
+
+def certificate(path, option='certfile'):
     """What the first certificate of PEM file `path` says: {'subject':
     RFC 4514 string, 'issuer': ..., 'not_before', 'not_after': seconds since
-    the epoch}. Raises ConfigError (option certfile) if it cannot be read."""
+    the epoch}. Raises ConfigError (naming `option`) if it cannot be read."""
     try:
         # The standard library's own decoder (its tests', stable since 2.7):
         # the public API decodes only a peer's certificate.
         decoded = ssl._ssl._test_decode_cert(path)
     except (ssl.SSLError, OSError) as error:
-        raise ConfigError(f'certfile: {path!r}: {_reason(error)}') from None
+        raise ConfigError(f'{option}: {path!r}: {_reason(error)}') from None
     return {'subject': rfc4514(decoded.get('subject', ())),
             'issuer': rfc4514(decoded.get('issuer', ())),
             'not_before': ssl.cert_time_to_seconds(decoded['notBefore']),

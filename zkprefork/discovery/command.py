@@ -4,6 +4,7 @@ regenerates a proxy's configuration (--exec, the Synapse/confd pattern)."""
 import argparse
 import json
 import logging
+import math
 import os
 import queue
 import shutil
@@ -38,6 +39,24 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f'{PROG}: error: {message} (see {PROG} --help)\n')
 
 
+def _seconds(text):
+    """--timeout's value: a finite number of seconds, more than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number of seconds') from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f'{text!r} is out of range (must be more than zero seconds)')
+    return value
+
+
+def _command(text):
+    """--exec's value: a shell command, not empty."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError('an empty command')
+    return text
+
+
 def _parser():
     parser = _OneLineParser(prog=PROG, description=(
         'Print the URLs of the providers registered under PATH, one per line; with --watch, '
@@ -49,12 +68,15 @@ def _parser():
         help=f'the node format: {", ".join(FORMATS)} (default zk)')
     add('--json', action='store_true', help='print the full data of each provider, as JSON')
     add('--watch', action='store_true', help='print a JSON line per snapshot until SIGINT or SIGTERM')
-    add('--exec', metavar='CMD', help=(
-        f'run CMD (with the shell) after each change, the snapshot as JSON on its stdin and in the '
+    add('--exec', metavar='CMD', type=_command, help=(
+        f'run CMD (with the shell) at the start and after each change of the providers\' URLs '
+        f'(with --json, of their data too), the snapshot as JSON on its stdin and in the '
         f'file ${FILE_VARIABLE}; never two at once; a burst of changes runs it once, {COALESCE} s '
-        f'after the last (at most {COALESCE_MAX} s after the first)'))
-    add('--timeout', type=float, default=10.0, metavar='S',
-        help='seconds to wait for ZooKeeper without --watch or --exec (default 10)')
+        f'after the last (at most {COALESCE_MAX} s after the first), and not at all if it ends '
+        f'where the last run was'))
+    add('--timeout', type=_seconds, default=10.0, metavar='S',
+        help='seconds to wait for ZooKeeper without --watch or --exec, which wait as long as '
+             'it takes (default 10)')
     for option in OPTIONS:  # the server's names: --zookeeper-ca-file for zookeeper_ca_file
         add(f'--{option.replace("_", "-")}', dest=option, metavar='VALUE', help=f"as the server's {option}")
     return parser
@@ -108,7 +130,7 @@ def _follow(providers, args):
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: inbox.put(_STOP))  # SimpleQueue.put is reentrant
     threading.Thread(target=_forward, args=(providers, inbox), daemon=True).start()
-    runner = Runner(args.exec) if args.exec else None
+    runner = Runner(args.exec, full=args.json) if args.exec else None
 
     def show(snapshot):
         if args.watch:
@@ -158,15 +180,24 @@ def settle(inbox, snapshot, show=lambda snapshot: None):
 class Runner:
     """Runs one shell command at a time with a snapshot on its stdin and in
     the file named by $ZKPREFORK_PROVIDERS_FILE (replaced atomically, kept
-    until close())."""
+    until close()), for a snapshot whose URLs (`full`: whose data too)
+    differ from the last run's: a proxy's reload is not free (HAProxy
+    closes its idle client connections), and a reload of a server or a
+    change of its worker count only changes the data."""
 
-    def __init__(self, command):
+    def __init__(self, command, full=False):
         self.command = command
+        self.full = full
+        self.last = None  # what the last run was given, as compared
         self.directory = tempfile.mkdtemp(prefix='zkprefork-providers-')
         self.file = os.path.join(self.directory, 'providers.json')
 
     def run(self, snapshot):
         text = to_json(snapshot) + '\n'
+        seen = text if self.full else [(provider.name, provider.url) for provider in snapshot]
+        if seen == self.last:
+            return
+        self.last = seen
         with open(self.file + '.new', 'w', encoding='utf-8') as file:
             file.write(text)
         os.replace(self.file + '.new', self.file)

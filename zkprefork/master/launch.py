@@ -9,7 +9,7 @@ import signal
 import sys
 
 from zkprefork import addresses, inifile, logsetup
-from zkprefork.master import listener, monitor, pidfile, systemd
+from zkprefork.master import listener, monitor, pidfile, systemd, upgrade
 from zkprefork.master.loop import HANDLED_SIGNALS, STOP_SIGNALS, Master
 from zkprefork.master.registrar_link import NoRegistrar, RegistrarLink
 from zkprefork.master.signalqueue import SignalQueue, StopBeforeServing
@@ -41,23 +41,25 @@ def start(make_settings, app=None):
 def serve(settings, signals, app=None, reload_settings=None):
     logsetup.configure(settings.loggers, settings.access_log)
     log.debug('settings: %s', settings)  # paths and names only: no secret is ever in Settings
+    inherited = upgrade.Inherited.from_environment()  # an old master started us (USR2)
     if settings.pidfile:
         pidfile.check(settings.pidfile)
     _raise_fd_limit()
-    sock, settings, reload_settings = _listen(settings, reload_settings)
+    sock, settings, reload_settings = _listen(settings, reload_settings, inherited)
     monitor_sock = None
     try:
         if settings.monitor_server:
-            monitor_sock = monitor.bind(*settings.monitor_server)
+            monitor_sock = ((inherited and inherited.monitor_for(settings.monitor_server))
+                            or monitor.bind(*settings.monitor_server))
         if settings.preload and app is None:
             app = _preload(settings)
             if app is None:
                 return 1
         if settings.pidfile:
             pidfile.write(settings.pidfile)
-        link = RegistrarLink(settings) if settings.registered else NoRegistrar()
+        link = RegistrarLink(settings) if settings.registers else NoRegistrar()
         watch = monitor.Monitor(monitor_sock) if monitor_sock else monitor.NoMonitor()
-        return Master(settings, sock, signals, app, link, reload_settings, watch).run()
+        return Master(settings, sock, signals, app, link, reload_settings, watch, inherited).run()
     finally:
         sock.close()
         if monitor_sock:
@@ -66,17 +68,19 @@ def serve(settings, signals, app=None, reload_settings=None):
             pidfile.remove(settings.pidfile)
 
 
-def _listen(settings, reload_settings):
-    """The listening socket: systemd's (socket activation) or our own.
+def _listen(settings, reload_settings, inherited=None):
+    """The listening socket: the old master's (a live upgrade), systemd's
+    (socket activation) or our own.
 
-    With systemd's, host and port are what that socket is bound to, on every
-    reload too."""
-    sock = systemd.activated_socket()
+    With an inherited one, host and port are what that socket is bound to,
+    on every reload too."""
+    sock = inherited.listener if inherited else systemd.activated_socket()
     if sock is None:
         return listener.bind(settings.host, settings.port), settings, reload_settings
     host, port = sock.getsockname()[:2]
     actual = {'host': '' if addresses.is_wildcard(host) else host, 'port': port}
-    log.info('serving the socket passed by systemd (%s)', addresses.format_address(host, port))
+    log.info('serving the socket passed by %s (%s)', 'the old master' if inherited else 'systemd',
+             addresses.format_address(host, port))
     reload_actual = reload_settings and (lambda: dataclasses.replace(reload_settings(), **actual))
     return sock, dataclasses.replace(settings, **actual), reload_actual
 

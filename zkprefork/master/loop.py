@@ -22,22 +22,22 @@ import time
 import uuid
 
 from zkprefork.master import listener as listening
-from zkprefork import logsetup, proctitle
+from zkprefork import logsetup, proctitle, tls
 from zkprefork.addresses import bindable_host, format_address
-from zkprefork.master import spawn, status, systemd
+from zkprefork.master import spawn, status, systemd, upgrade
+from zkprefork.master.hands import Hands
 from zkprefork.master.monitor import NoMonitor
-from zkprefork.master.pool import BootFailedAtStart, Kill, Pool, Retire, Spawn
+from zkprefork.master.pool import Pool
 from zkprefork.master.registrar_link import NoRegistrar
 from zkprefork.worker.scoreboard import Scoreboards
 from zkprefork.settings import RESTART_ONLY, ConfigError
 from zkprefork.master.status import BOOTING, CLOSING, DONE, DRAINING, RUNNING, UNREGISTERING
-from zkprefork.supervision import NEVER, describe_exit, reaped, send_signal
-from zkprefork.worker.process import Worker
+from zkprefork.supervision import NEVER, send_signal
 
 log = logging.getLogger('zkprefork.master')
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                   signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1)
+                   signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 UNREGISTER_WAIT = 5.0  # seconds the node deletion may take before workers stop anyway
 REGISTRAR_EXIT_WAIT = 5.0
@@ -52,19 +52,20 @@ def keep_restart_only(running, new):
     return dataclasses.replace(new, **{name: getattr(running, name) for name in kept})
 
 
-def forget(selector, fileobj):
-    try:
-        selector.unregister(fileobj)
-    except (KeyError, ValueError):
-        pass  # already forgotten at end of file
+def serving_context(settings):
+    """The SSLContext the workers forked from now serve with, None without
+    TLS (tls.server_context: ConfigError for files that no longer load).
+    Made in the master so that they all share its session ticket keys."""
+    return tls.server_context(settings) if settings.tls else None
 
 
 class Master:
     """`signals` an installed SignalQueue of HANDLED_SIGNALS, `link` a
-    RegistrarLink or NoRegistrar, `monitor` a Monitor or NoMonitor."""
+    RegistrarLink or NoRegistrar, `monitor` a Monitor or NoMonitor,
+    `inherited` an upgrade.Inherited when an old master started this one."""
 
     def __init__(self, settings, listener, signals, app=None, link=None, reload_settings=None,
-                 monitor=None):
+                 monitor=None, inherited=None):
         self.settings = settings
         self.listener = listener
         self.port = listening.bound_port(listener)
@@ -77,6 +78,7 @@ class Master:
         self.phase = BOOTING
         self.exit_status = 0
         self.stop_signal = None  # SIGTERM (drain) or SIGQUIT (now), once a stop is asked
+        self.retiring = False  # a new master took over: workers retire as on a reload
         self.drain_signal = None  # what the workers were told to stop with
         self.deadline = None  # when the current stop phase gives up waiting
         self.signals = signals
@@ -87,16 +89,18 @@ class Master:
         self.notifier = systemd.Notifier()
         self.view = status.MasterView(self)
         self.certificate = status.certificate_of(settings)
+        self.tls_context = serving_context(settings)
+        self.upgrades = upgrade.Upgrades(self, inherited)
+        self.hands = Hands(self, HANDLED_SIGNALS)
 
     # -- the loop --------------------------------------------------------
 
     def run(self):
-        proctitle.set(f'master {self.settings.config_file or ""} '
-                      f'{format_address(bindable_host(self.settings.host), self.port)}')
+        self._title()
         self.signals.watch(self.selector)
         self.monitor.start(self.selector, status.monitor_commands(self.view, self.signals.append),
                            lambda: status.status(self.view))
-        self.link.start(self.selector, time.monotonic())
+        self.upgrades.start_link(time.monotonic())
         spawn.import_serving_stack()
         log.info('master (pid %d) listening at %s, starting %d worker(s) of %d thread(s)',
                  os.getpid(), self.url(), self.pool.count, self.settings.threads)
@@ -118,16 +122,27 @@ class Master:
         for signum in self.signals.pending():
             self._on_signal(signum)
         now = time.monotonic()
-        self._reap(now)
-        self._perform(self.pool.expired(now))
+        self.hands.reap(now)
+        self.hands.perform(self.pool.expired(now))
         self.monitor.expire(now)
+        self.link.expire(now)
+        self.upgrades.step(now)
         self._advance(now)
-        self.notifier.update(status.systemd_state(self.view, now), status.status_line(self.view))
+        if not self.upgrades.taking_over:
+            self.notifier.update(status.systemd_state(self.view, now), status.status_line(self.view))
+        self._title()
+
+    def _title(self):
+        state = self.upgrades.state
+        proctitle.set(f'master {self.settings.config_file or ""} '
+                      f'{format_address(bindable_host(self.settings.host), self.port)}'
+                      + (f' [{state}]' if state else ''))
 
     def _timeout(self):
         now = time.monotonic()
         soonest = min(self.deadline or NEVER, self.pool.next_deadline(now), self.link.next_deadline(now),
-                      self.monitor.next_deadline(), status.systemd_ready_by(self.view))
+                      self.monitor.next_deadline(), status.systemd_ready_by(self.view),
+                      self.upgrades.next_deadline())
         return None if soonest == NEVER else max(0.0, soonest - now)
 
     def url(self):
@@ -137,16 +152,22 @@ class Master:
 
     def _on_signal(self, signum):
         name = signal.Signals(signum).name
-        if signum in (signal.SIGTERM, signal.SIGINT):
+        if signum in STOP_SIGNALS and self.upgrades.hold_stop(signum):
+            log.info('%s: stopping the new master first; then this one', name)
+        elif signum in (signal.SIGTERM, signal.SIGINT):
             log.info('%s: stopping gracefully', name)
             self.stop_signal = self.stop_signal or signal.SIGTERM
         elif signum == signal.SIGQUIT:
             log.info('SIGQUIT: stopping now')
             self.stop_signal = signal.SIGQUIT
+        elif signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU) and self.upgrades.ignored(name):
+            pass
         elif signum == signal.SIGHUP:
             self._reload()
         elif signum in (signal.SIGTTIN, signal.SIGTTOU):
             self._resize(1 if signum == signal.SIGTTIN else -1)
+        elif signum == signal.SIGUSR2:
+            self.upgrades.upgrade(time.monotonic())
         elif signum == signal.SIGUSR1:
             log.info('SIGUSR1: reopening log files')
             logsetup.reopen()
@@ -154,76 +175,38 @@ class Master:
                 send_signal(pid, signal.SIGUSR1)
             self.link.signal(signal.SIGUSR1)
 
-    def _serving(self):
-        """Reloads and resizing only count before a stop was asked."""
+    def serving(self):
+        """Reloads, resizing and upgrades only count before a stop was asked."""
         return self.phase in (BOOTING, RUNNING) and self.stop_signal is None
 
+    def retire(self):
+        """A new master has taken over: stop as on SIGTERM, except that the
+        workers retire as on a reload (idle keep-alive connections stay
+        for a keep-alive timeout, their next request answered)."""
+        self.retiring = True
+        self.stop_signal = self.stop_signal or signal.SIGTERM
+
     def _reload(self):
-        if not self._serving():
+        if not self.serving():
             return
         try:
             new = self.reload_settings() if self.reload_settings else self.settings
+            new = keep_restart_only(self.settings, new)
+            context = serving_context(new)  # the files as they are now, for the new workers
         except ConfigError as error:
             log.error('SIGHUP: the configuration is not valid, keeping the running one: %s', error)
             return
-        self.settings = keep_restart_only(self.settings, new)
+        self.settings, self.tls_context = new, context
+        self.link.reconfigure(self.settings)
         self.certificate = status.certificate_of(self.settings)
         self.pool.reload(self.settings)
         log.info('SIGHUP: reloading: replacing the workers one at a time (generation %d, %d worker(s))',
                  self.pool.generation, self.pool.count)
 
     def _resize(self, change):
-        if self._serving():
+        if self.serving():
             count = self.pool.resize(change)
             log.info('%s: now %d worker(s)', 'SIGTTIN' if change > 0 else 'SIGTTOU', count)
-
-    # -- carrying out the pool's actions ---------------------------------
-
-    def _perform(self, actions):
-        for action in actions:
-            match action:
-                case Spawn(slot):
-                    self._spawn(slot)
-                case Retire(pid):
-                    send_signal(pid, signal.SIGTERM)
-                case Kill(pid):
-                    send_signal(pid, signal.SIGKILL)
-                case BootFailedAtStart():
-                    self.exit_status = 1
-                    self.stop_signal = self.stop_signal or signal.SIGTERM
-
-    def _spawn(self, slot):
-        record = self.scoreboards.claim(self.pool.count, self.settings.threads)
-
-        def serve(link):
-            # Old boards still in use by draining workers would otherwise
-            # stay mapped in this worker for its whole life.
-            self.scoreboards.keep_only(record.board)
-            Worker(slot, self.settings, self.listener, link, record, self.app).run()
-        masters_fds = (self.signals.fds() + [w.link.fileno() for w in self.pool.workers.values()]
-                       + self.link.child_fds() + self.monitor.fds())
-        pid, link = spawn.fork_worker(serve, self.selector, masters_fds, HANDLED_SIGNALS)
-        self.pool.started(slot, pid, time.monotonic(), link).record = record
-        self.selector.register(link.sock, selectors.EVENT_READ, lambda: self._on_worker_link(pid, link))
-
-    def _on_worker_link(self, pid, link):
-        messages = link.messages()
-        if messages is None:
-            forget(self.selector, link.sock)
-        else:
-            self.pool.heard(pid, messages, time.monotonic())
-
-    def _reap(self, now):
-        for pid, wait_status in reaped():
-            worker = self.pool.workers.get(pid)
-            if worker is None:
-                self.link.reap(pid, wait_status, now)
-                continue
-            self._on_worker_link(pid, worker.link)  # what it said last
-            forget(self.selector, worker.link.sock)
-            worker.link.close()
-            self.scoreboards.release(worker.record)
-            self._perform(self.pool.exited(pid, describe_exit(wait_status), now))
 
     # -- phases: each step returns the phase to move to, or None to stay --
 
@@ -246,7 +229,7 @@ class Master:
 
     def _tend(self, now):
         self.link.tend(now)
-        self._perform(self.pool.converge(now))
+        self.hands.perform(self.pool.converge(now))
 
     def _step_booting(self, now):
         if self.stop_signal:
@@ -285,7 +268,8 @@ class Master:
         if quit_now:
             self.link.close()  # the session closes, the node goes with it
         self.link.stand_down()
-        self.scoreboards.stopping()
+        if not self.retiring:
+            self.scoreboards.stopping()
         self.drain_signal = self.stop_signal
         self.deadline = None
         for pid in self.pool.retire_all(now, graceful=not quit_now):

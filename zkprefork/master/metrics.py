@@ -13,7 +13,7 @@ grows across reloads and recycling.
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 
-from zkprefork.master import status
+from zkprefork.master import status, upgrade
 from zkprefork.master.registrar_link import REGISTRATION_STATES
 from zkprefork.worker.scoreboard import BUCKETS
 
@@ -81,8 +81,18 @@ class MasterCollector:
         yield state
         yield GaugeMetricFamily('zkprefork_registered_nodes', 'Nodes registered in ZooKeeper',
                                 value=len(registration['nodes']))
+        yield self._upgrade()
         if self.master.settings.tls:
             yield from self._tls()
+
+    def _upgrade(self):
+        current = self.master.upgrades.state
+        state = GaugeMetricFamily('zkprefork_upgrade_state',
+                                  "A live upgrade's state, 1 for the current one",
+                                  labels=['state'])
+        for name in upgrade.STATES:
+            state.add_metric([name or 'none'], int(name == current))
+        return state
 
     def _tls(self):
         certificate = self.master.certificate or {}

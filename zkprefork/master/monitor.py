@@ -148,6 +148,7 @@ class Monitor:
         self.commands = {}
         self.status = None
         self.clients = {}
+        self.paused = False  # a live upgrade's new master accepts on `sock`
 
     def start(self, selector, commands, status):
         """Serve on `selector`; `status()` is the dict the `status` command shows."""
@@ -222,10 +223,22 @@ class Monitor:
     def fds(self):
         return [self.sock.fileno()] + [client.fileno() for client in self.clients]
 
+    def pause(self):
+        """A live upgrade: stop accepting (the new master accepts on this
+        socket); returns its fd, which stays open for resume()."""
+        self.selector.unregister(self.sock)
+        self.paused = True
+        return self.sock.fileno()
+
+    def resume(self):
+        """The upgrade failed: accept again."""
+        self.selector.register(self.sock, selectors.EVENT_READ, self._accept)
+        self.paused = False
+
     def close(self):
         for connection in list(self.clients.values()):
             self.drop(connection)
-        if self.selector:
+        if self.selector and not self.paused:
             self.selector.unregister(self.sock)
         self.sock.close()
 
@@ -252,6 +265,12 @@ class NoMonitor:
 
     def fds(self):
         return []
+
+    def pause(self):
+        return None
+
+    def resume(self):
+        pass
 
     def close(self):
         pass

@@ -5,6 +5,10 @@ long as it runs, and that lock, not the pid in it, is what makes a pidfile
 "live": a pid can be reused by any process (a `tail -F zkprefork.log`, a
 worker of another server), a lock dies with its holder. The kernel drops
 it when the last descriptor goes, even after SIGKILL.
+
+During a live upgrade (USR2) the old master's pidfile is renamed to
+`<pidfile>.oldbin`, still locked by it, while the new master writes
+`<pidfile>` (as gunicorn and Unicorn do); a failed upgrade renames it back.
 """
 import fcntl
 import os
@@ -13,6 +17,7 @@ import tempfile
 from zkprefork.settings import ConfigError
 
 _held = {}  # path -> the open, locked file this process wrote
+OLDBIN = '.oldbin'
 
 
 def check(path):
@@ -59,8 +64,37 @@ def write(path):
     _held[path] = file
 
 
+def set_aside(path):
+    """Rename our pidfile to `path`.oldbin, keeping its lock: a new master
+    is about to write `path`."""
+    _move(path, path + OLDBIN)
+
+
+def restore(path):
+    """Rename our `path`.oldbin back to `path` (over whatever a failed new
+    master left there)."""
+    _move(path + OLDBIN, path)
+
+
+def _move(source, target):
+    file = _held.pop(source, None)
+    if file is None:
+        return
+    try:
+        if os.path.samestat(os.stat(source), os.fstat(file.fileno())):
+            os.replace(source, target)
+    except OSError:
+        pass  # gone or replaced by someone else: there is nothing of ours to move
+    _held[target] = file
+
+
 def remove(path):
-    """Remove the pidfile if it is still ours, and let go of its lock."""
+    """Remove the pidfile (or its .oldbin) if it is still ours, and let go of its lock."""
+    for each in (path, path + OLDBIN):
+        _remove(each)
+
+
+def _remove(path):
     file = _held.pop(path, None)
     if file is None:
         return

@@ -15,6 +15,7 @@ workers keep serving until the next reload tries again.
 """
 import collections
 import dataclasses
+import enum
 import logging
 from typing import NamedTuple
 
@@ -51,6 +52,51 @@ class BootFailedAtStart(NamedTuple):
     reason: str
 
 
+class Stage(enum.Enum):
+    """Where a worker is in its life (the monitor's words for it: status.py)."""
+    STARTING = 'starting'
+    RUNNING = 'running'
+    RETIRING = 'retiring'
+
+
+class WorkerState(enum.Enum):
+    """A worker's state in the pool (supervisor's ProcessStates are the
+    model): its stage, and whether SIGKILL was decided. A killed worker
+    keeps its stage, which says what its exit means (a boot failure, a
+    timeout, the end it was sent), and only waits to be reaped.
+    `WorkerProcess.enter` makes every transition (_TRANSITIONS)."""
+    STARTING = (Stage.STARTING, False)  # forked, not ready: boot_timeout runs
+    RUNNING = (Stage.RUNNING, False)  # said Ready: the heartbeat timeout runs
+    RETIRING = (Stage.RETIRING, False)  # sent SIGTERM: drains until kill_at
+    STARTING_KILLED = (Stage.STARTING, True)
+    RUNNING_KILLED = (Stage.RUNNING, True)
+    RETIRING_KILLED = (Stage.RETIRING, True)
+
+    @property
+    def stage(self):
+        """Its Stage."""
+        return self.value[0]
+
+    @property
+    def killed(self):
+        return self.value[1]
+
+
+# event -> {state: next state}. An event a state does not list leaves it
+# as it is (Ready from a worker already retiring), except 'kill', which
+# the pool decides once per worker (asserted).
+_TRANSITIONS = {
+    'ready': {WorkerState.STARTING: WorkerState.RUNNING,
+              WorkerState.STARTING_KILLED: WorkerState.RUNNING_KILLED},
+    'retire': {WorkerState.STARTING: WorkerState.RETIRING, WorkerState.RUNNING: WorkerState.RETIRING,
+               WorkerState.STARTING_KILLED: WorkerState.RETIRING_KILLED,
+               WorkerState.RUNNING_KILLED: WorkerState.RETIRING_KILLED},
+    'kill': {WorkerState.STARTING: WorkerState.STARTING_KILLED,
+             WorkerState.RUNNING: WorkerState.RUNNING_KILLED,
+             WorkerState.RETIRING: WorkerState.RETIRING_KILLED},
+}
+
+
 @dataclasses.dataclass(eq=False)
 class WorkerProcess:
     """The master's view of one worker."""
@@ -61,18 +107,23 @@ class WorkerProcess:
     link: object = None  # the master's end of its socket; the pool never touches it
     record: object = None  # its scoreboard.Record; nor this
     last_seen: float = None  # last message, monotonic seconds
-    ready: bool = False
-    boot_error: str = None
+    state: WorkerState = WorkerState.STARTING
+    boot_error: str = None  # why it failed to boot, once it said (BootFailed) or did not in time
     requests: int = 0
     wants_replacement: str = None  # the reason it gave
     limit_reached: str = None  # and the option it reached (max_requests...)
-    retiring: bool = False
     kill_at: float = NEVER  # when a retiring worker is killed
-    killed: bool = False  # SIGKILL decided: nothing more to do but reap it
 
     def __post_init__(self):
         if self.last_seen is None:
             self.last_seen = self.started
+
+    def enter(self, event):
+        """Make the transition of `event` ('ready', 'retire', 'kill')."""
+        transitions = _TRANSITIONS[event]
+        if event == 'kill' and self.state not in transitions:
+            raise AssertionError(f'worker {self.slot} (pid {self.pid}): kill in state {self.state.name}')
+        self.state = transitions.get(self.state, self.state)
 
 
 class Pool:
@@ -125,7 +176,7 @@ class Pool:
         if isinstance(message, Heartbeat):
             worker.requests = message.requests
         elif isinstance(message, Ready):
-            worker.ready = True
+            worker.enter('ready')
             self.backoff[worker.slot].reset()
             log.info('worker %d (pid %d) ready', worker.slot, worker.pid)
         elif isinstance(message, RetireRequest) and worker.wants_replacement is None:
@@ -140,12 +191,13 @@ class Pool:
         worker = self.workers.pop(pid, None)
         if worker is None:
             return []
-        if self.stopping or worker.retiring:
+        stage = worker.state.stage
+        if self.stopping or stage is Stage.RETIRING:
             log.info('worker %d (pid %d) exited: %s', worker.slot, worker.pid, how)
-        elif not worker.ready:
+        elif stage is Stage.STARTING:
             return self._boot_failed(worker, worker.boot_error or how, now)
         else:
-            self.restarts['timeout' if worker.killed else 'exited'] += 1
+            self.restarts['timeout' if worker.state.killed else 'exited'] += 1
             log.warning('worker %d (pid %d) exited unexpectedly: %s; replacing it',
                         worker.slot, worker.pid, how)
         return []
@@ -174,7 +226,7 @@ class Pool:
         self.stopping = True
         kill_at = now + KILL_GRACE + (self.settings.graceful_timeout if graceful else 0)
         for worker in self.workers.values():
-            worker.retiring = True
+            worker.enter('retire')
             worker.kill_at = min(worker.kill_at, kill_at)
         return list(self.workers)
 
@@ -184,7 +236,7 @@ class Pool:
         """Workers that are not retiring, by slot."""
         slots = collections.defaultdict(list)
         for worker in self.workers.values():
-            if not worker.retiring:
+            if worker.state.stage is not Stage.RETIRING:
                 slots[worker.slot].append(worker)
         return slots
 
@@ -198,7 +250,7 @@ class Pool:
             return []
         actions = []
         slots = self._current()
-        replacing = any(not w.ready and any(self._stale(o) for o in slots[w.slot])
+        replacing = any(w.state.stage is Stage.STARTING and any(self._stale(o) for o in slots[w.slot])
                         for here in slots.values() for w in here)
         for slot in range(self.count):
             here = slots.get(slot, [])
@@ -206,7 +258,7 @@ class Pool:
             fresh = [w for w in here if not self._stale(w)]
             if not here:
                 actions += self._spawn_when_due(slot, now)
-            elif stale and any(w.ready for w in fresh):
+            elif stale and any(w.state.stage is Stage.RUNNING for w in fresh):
                 for w in stale:
                     self.restarts[w.limit_reached or 'reload'] += 1
                     reason = w.wants_replacement or 'reloaded: its replacement is ready'
@@ -225,18 +277,19 @@ class Pool:
 
     def _retire(self, worker, reason, now):
         log.info('retiring worker %d (pid %d): %s', worker.slot, worker.pid, reason)
-        worker.retiring = True
+        worker.enter('retire')
         worker.kill_at = now + self.settings.graceful_timeout + KILL_GRACE
         return Retire(worker.pid, reason)
 
     # -- deadlines -------------------------------------------------------
 
     def _deadline_of(self, worker):
-        if worker.killed:
+        stage = worker.state.stage
+        if worker.state.killed:
             return NEVER
-        if worker.retiring:
+        if stage is Stage.RETIRING:
             return worker.kill_at
-        if not worker.ready:
+        if stage is Stage.STARTING:
             return worker.started + self.settings.boot_timeout
         if self.settings.timeout:
             return worker.last_seen + self.settings.timeout
@@ -249,14 +302,15 @@ class Pool:
         for worker in self.workers.values():
             if self._deadline_of(worker) > now:
                 continue
-            if worker.retiring:
+            stage = worker.state.stage
+            if stage is Stage.RETIRING:
                 reason = 'still running after graceful_timeout'
-            elif not worker.ready:
+            elif stage is Stage.STARTING:
                 worker.boot_error = f'not ready within boot_timeout ({self.settings.boot_timeout:g} s)'
                 reason = worker.boot_error
             else:
                 reason = f'sent no heartbeat for {now - worker.last_seen:.1f} s (timeout)'
-            worker.killed = True
+            worker.enter('kill')
             log.error('worker %d (pid %d) %s: killing it', worker.slot, worker.pid, reason)
             actions.append(Kill(worker.pid, reason))
         return actions
@@ -272,11 +326,11 @@ class Pool:
 
     def all_ready(self):
         current = [w for here in self._current().values() for w in here]
-        return len(current) >= self.count and all(w.ready for w in current)
+        return len(current) >= self.count and all(w.state.stage is Stage.RUNNING for w in current)
 
     def serving(self):
         """How many workers are ready and not retiring."""
-        return sum(w.ready and not w.retiring for w in self.workers.values())
+        return sum(w.state.stage is Stage.RUNNING for w in self.workers.values())
 
     def reloading(self):
         return any(self._stale(w) and w.generation < self.generation

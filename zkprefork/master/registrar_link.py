@@ -16,8 +16,10 @@ import time
 
 import zkprefork
 from zkprefork.lines import LineReader
+from zkprefork.master.credentials import HeldCredentials
+from zkprefork.master.heartbeat import Heartbeat
 from zkprefork.registrar.protocol import (
-    STATES, RegistrarConfig, Register, Unregister, make_identity, read_event)
+    STATES, HandOver, Own, RegistrarConfig, Register, Unregister, make_identity, read_event)
 from zkprefork.supervision import MASTER_ONLY_SIGNALS, NEVER, Backoff, describe_exit
 
 log = logging.getLogger('zkprefork.master')
@@ -29,13 +31,15 @@ REGISTRAR_STEADY = 60.0  # seconds a registrar runs before its exit is not "at s
 RESUME_WITHIN = 0.25
 
 # What the master wants of the registrar process: restart it when it exits
-# (RUN), take its exit as the end of the node(s) (UNREGISTER), let it go (STOP).
-RUN, UNREGISTER, STOP = 'run', 'unregister', 'stop'
+# (RUN), take its exit as the end of the node(s) (UNREGISTER), let it go (STOP),
+# let it go with its session left open for a new master (HANDED, a live upgrade).
+RUN, UNREGISTER, STOP, HANDED = 'run', 'unregister', 'stop', 'handed'
 
 # The registration's states as the master reports them: the registrar's own,
-# and two of the link's: no registrar wanted (OFF), one being restarted.
-OFF, RESTARTING = 'off', 'restarting'
-REGISTRATION_STATES = (OFF, *STATES, RESTARTING)
+# and three of the link's: no registrar wanted (OFF), one being restarted,
+# one whose loop stopped answering (UNKNOWN: what it said may not hold).
+OFF, RESTARTING, UNKNOWN = 'off', 'restarting', 'unknown'
+REGISTRATION_STATES = (OFF, *STATES, RESTARTING, UNKNOWN)
 
 
 def _ignore_group_signals():
@@ -46,11 +50,110 @@ def _ignore_group_signals():
         signal.signal(signum, signal.SIG_IGN)
 
 
-class RegistrarLink:
+class SessionHandOver:
+    """RegistrarLink's part in a live upgrade (master/upgrade.py): the
+    session, and the nodes it holds, go from one master's registrar to the
+    other's, never held by two at once."""
+
+    on_spawn = None  # called with each new registrar's pid, before it learns the session
+
+    def hold(self, selector):
+        """New master, at start: no registrar until take_over()."""
+        self._selector = selector
+        self._wanted = HANDED
+
+    def take_over(self, now, secrets=None):
+        """New master: start the registrar, resuming the old master's
+        session if `secrets` (from secrets()) name one."""
+        if secrets:
+            session = secrets['session']
+            self._session = tuple(session) if session else None
+            self._identity = secrets['identity']
+            self._health_up = secrets['health_up']
+            self._handed_over = session is not None
+        self._wanted = RUN
+        self._spawn(now)
+
+    def hand_over(self):
+        """Old master: the registrar exits leaving its session open; once it
+        is reaped (`alive` false), `secrets()` is what the new master needs."""
+        self._wanted = HANDED
+        self._node_data = None
+        self.backoff.cancel()
+        self._send(HandOver().line())
+
+    def secrets(self):
+        """What resumes this link's session elsewhere: {'session': [id,
+        password hex] or None, 'identity', 'health_up'}. Secrets: they
+        travel only on an inherited socket, never argv, environment or logs."""
+        return {'session': self._session, 'identity': self._identity, 'health_up': self._health_up}
+
+    def take_back(self, now):
+        """Old master, the upgrade failed: a new registrar resumes the
+        session handed over (whoever else held it has exited)."""
+        log.info('taking the ZooKeeper session back: starting a registrar')
+        self._wanted = RUN
+        self._spawn(now)
+
+    def own(self):
+        """New master, the old one retires: leaving closes the session again."""
+        if self._handed_over:
+            self._handed_over = False
+            self._send(Own().line())
+
+
+class Watchdog:
+    """RegistrarLink's heartbeat (master/heartbeat.py): what the registrar
+    last said (`_said`) is reported while its loop answers; a registrar
+    whose loop stopped answering is killed, then restarted as a dead one."""
+
+    @property
+    def registration(self):
+        """{'state', 'nodes', 'session', 'since', 'problems', 'error',
+        'health'}: what the registrar last said, or, once its loop has been
+        silent too long to vouch for it, UNKNOWN and no node."""
+        now = time.monotonic()
+        if self._watched() and self.heartbeat.stale(now):
+            return self._unknown(now)
+        return self._said
+
+    @registration.setter
+    def registration(self, value):
+        self._said = value
+
+    def _unknown(self, now):
+        return {**self._said, 'state': UNKNOWN, 'nodes': [],
+                'error': f'the registrar (pid {self.pid}) {self.heartbeat.silence(now)}'}
+
+    def _watched(self):
+        return self.alive and self._wanted in (RUN, UNREGISTER)
+
+    def expire(self, now):
+        """Ping the registrar when due; kill one silent past the bound
+        (reap() then restarts it, resuming the session if it still lives)."""
+        if not self._watched():
+            return
+        ping = self.heartbeat.ping(now)
+        if ping:
+            self._send(ping.line())
+        elif self.heartbeat.dead(now):
+            log.error('the registrar (pid %d) %s (session timeout %g s): killing it', self.pid,
+                      self.heartbeat.silence(now), self.settings.session_timeout / 1000.0)
+            self._said = self._unknown(now)
+            self.heartbeat.stopped()
+            self.signal(signal.SIGKILL)
+
+    def _heartbeat_deadline(self, now):
+        return self.heartbeat.deadline(now) if self._watched() else NEVER
+
+
+class RegistrarLink(SessionHandOver, Watchdog):
     """The registrar, as the master sees it. Times are monotonic seconds."""
 
     def __init__(self, settings):
         self.settings = settings
+        self.credentials = HeldCredentials(settings)
+        self.heartbeat = Heartbeat(settings.session_timeout / 1000.0)
         self.process = None
         self.registration = {'state': STATES[0], 'nodes': []}  # connecting  # what the registrar last said
         self.backoff = Backoff()
@@ -65,6 +168,7 @@ class RegistrarLink:
         self._identity = make_identity()  # used only without the user's credentials
         self._session = None  # (id, password hex) of the last registrar's session
         self._health_up = False  # the last registrar's health check said UP
+        self._handed_over = False  # the session came from an upgrade's old master, not yet ours
 
     @property
     def pid(self):
@@ -99,21 +203,31 @@ class RegistrarLink:
         self.process = subprocess.Popen(
             [sys.executable, '-m', 'zkprefork.registrar'],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env,
-            preexec_fn=_ignore_group_signals)
+            preexec_fn=_ignore_group_signals, pass_fds=self.credentials.fds())
         stdout = self.process.stdout
         os.set_blocking(stdout.fileno(), False)
         self._events = LineReader(lambda size: os.read(stdout.fileno(), size))
         self._selector.register(stdout, selectors.EVENT_READ, self._on_events)
         self._started = now
+        self.heartbeat.started(now)
         self._node_data = None  # a new registrar registers again
         self._confirmed = False
+        if self.on_spawn:
+            self.on_spawn(self.process.pid)
         self._send(self._config().line())
 
     def _config(self):
-        """The registrar's first line. Secrets travel as a file path or an
-        environment variable's name: the registrar reads them itself."""
+        """The registrar's first line. Secrets travel as a file path (and
+        its fd, master/credentials.py) or an environment variable's name:
+        the registrar reads them itself."""
         return RegistrarConfig.from_settings(self.settings, self._identity, self._session,
-                                             self._health_up)
+                                             self._health_up, self._handed_over, self.credentials.fd)
+
+    def reconfigure(self, settings):
+        """A good reload's settings, for every registrar started from now on
+        (the running one needs none of them: those it uses are restart-only)."""
+        self.settings = settings
+        self.credentials.hold(settings)
 
     def _send(self, line):
         try:
@@ -186,12 +300,14 @@ class RegistrarLink:
         for event in map(read_event, lines):
             kind = event.pop('event')
             if kind == 'unregistered':
-                self.registration['nodes'] = []
+                self._said['nodes'] = []
                 self._confirmed = True
             elif kind == 'session':
                 self._session = (event['id'], event['password'])
+            elif kind == 'pong':
+                self.heartbeat.answered(event['seq'], time.monotonic())
             else:
-                self.registration.update(event)
+                self._said.update(event)
                 self._health_up = (event['health'] or {}).get('state') == 'up'
 
 
@@ -208,9 +324,13 @@ class RegistrarLink:
             return False
         self._on_events()  # what it said last
         self._stop_watching()
+        self.heartbeat.stopped()
         self.process.returncode = os.waitstatus_to_exitcode(status)
         self._close_stdin()
-        if self._wanted == UNREGISTER and not self._confirmed:
+        if self._wanted == HANDED:
+            log.info('the registrar (pid %d) left its session to the new master: %s',
+                     pid, describe_exit(status))
+        elif self._wanted == UNREGISTER and not self._confirmed:
             # Killed, its session (and the node) lives on: the next one
             # resumes it and deletes the node (within the master's bound).
             log.warning('the registrar (pid %d) exited while unregistering: %s; starting another '
@@ -239,14 +359,14 @@ class RegistrarLink:
             self._spawn(now)
 
     def next_deadline(self, now):
-        return self.backoff.deadline(now)
+        return min(self.backoff.deadline(now), self._heartbeat_deadline(now))
 
     def child_fds(self):
         """The fds a forked worker must close so that only the master holds
-        the registrar's pipes (its end of file must mean the master died)."""
-        if not self.process:
-            return []
-        return [f.fileno() for f in (self.process.stdin, self.process.stdout) if not f.closed]
+        the registrar's pipes (its end of file must mean the master died),
+        and the credentials file."""
+        pipes = (self.process.stdin, self.process.stdout) if self.process else ()
+        return [f.fileno() for f in pipes if not f.closed] + self.credentials.fds()
 
     # -- what the link tells ---------------------------------------------
 
@@ -262,7 +382,7 @@ class RegistrarLink:
 class NoRegistrar:
     """The link without a zookeeper option: nothing to start, register or wait for."""
 
-    pid = None
+    pid = on_spawn = None
     alive = registered = False
     unregistered = True
 
@@ -281,6 +401,12 @@ class NoRegistrar:
     def tend(self, now):
         pass
 
+    def expire(self, now):
+        pass
+
+    def reconfigure(self, settings):
+        pass
+
     def unregister(self):
         pass
 
@@ -291,6 +417,24 @@ class NoRegistrar:
         pass
 
     def kill(self):
+        pass
+
+    def hold(self, selector):
+        pass
+
+    def take_over(self, now, secrets=None):
+        pass
+
+    def hand_over(self):
+        pass
+
+    def secrets(self):
+        return {'session': None, 'identity': None, 'health_up': False}
+
+    def take_back(self, now):
+        pass
+
+    def own(self):
         pass
 
     def signal(self, signum):

@@ -11,17 +11,21 @@ import psutil
 import zkprefork
 from zkprefork import addresses, tls
 from zkprefork.errors import ConfigError
+from zkprefork.master.pool import Stage
 
 # The master's phases, in the order it goes through them (as status reports them).
 BOOTING, RUNNING, UNREGISTERING, DRAINING, CLOSING, DONE = (
     'booting', 'running', 'unregistering', 'draining', 'closing', 'done')
+# A worker's stage as the monitor shows it (README documents these words).
+SHOWN_STAGES = {Stage.STARTING: 'booting', Stage.RUNNING: 'ready', Stage.RETIRING: 'retiring'}
 
 
 class MasterView:
     """The master as this module and metrics.py see it: these attributes,
     read-only (what they report cannot change what they report on)."""
     VISIBLE = frozenset({'settings', 'port', 'instance', 'phase', 'started_at', 'running_since',
-                         'pool', 'link', 'scoreboards', 'notifier', 'monitor', 'url', 'certificate'})
+                         'pool', 'link', 'scoreboards', 'notifier', 'monitor', 'url', 'certificate',
+                         'upgrades'})
     __slots__ = ('_master',)
 
     def __init__(self, master):
@@ -61,6 +65,7 @@ def status(master):
         'generation': master.pool.generation,
         'workers_wanted': master.pool.count,
         'registration': master.link.registration,
+        'upgrade': master.upgrades.status(),  # None, or upgrade.Upgrades.status()
         'tls': tls_status(master),
         'workers': [_worker_status(w, now) for w in
                     sorted(master.pool.workers.values(), key=lambda w: (w.slot, w.started))],
@@ -102,12 +107,11 @@ def _worker_status(worker, now):
         rss = psutil.Process(worker.pid).memory_info().rss
     except psutil.Error:
         rss = None
-    state = 'retiring' if worker.retiring else 'ready' if worker.ready else 'booting'
     record = worker.record
     busy = [{'thread': number, 'busy': round(max(0.0, now - started), 3), 'request': request}
             for number, started, request, _ in record.busy()]
     return {'slot': worker.slot, 'pid': worker.pid, 'age': round(now - worker.started, 3),
-            'requests': record.requests(), 'rss': rss, 'state': state,
+            'requests': record.requests(), 'rss': rss, 'state': SHOWN_STAGES[worker.state.stage],
             'generation': worker.generation, 'connections': record.head.connections,
             'free_threads': record.standing()[0], 'busy_threads': busy}
 
@@ -149,6 +153,7 @@ def monitor_commands(master, queue_signal):
         'reload': (queue(signal.SIGHUP), 'rolling reload, as SIGHUP'),
         'ttin': (queue(signal.SIGTTIN), 'one worker more, as SIGTTIN'),
         'ttou': (queue(signal.SIGTTOU), 'one worker less, as SIGTTOU'),
+        'upgrade': (queue(signal.SIGUSR2), 'live upgrade: a new master takes over, as SIGUSR2'),
     }
 
 

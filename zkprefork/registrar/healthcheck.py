@@ -9,24 +9,36 @@ UP after ``rise`` passes in a row (a restarted registrar starts as its
 predecessor ended), DOWN again after ``fall`` failures in a
 row. The registrar registers only while UP. Nothing here runs in a worker or
 in the master.
+
+Over TLS the check is an HTTPS client of its own server (tls.client_context:
+the server's certificate is not verified, a client certificate is presented
+when the server asks for one), and reads its certificate files again on
+every reload, as the workers do.
 """
 import http.client
 import logging
 import threading
 import time
 
+from zkprefork import tls
 from zkprefork.addresses import format_address
+from zkprefork.errors import ConfigError
 
 log = logging.getLogger('zkprefork.registrar')
 
 UP, DOWN = 'up', 'down'
 
 
-def probe(host, port, path, timeout, answer_timeout=-1):
+def probe(host, port, path, timeout, answer_timeout=-1, context=None):
     """GET `path` from host:port: (passed, one-line detail). `timeout`
-    (seconds) bounds the connect, `answer_timeout` the wait for the answer
-    (the same by default; None: as long as the server holds the request)."""
-    connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    (seconds) bounds the connect (and the TLS handshake), `answer_timeout`
+    the wait for the answer (the same by default; None: as long as the
+    server holds the request). With `context` (an ssl.SSLContext), over
+    TLS; a failed handshake is an ssl.SSLError's detail."""
+    if context is None:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    else:
+        connection = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
     try:
         connection.connect()
         connection.sock.settimeout(timeout if answer_timeout == -1 else answer_timeout)
@@ -105,11 +117,42 @@ class Checker:
         self.thread = threading.Thread(target=self._run, daemon=True, name='health-check')
         self.outstanding = None  # the request thread of a check unanswered at its timeout
         self.sent = None  # when it was sent (monotonic seconds)
+        self.generation = None  # of the register commands seen (a new one: a reload)
+        self.context = self.unloadable = None  # the TLS context, or why it did not load
+        if options.tls:
+            self._load_context()
 
     def start(self):
-        log.info('health check: GET %s from %s every %g s', self.options.path,
-                 format_address(*self.target), self.options.interval)
+        over = ''
+        if self.options.tls:
+            over = f' over TLS (client certificate {self.options.certfile!r})' \
+                if self.options.certfile else ' over TLS'
+        log.info('health check: GET %s from %s%s every %g s', self.options.path,
+                 format_address(*self.target), over, self.options.interval)
         self.thread.start()
+
+    def follow(self, data):
+        """A register command's `data` (a dict): a new ``generation`` is a
+        reload, which reads the certificate files again, as the workers'."""
+        generation = data.get('generation')
+        if self.generation is not None and generation != self.generation and self.options.tls:
+            self._load_context()
+        self.generation = generation
+
+    def _load_context(self):
+        """Make the TLS context from the files. One that fails to load is
+        one log line; the previous context, if any, goes on being used (the
+        master had checked the files moments before: this is a file
+        changed since, as a bad reload keeps the old workers serving)."""
+        options = self.options
+        try:
+            self.context = tls.client_context(options.certfile, options.keyfile,
+                                              options.keyfile_password_file)
+            self.unloadable = None
+        except ConfigError as error:
+            kept = 'keeping the one loaded before' if self.context else 'every check fails'
+            log.error('health check: the client certificate does not load (%s): %s', error, kept)
+            self.unloadable = str(error)
 
     def stop(self):
         self.stopping.set()
@@ -129,10 +172,13 @@ class Checker:
         if self.outstanding is not None and self.outstanding.is_alive():
             return False, (f'the previous check is still unanswered after '
                            f'{time.monotonic() - self.sent:.1f} s: not sending another')
+        context = self.context
+        if self.options.tls and context is None:
+            return False, self.unloadable
         result = []
         self.outstanding = threading.Thread(target=lambda: result.append(probe(
-            *self.target, self.options.path, self.options.timeout, answer_timeout=None)),
-            daemon=True, name='health-check-request')
+            *self.target, self.options.path, self.options.timeout, answer_timeout=None,
+            context=context)), daemon=True, name='health-check-request')
         self.sent = time.monotonic()
         self.outstanding.start()
         self.outstanding.join(self.options.timeout)

@@ -41,7 +41,6 @@ one) or refuses it, having lost its data (a new client then starts one).
 """
 import logging
 import os
-import queue
 import signal
 import sys
 import threading
@@ -49,8 +48,11 @@ import time
 
 from zkprefork import logsetup, proctitle
 from zkprefork.registrar import healthcheck, nodes as zknodes, security as zksecurity, session as zksession
+from zkprefork.registrar.inbox import (
+    COMMAND, END, HEALTH, STATE, STOP, TICK, TLS, WATCH, ZXID, Inbox, UnknownKind)
 from zkprefork.registrar.protocol import (
-    ProtocolError, RegistrarConfig, Register, Session, State, Unregistered, read_command)
+    HandOver, Own, Ping, Pong, ProtocolError, RegistrarConfig, Register, SessionHeld, State, Unregister,
+    Unregistered, read_command)
 
 log = logging.getLogger('zkprefork.registrar')
 
@@ -93,8 +95,7 @@ class Registrar:
     def __init__(self, config, credentials, events_out):
         self.out = events_out
         self.config = config
-        # SimpleQueue: its put() is reentrant, and the SIGTERM handler posts.
-        self.inbox = queue.SimpleQueue()
+        self.inbox = Inbox()
         self.timers = Timers()
         self.session = zksession.Session(config, credentials, self._post, self.timers)
         self.nodes = zknodes.Nodes(config, self.session, self._watch)
@@ -105,8 +106,10 @@ class Registrar:
             config.health.path, config.health.rise, config.health.fall, config.health_up)
         self.checker = None
         self.first_registration_checked = False
-        self.reported = None
-        self.since = time.time()
+        self.reporter = Reporter(events_out)
+        # A live upgrade's session: leaving keeps it open (HandOver, or
+        # handed to us until Own) for the other master's registrar.
+        self.keep_session = config.handed_over
 
     def run(self):
         """Serve the master until it is gone or done, a signal or an error;
@@ -123,106 +126,82 @@ class Registrar:
             self._leave()
 
     def _serve(self):
-        threading.Thread(target=self._read_commands, daemon=True).start()
+        threading.Thread(target=read_commands, args=(self.inbox.post,), daemon=True).start()
         self._start_client()
         self._report()
         while True:
-            kind, value = self._next()
-            if kind in ('stop', 'end'):
+            kind, value = self.next_message()
+            if kind in (STOP, END) or isinstance(value, HandOver):
+                self.keep_session = self.keep_session or isinstance(value, HandOver)
                 return
             self._handle(kind, value)
             self._confirm_unregistered()
             self._report()
 
-    def _next(self, deadline=None):
-        """The next (kind, value) from the inbox; ('tick', None) when a
+    def next_message(self, deadline=None):
+        """The next (kind, value) from the inbox; (TICK, None) when a
         timer (or the `deadline`, monotonic) is due first."""
         due = [t for t in (self.timers.wait(), deadline and max(0.0, deadline - time.monotonic()))
                if t is not None]
-        try:
-            return self.inbox.get(timeout=min(due) if due else None)
-        except queue.Empty:
-            return 'tick', None
+        return self.inbox.next(min(due) if due else None)
 
     def _leave(self):
         """The one way out. Nothing more is registered, checked or told
         the master; the session is closed, which deletes its nodes. If
         ZooKeeper cannot be reached now and the session may hold nodes,
         wait for it up to a session timeout first, so that the nodes go as
-        soon as it answers, not a session timeout later."""
+        soon as it answers, not a session timeout later.
+
+        In a live upgrade (`keep_session`) the session is left open
+        instead: the process exits at once, without a word to ZooKeeper
+        (kazoo's stop() would close it), and the other master's registrar
+        resumes it, nodes and all."""
         try:
             if self.checker:
                 self.checker.stop()
             for job in (self._ensure, self._warn_unregistered):
                 self.timers.cancel(job)
-            if self._must_wait():
+            if self.keep_session:
+                _exit_keeping_session(self.session)
+            if must_wait(self.session, self.nodes):
                 timeout = self.config.session_timeout / 1000.0
                 log.warning('ZooKeeper unreachable at exit: closing the session (and deleting the node) '
                             'as soon as it answers, for up to %g s', timeout)
-                self._wait_for_zookeeper(time.monotonic() + timeout)
+                wait_for_zookeeper(self, time.monotonic() + timeout)
         finally:
             self.session.close()
 
-    def _must_wait(self):
-        session = self.session
-        return (session.running and not session.failure and not session.refused
-                and session.state in ('connecting', 'suspended') and self.nodes.may_hold())
-
-    def _wait_for_zookeeper(self, deadline):
-        """Only the session's news count now: connected (closing deletes
-        the nodes), lost or refused (the nodes are gone with it), a signal
-        (give up waiting) or the deadline."""
-        while self._must_wait() and time.monotonic() < deadline:
-            kind, value = self._next(deadline)
-            if kind == 'stop':
-                return
-            if kind == 'state':
-                self.session.on_state(*value)
-            elif kind == 'zxid':
-                self.session.on_probed(*value)
-            elif kind == 'tick':
-                self.timers.run_due()
-
     def stop(self):
-        self._post('stop', None)
+        self.inbox.post(STOP, None)
 
     def _post(self, kind, value):
-        self.inbox.put((kind, value))
-
-    def _read_commands(self):
-        try:
-            for line in sys.stdin:
-                try:
-                    self._post('command', read_command(line))
-                except ProtocolError as error:
-                    log.error('ignoring a line from the master: %s', error)
-        finally:
-            # Whatever ends the reading (a line that is not even text too),
-            # the master is not heard any more: leave, never linger.
-            self._post('end', None)
+        self.inbox.post(kind, value)
 
     def _handle(self, kind, value):
-        if kind == 'state':
-            self._on_state(*value)
-        elif kind == 'command' and isinstance(value, Register):
-            self._register(value)
-        elif kind == 'command':
+        handlers = {
+            STATE: lambda: self._on_state(*value), COMMAND: lambda: self._on_command(value),
+            WATCH: self._ensure, TLS: lambda: self._problem(self.session.on_tls_checked(value)),
+            TICK: self.timers.run_due, HEALTH: lambda: self._on_health(*value),
+            ZXID: lambda: self._on_probed(*value)}
+        if kind not in handlers:
+            raise UnknownKind(f'the registrar has no handler for {kind!r}')
+        handlers[kind]()
+
+    def _on_command(self, command):
+        if isinstance(command, Register):
+            self._register(command)
+        elif isinstance(command, Unregister):
             self._unregister()
-        elif kind == 'watch':
-            self._ensure()
-        elif kind == 'tls':
-            self._problem(self.session.on_tls_checked(value))
-        elif kind == 'tick':
-            self.timers.run_due()
-        elif kind == 'health':
-            self._on_health(*value)
-        elif kind == 'zxid':
-            self._on_probed(*value)
+        elif isinstance(command, Own):
+            log.info('the upgrade is done: this registrar owns session 0x%x', self.session.id or 0)
+            self.keep_session = False
+        elif isinstance(command, Ping):
+            self._emit(Pong(command.seq))  # from this loop: it runs
 
     def _watch(self, event):
         # Called on kazoo's event thread; one bound method, so that kazoo
         # keeps a single watcher per node however often it is set.
-        self._post('watch', event)
+        self._post(WATCH, event)
 
     # -- the session ----------------------------------------------------
 
@@ -237,7 +216,7 @@ class Registrar:
         elif self.session.id != before:
             self.nodes.new_session()
         if self.session.id and self.session.id != before:
-            self._emit(Session(self.session.id, self.session.password.hex()))
+            self._emit(SessionHeld(self.session.id, self.session.password.hex()))
         if problem:
             self._fail(problem)
         elif self.session.connected:
@@ -272,6 +251,8 @@ class Registrar:
         self.unregistering = False
         self.command = command
         self._start_checker(command.endpoints)
+        if self.checker:
+            self.checker.follow(command.data)
         self._want()
 
     def _want(self):
@@ -353,28 +334,86 @@ class Registrar:
         _write_event(self.out, event)
 
     def _report(self):
-        """A state event on every change (the health check's counts
-        included); a log line when more than those counts changed."""
-        session = self.session
+        self.reporter.report(self.session, self.nodes, self.health, time.time())
+
+
+class Reporter:
+    """The state events: one on every change (the health check's counts
+    included), and a log line when more than those counts changed."""
+
+    def __init__(self, out):
+        self.out = out
+        self.reported = None
+        self.since = time.time()
+
+    def report(self, session, nodes, health, wall_now):
+        """`wall_now`: seconds since the epoch, the `since` of a new state."""
         state = 'failed' if session.failure else session.state
-        nodes = self.nodes.registered()
-        problems = sorted(self.nodes.problems.values())
+        registered = nodes.registered()
+        problems = sorted(nodes.problems.values())
         session_id = f'0x{session.id:x}' if session.id else None
-        current = (state, session_id, nodes, problems, session.failure)
-        health = self.health.status() if self.health else None
+        current = (state, session_id, registered, problems, session.failure)
+        health = health.status() if health else None
         if (current, health) == self.reported:
             return
         changed = not self.reported or self.reported[0] != current
         if not self.reported or self.reported[0][0] != state:
-            self.since = time.time()
+            self.since = wall_now
         self.reported = (current, health)
-        self._emit(State(state, session_id, nodes, round(self.since, 3), problems, session.failure,
-                         health))
+        _write_event(self.out, State(state, session_id, registered, round(self.since, 3), problems,
+                                     session.failure, health))
         if changed:
-            held = ', '.join(nodes) or ('not known yet (resuming a session)'
-                                        if self.nodes.resumed else 'nothing')
+            held = ', '.join(registered) or ('not known yet (resuming a session)'
+                                             if nodes.resumed else 'nothing')
             log.info('ZooKeeper %s, session %s, registered: %s%s', state, session_id or 'none',
                      held, ''.join(f'; {p}' for p in problems))
+
+
+def must_wait(session, nodes):
+    """Whether leaving waits for ZooKeeper: the session may hold nodes and
+    may still come back."""
+    return (session.running and not session.failure and not session.refused
+            and session.state in ('connecting', 'suspended') and nodes.may_hold())
+
+
+def wait_for_zookeeper(registrar, deadline):
+    """While leaving, only the session's news count: connected (closing
+    deletes the nodes), lost or refused (the nodes are gone with it), a
+    signal (give up waiting) or the `deadline` (monotonic)."""
+    session = registrar.session
+    while must_wait(session, registrar.nodes) and time.monotonic() < deadline:
+        kind, value = registrar.next_message(deadline)
+        if kind == STOP:
+            return
+        if kind == STATE:
+            session.on_state(*value)
+        elif kind == ZXID:
+            session.on_probed(*value)
+        elif kind == TICK:
+            registrar.timers.run_due()
+
+
+def read_commands(post):
+    """The stdin reader's thread: each command line posted as COMMAND."""
+    try:
+        for line in sys.stdin:
+            try:
+                post(COMMAND, read_command(line))
+            except ProtocolError as error:
+                log.error('ignoring a line from the master: %s', error)
+    finally:
+        # Whatever ends the reading (a line that is not even text too),
+        # the master is not heard any more: leave, never linger.
+        post(END, None)
+
+
+def _exit_keeping_session(session):
+    """Exit now, the session left open: the process's end drops the TCP
+    connection without the close request that kazoo's stop() would send."""
+    log.info('leaving session 0x%x open for the next registrar (live upgrade); exiting (pid %d)',
+             session.id or 0, os.getpid())
+    logging.shutdown()
+    os._exit(0)
 
 
 def main():
@@ -412,8 +451,12 @@ def _without_credentials(problem):
         except ProtocolError as error:
             log.error('ignoring a line from the master: %s', error)
             continue
-        if not isinstance(command, Register):
+        if isinstance(command, Unregister):
             _write_event(sys.stdout, Unregistered())
+        elif isinstance(command, Ping):
+            _write_event(sys.stdout, Pong(command.seq))
+        elif isinstance(command, HandOver):
+            return  # no session to leave
 
 
 def _write_event(out, event):

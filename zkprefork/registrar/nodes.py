@@ -195,7 +195,93 @@ class NodeWriter:
         log.info('updated %s %s', wanted.path, wanted.node.data.decode())
 
 
-class Nodes:
+class Reconciling:
+    """The part of Nodes that compares one wanted node with what ZooKeeper
+    holds under the service path (a verdict per node found) and has the
+    NodeWriter write, adopt or update it, or holds it back."""
+
+    def _reconcile(self, wanted):
+        if wanted.node.sequential:
+            self._reconcile_member(wanted)
+        else:
+            self._reconcile_named(wanted)
+        if wanted.ours:
+            self.problems.pop(wanted.node.endpoint, None)
+
+    def _verdict(self, name, raw, stat):
+        return verdict(self.session.id, nodeformat.read_claim(self.format, name, raw, self.instance), stat)
+
+    def _reconcile_named(self, wanted):
+        try:
+            raw, stat = self.session.call('get', wanted.path, watch=self.watch)
+        except NoNodeError:
+            self.writer.create(wanted)
+            return
+        found = self._verdict(wanted.node.name, raw, stat)
+        if found == OURS:
+            wanted.ours = True
+            if raw != wanted.node.data:
+                self.writer.update(wanted, stat)
+        elif found == STALE:
+            self.writer.create(wanted, [(wanted.path, raw, stat)])
+        else:
+            self._hold_back(wanted, wanted.path, found, raw, stat)
+
+    def _reconcile_member(self, wanted):
+        """A sequential node's name is only known once made: find ours
+        among the members by the endpoint it advertises."""
+        if wanted.ours and self._still_ours(wanted):
+            return
+        wanted.ours = False
+        mine, stale, held = self._members_of(wanted.node.endpoint)
+        if mine:
+            self.writer.adopt(wanted, mine, stale)
+        elif held:
+            path, raw, stat, found = held[0]
+            self.session.call('exists', path, watch=self.watch)
+            self._hold_back(wanted, path, found, raw, stat)
+        else:
+            self.writer.create(wanted, stale)
+
+    def _still_ours(self, wanted):
+        try:
+            raw, stat = self.session.call('get', wanted.path, watch=self.watch)
+        except NoNodeError:
+            return False
+        if stat.ephemeralOwner != self.session.id:
+            return False
+        if raw != wanted.node.data:
+            self.writer.update(wanted, stat)
+        return True
+
+    def _members_of(self, endpoint):
+        """The members advertising `endpoint`: (ours, stale, held back), as
+        (path, data, stat) each, held back ones with their verdict."""
+        prefix = nodeformat.TABLE[self.format].member_prefix
+        names = [name for name in self.session.call('get_children', self.base)
+                 if name.startswith(prefix)]
+        mine, stale, held = [], [], []
+        for path, raw, stat in self.session.get_many([_join(self.base, name) for name in names]):
+            name = path.rpartition('/')[2]
+            if nodeformat.read_claim(self.format, name, raw, self.instance).endpoint != endpoint:
+                continue
+            found = self._verdict(name, raw, stat)
+            if found == OURS:
+                mine.append((path, raw, stat))
+            elif found == STALE:
+                stale.append((path, raw, stat))
+            else:
+                held.append((path, raw, stat, found))
+        return mine, stale, held
+
+    def _hold_back(self, wanted, path, found, raw, stat):
+        problem = held_back(path, found, raw, stat)
+        if self.problems.get(wanted.node.endpoint) != problem:
+            log.error('%s', problem)
+        self.problems[wanted.node.endpoint] = problem
+
+
+class Nodes(Reconciling):
     """The desired state and its reconciliation, through a zksession.Session."""
 
     def __init__(self, config, session, watch):
@@ -366,83 +452,3 @@ class Nodes:
         if zksecurity.open_to_anyone(acl):
             log.warning('the ACL of %s (made without credentials?) lets anyone create or delete '
                         'nodes there, so anyone may delete or fake registrations', self.base)
-
-    def _reconcile(self, wanted):
-        if wanted.node.sequential:
-            self._reconcile_member(wanted)
-        else:
-            self._reconcile_named(wanted)
-        if wanted.ours:
-            self.problems.pop(wanted.node.endpoint, None)
-
-    def _verdict(self, name, raw, stat):
-        return verdict(self.session.id, nodeformat.read_claim(self.format, name, raw, self.instance), stat)
-
-    def _reconcile_named(self, wanted):
-        try:
-            raw, stat = self.session.call('get', wanted.path, watch=self.watch)
-        except NoNodeError:
-            self.writer.create(wanted)
-            return
-        found = self._verdict(wanted.node.name, raw, stat)
-        if found == OURS:
-            wanted.ours = True
-            if raw != wanted.node.data:
-                self.writer.update(wanted, stat)
-        elif found == STALE:
-            self.writer.create(wanted, [(wanted.path, raw, stat)])
-        else:
-            self._hold_back(wanted, wanted.path, found, raw, stat)
-
-    def _reconcile_member(self, wanted):
-        """A sequential node's name is only known once made: find ours
-        among the members by the endpoint it advertises."""
-        if wanted.ours and self._still_ours(wanted):
-            return
-        wanted.ours = False
-        mine, stale, held = self._members_of(wanted.node.endpoint)
-        if mine:
-            self.writer.adopt(wanted, mine, stale)
-        elif held:
-            path, raw, stat, found = held[0]
-            self.session.call('exists', path, watch=self.watch)
-            self._hold_back(wanted, path, found, raw, stat)
-        else:
-            self.writer.create(wanted, stale)
-
-    def _still_ours(self, wanted):
-        try:
-            raw, stat = self.session.call('get', wanted.path, watch=self.watch)
-        except NoNodeError:
-            return False
-        if stat.ephemeralOwner != self.session.id:
-            return False
-        if raw != wanted.node.data:
-            self.writer.update(wanted, stat)
-        return True
-
-    def _members_of(self, endpoint):
-        """The members advertising `endpoint`: (ours, stale, held back), as
-        (path, data, stat) each, held back ones with their verdict."""
-        prefix = nodeformat.TABLE[self.format].member_prefix
-        names = [name for name in self.session.call('get_children', self.base)
-                 if name.startswith(prefix)]
-        mine, stale, held = [], [], []
-        for path, raw, stat in self.session.get_many([_join(self.base, name) for name in names]):
-            name = path.rpartition('/')[2]
-            if nodeformat.read_claim(self.format, name, raw, self.instance).endpoint != endpoint:
-                continue
-            found = self._verdict(name, raw, stat)
-            if found == OURS:
-                mine.append((path, raw, stat))
-            elif found == STALE:
-                stale.append((path, raw, stat))
-            else:
-                held.append((path, raw, stat, found))
-        return mine, stale, held
-
-    def _hold_back(self, wanted, path, found, raw, stat):
-        problem = held_back(path, found, raw, stat)
-        if self.problems.get(wanted.node.endpoint) != problem:
-            log.error('%s', problem)
-        self.problems[wanted.node.endpoint] = problem

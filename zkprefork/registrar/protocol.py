@@ -9,6 +9,9 @@ commands::
 
     {"op": "register", "endpoints": [[host, port], ...], "data": {...}}
     {"op": "unregister"}
+    {"op": "hand_over"}
+    {"op": "own"}
+    {"op": "ping", "seq": 7}
 
 On its stdout, events::
 
@@ -17,10 +20,11 @@ On its stdout, events::
      "error": null, "health": null}
     {"event": "unregistered"}
     {"event": "session", "id": 72057594037927937, "password": "0a1b..."}
+    {"event": "pong", "seq": 7}
 
 The user's secrets never travel here: the configuration names the file or
-environment variable that holds them (CredentialsSource), and the registrar
-reads it. Two secrets of the master's own do, and nowhere else (never in a
+environment variable that holds them (CredentialsSource, with the master's
+inherited fd of the file), and the registrar reads it. Two secrets of the master's own do, and nowhere else (never in a
 log, a command line, the monitor or a repr): the digest identity it made up
 at start for its registrars (`identity`, when the user gave no credentials),
 and the session of its last registrar (`resume`), which the next one takes
@@ -74,10 +78,45 @@ class Unregister(typing.NamedTuple):
         return _line(op='unregister')
 
 
+class HandOver(typing.NamedTuple):
+    """A live upgrade (master/upgrade.py): stop touching ZooKeeper and exit
+    WITHOUT closing the session, whose nodes the new master's registrar
+    takes over by resuming it. No answer: the exit is the answer."""
+
+    def line(self):
+        return _line(op='hand_over')
+
+
+class Own(typing.NamedTuple):
+    """To a registrar started `handed_over`: the upgrade is done, leaving
+    closes the session again (as any registrar's)."""
+
+    def line(self):
+        return _line(op='own')
+
+
+class Ping(typing.NamedTuple):
+    """Answered by a Pong of the same `seq` from the registrar's loop (never
+    from a thread of its own): an answer says that the loop still runs, so
+    that what it last reported still holds (master/heartbeat.py)."""
+    seq: int
+
+    def line(self):
+        return _line(op='ping', seq=self.seq)
+
+
+_PLAIN_COMMANDS = {'unregister': Unregister, 'hand_over': HandOver, 'own': Own}
+
+
 def read_command(line):
-    """A command line -> Register or Unregister; ProtocolError otherwise."""
+    """A command line -> Register, Unregister, HandOver, Own or Ping;
+    ProtocolError otherwise."""
     message = _load(line)
     op = message.get('op')
+    if op == 'ping':
+        if type(message.get('seq')) is not int:
+            raise ProtocolError(f'ping: no integer seq in {line!r}')
+        return Ping(message['seq'])
     if op == 'register':
         try:
             endpoints = tuple((str(host), int(port)) for host, port in message['endpoints'])
@@ -86,8 +125,8 @@ def read_command(line):
         if not isinstance(message.get('data'), dict):
             raise ProtocolError(f'register: no data object in {line!r}')
         return Register(endpoints, message['data'])
-    if op == 'unregister':
-        return Unregister()
+    if op in _PLAIN_COMMANDS:
+        return _PLAIN_COMMANDS[op]()
     raise ProtocolError(f'unknown command {op!r}')
 
 
@@ -114,7 +153,7 @@ class Unregistered(typing.NamedTuple):
         return _line(event='unregistered')
 
 
-class Session(typing.NamedTuple):
+class SessionHeld(typing.NamedTuple):
     """The session the registrar holds now: a registrar that replaces it
     resumes it (its nodes stay, with their names and czxids)."""
     id: int
@@ -124,10 +163,18 @@ class Session(typing.NamedTuple):
         return _line(event='session', **self._asdict())
 
     def __repr__(self):
-        return f'Session(id=0x{self.id:x})'
+        return f'SessionHeld(id=0x{self.id:x})'
 
 
-_EVENTS = {'state': State, 'unregistered': Unregistered, 'session': Session}
+class Pong(typing.NamedTuple):
+    """The answer to Ping."""
+    seq: int
+
+    def line(self):
+        return _line(event='pong', seq=self.seq)
+
+
+_EVENTS = {'state': State, 'unregistered': Unregistered, 'session': SessionHeld, 'pong': Pong}
 
 
 def read_event(line):
@@ -162,6 +209,11 @@ class CredentialsSource:
     file: str  # a file holding user:password, or None
     env: str  # or the name of an environment variable holding it
     scheme: str  # 'digest' or 'sasl'
+    # Not an option: the master's fd of `file`, opened when it last
+    # validated the settings and inherited by the registrar, which reads the
+    # secret from it (a file deleted or replaced since changes nothing); or
+    # None: the registrar opens `file` itself.
+    fd: int = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +232,12 @@ class HealthCheckOptions:
     timeout: float  # seconds a check may take
     rise: int  # passes in a row that make a server UP
     fall: int  # failures in a row that make it DOWN
+    tls: bool = False  # the server speaks TLS: so does the check
+    # The client certificate (PEM) it presents, key and key's password
+    # file (paths, or None): Settings.health_check_identity.
+    certfile: str = None
+    keyfile: str = None
+    keyfile_password_file: str = None
 
     @classmethod
     def from_settings(cls, settings):
@@ -187,9 +245,10 @@ class HealthCheckOptions:
             return None
         # Through the real listening socket: a wildcard is reached on loopback.
         host = addresses.reachable_host(settings.host)
+        identity = settings.health_check_identity or (None, None, None)
         return cls(settings.health_check, host, settings.health_check_interval,
                    settings.health_check_timeout or settings.health_check_interval,
-                   settings.health_check_rise, settings.health_check_fall)
+                   settings.health_check_rise, settings.health_check_fall, settings.tls, *identity)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,22 +272,28 @@ class RegistrarConfig:
     # HAProxy's server-state-file keeps states across reloads), so that the
     # node of the resumed session stays.
     health_up: bool = False
+    # `resume` came from the old master of a live upgrade: until an Own
+    # command, every way out leaves the session open, so that the old
+    # master can take it (and its nodes) back if this master fails.
+    handed_over: bool = False
 
     @classmethod
-    def from_settings(cls, settings, identity=None, resume=None, health_up=False):
+    def from_settings(cls, settings, identity=None, resume=None, health_up=False, handed_over=False,
+                      credentials_fd=None):
+        """`credentials_fd`: see CredentialsSource.fd."""
         servers = settings.zookeeper  # a settings.ConnectionString, parsed there
         credentials = tls = None
         if settings.zookeeper_credentials_file or settings.zookeeper_credentials_env:
             credentials = CredentialsSource(settings.zookeeper_credentials_file,
                                             settings.zookeeper_credentials_env,
-                                            settings.zookeeper_auth)
+                                            settings.zookeeper_auth, credentials_fd)
         if settings.zookeeper_ca_file:
             tls = TLSOptions(settings.zookeeper_ca_file, settings.zookeeper_cert_file,
                              settings.zookeeper_key_file, settings.zookeeper_check_hostname)
         return cls(servers.hosts, servers.addresses, servers.chroot, settings.path,
                    settings.session_timeout, settings.node_format, settings.properties,
                    settings.loggers, credentials, tls, HealthCheckOptions.from_settings(settings),
-                   resume=resume, health_up=health_up,
+                   resume=resume, health_up=health_up, handed_over=handed_over,
                    identity=None if credentials else identity)
 
     @property

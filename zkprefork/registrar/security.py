@@ -16,6 +16,9 @@ import typing
 
 from kazoo.security import READ_ACL_UNSAFE, make_acl, make_digest_acl
 
+from zkprefork import zookeeper_tls
+from zkprefork.errors import ConfigError
+
 # How long to wait after a TLS handshake for the server to refuse our
 # certificate: with TLS 1.3 that refusal only arrives after the client
 # considers the handshake done.
@@ -42,7 +45,9 @@ def read_credentials(source):
     only reader of the secret."""
     if source is None:
         return None
-    if source.file:
+    if source.fd is not None:
+        secret = _read_held(source.fd).strip()
+    elif source.file:
         with open(source.file) as file:
             secret = file.read().strip()
     else:
@@ -52,6 +57,19 @@ def read_credentials(source):
         # The secret itself never goes into a message.
         raise ValueError(f'{source.file or source.env} does not hold credentials of the form user:password')
     return Credentials(user, password, source.scheme)
+
+
+def _read_held(fd):
+    """All of the file open at `fd` (the master's, master/credentials.py),
+    from its start whatever its offset, as text; `fd` is closed."""
+    try:
+        chunks, size = [], 0
+        while chunk := os.pread(fd, 65536, size):
+            chunks.append(chunk)
+            size += len(chunk)
+        return b''.join(chunks).decode()
+    finally:
+        os.close(fd)
 
 
 def missing_support(credentials):
@@ -156,22 +174,32 @@ def redact_logs(credentials):
 # -- TLS --------------------------------------------------------------------
 
 def tls_context(tls):
-    """The context kazoo builds from the same options (kazoo.handlers.utils)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.load_default_certs(ssl.Purpose.SERVER_AUTH)
-    context.check_hostname = tls.check_hostname
-    context.verify_mode = ssl.CERT_REQUIRED
-    context.load_verify_locations(tls.ca_file)
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    return context
+    """The context kazoo builds from the same options (kazoo.handlers.utils).
+    Raises ConfigError (one line, naming the option) for a file that does
+    not load."""
+    return zookeeper_tls.client_context(tls.ca_file, tls.cert_file, tls.key_file, tls.check_hostname)
+
+
+def tls_files_problem(tls):
+    """Why the TLS files do not load, in one line naming the option, or
+    None. Read anew each time: they were good at the master's start, but
+    may have changed since (a registrar restarted later reads them again)."""
+    try:
+        tls_context(tls)
+    except ConfigError as error:
+        return str(error)
+    return None
 
 
 def tls_problem(addresses, tls, timeout=2.0):
-    """Why no TLS session with ZooKeeper can be had, in one line; None when
+    """Why no TLS session with ZooKeeper can be had, in one line: the
+    files' problem (tls_files_problem), or a failed handshake's; None when
     a server completes the handshake or none answers at all (that is not a
     TLS problem: ZooKeeper is down)."""
-    context = tls_context(tls)
+    try:
+        context = tls_context(tls)
+    except ConfigError as error:
+        return str(error)
     problems = []
     for host, port in addresses:
         try:

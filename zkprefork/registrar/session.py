@@ -15,6 +15,7 @@ from kazoo.exceptions import KazooException, NoNodeError, RolledBackError
 from kazoo.retry import KazooRetry
 
 from zkprefork.registrar import security as zksecurity
+from zkprefork.registrar.inbox import STATE, TLS, ZXID
 
 log = logging.getLogger('zkprefork.registrar')
 # The probe's own kazoo logger: its attempts fail while ZooKeeper is down,
@@ -90,7 +91,7 @@ class Session:
         # Listeners run on kazoo's connection thread and must not block: they
         # only pass the news (read there, while it is still true) on.
         client.add_listener(lambda state: self.post(
-            'state', (generation, state, client.client_state, client.client_id)))
+            STATE, (generation, state, client.client_state, client.client_id)))
         self.client = client
 
     @property
@@ -100,9 +101,11 @@ class Session:
     def start(self):
         """Connect whenever ZooKeeper answers. Returns a problem (one line)
         if connecting cannot even be tried, else None."""
-        missing = zksecurity.missing_support(self.identity)
-        if missing:
-            return missing
+        # TLS files that do not load would only have kazoo retry them for ever.
+        problem = zksecurity.missing_support(self.identity) or (
+            self.config.tls and zksecurity.tls_files_problem(self.config.tls))
+        if problem:
+            return problem
         self.client.start_async()
         self.running = True
         if self.config.tls:
@@ -175,7 +178,7 @@ class Session:
             return
         generation, options = self.clients, zksecurity.client_options(self.config.tls, self.identity)
         threading.Thread(target=lambda: self.post(
-            'zxid', (generation, server_zxid(self.config.hosts, options))), daemon=True).start()
+            ZXID, (generation, server_zxid(self.config.hosts, options))), daemon=True).start()
 
     def on_probed(self, generation, zxid):
         """The probe's answer, in the loop: True if ZooKeeper refuses our
@@ -193,17 +196,16 @@ class Session:
         # On a thread of its own: a host that drops packets would otherwise
         # keep the loop (and the master's commands) waiting.
         if not self.connected and self.running:
-            threading.Thread(target=lambda: self.post(
-                'tls', zksecurity.tls_problem(self.config.addresses, self.config.tls)),
-                daemon=True).start()
+            threading.Thread(target=lambda: self.post(TLS, tls_failure(self.config)),
+                             daemon=True).start()
 
     def on_tls_checked(self, problem):
-        """The check's result, in the loop. Returns a failed handshake as a
+        """The check's result (tls_failure), in the loop. Returns it as a
         problem that retrying cannot fix, or None."""
         if self.connected or not self.running:
             return None
         if problem:
-            return f'TLS handshake with ZooKeeper failed: {problem}'
+            return problem
         self.timers.at(TLS_CHECK_EVERY, self.check_tls)
         return None
 
@@ -309,6 +311,18 @@ def kazoo_hosts(config):
     random.shuffle(servers)
     attempts = math.ceil(config.session_timeout / 1000.0 / CONNECT_TIMEOUT / len(servers))
     return ','.join(servers * max(1, attempts))
+
+
+def tls_failure(config):
+    """Why the client of `config` (a RegistrarConfig with TLS) gets no TLS
+    session, in one line, or None: its files no longer load (changed since
+    the start: a thread's traceback and kazoo's endless retries otherwise),
+    or the handshake fails. Blocks for a handshake: not in the loop."""
+    problem = zksecurity.tls_files_problem(config.tls)
+    if problem is None:
+        handshake = zksecurity.tls_problem(config.addresses, config.tls)
+        problem = handshake and f'TLS handshake with ZooKeeper failed: {handshake}'
+    return problem
 
 
 def server_zxid(hosts, options):

@@ -47,10 +47,7 @@ def defer(mine, others):
     if not others:
         return False
     free, connections = mine
-    total = connections  # slack(), inline: this runs at every turn of the loop
-    for _, other_connections in others:
-        total += other_connections
-    allowed = 1 + total // (8 * (len(others) + 1))
+    allowed = slack([mine, *others])
     for other_free, other_connections in others:
         if (other_free > 0) != (free > 0):
             if other_free > 0:

@@ -69,7 +69,7 @@ HTTPOptions = dataclasses.make_dataclass(
                '__doc__': 'The HTTP options of a worker: HTTPOptions.from_settings(Settings).'})
 
 
-class Refused(Exception):
+class RequestRefused(Exception):
     """The server answers the request itself with `status` and closes."""
 
     def __init__(self, status, detail):
@@ -97,14 +97,14 @@ def unknown_method(line):
     if end == len(line):
         return None
     if end and line[end] == 0x20:
-        return Refused(501, 'an unknown method')
-    return Refused(400, 'an invalid method')
+        return RequestRefused(501, 'an unknown method')
+    return RequestRefused(400, 'an invalid method')
 
 
 def split_target(target, command):
     """A request-target (RFC 9112 3.2) -> (path, query) as bytes, and the
     scheme and authority (str) of the absolute form, else None, None.
-    Raises Refused for any other form."""
+    Raises RequestRefused for any other form."""
     scheme = authority = None
     if target[:1] == b'/':
         path, _, query = target.partition(b'?')
@@ -116,11 +116,11 @@ def split_target(target, command):
         scheme = url.schema.decode('latin-1')
         authority = absolute_authority(target, url, scheme)
     else:
-        raise Refused(400 if command != 'CONNECT' else 501, 'unsupported request-target form')
+        raise RequestRefused(400 if command != 'CONNECT' else 501, 'unsupported request-target form')
     if b'#' in target:
-        raise Refused(400, 'a fragment in the request target')
+        raise RequestRefused(400, 'a fragment in the request target')
     if not TARGET_CHARS.fullmatch(target):
-        raise Refused(400, 'a character outside RFC 3986 in the request target')
+        raise RequestRefused(400, 'a character outside RFC 3986 in the request target')
     return path, query, scheme, authority
 
 
@@ -128,27 +128,101 @@ def absolute_authority(target, url, scheme):
     """The Host of an absolute-form target: its authority, without userinfo
     (RFC 9110 4.2.4), for the schemes http and https only."""
     if scheme.lower() not in ('http', 'https') or not target.startswith(url.schema + b'://'):
-        raise Refused(400, 'a request target with a scheme other than http or https')
+        raise RequestRefused(400, 'a request target with a scheme other than http or https')
     authority = AUTHORITY.match(target, len(url.schema) + 3)[0].decode('latin-1')
     if '@' in authority:
-        raise Refused(400, 'userinfo in the request target')
+        raise RequestRefused(400, 'userinfo in the request target')
     if not url.host or not valid_host(authority):
-        raise Refused(400, 'an invalid authority in the request target')
+        raise RequestRefused(400, 'an invalid authority in the request target')
     return authority
 
 
-class Request:
-    """One HTTP request read by llhttp; zope.server's request-data interface."""
+class BodyReading:
+    """The body side of a Request: where llhttp's body callbacks put it
+    (a Body), its bounds, and what the task reads it through. The head
+    side (Request) decides the framing and calls `_expect_body()`."""
 
-    completed = False
-    empty = False           # zope.server's channel reads it; never true here
-    error = None            # a Refused: answered by the server, not the application
-    keep_alive = False      # the connection may carry another request after this one
-    headers_complete = False
-    dispatched = False      # handed to a task (before completion for 100-continue)
     expect_continue = False
     chunked = False
     content_length = 0
+    _remaining = None       # bytes of a Content-Length body still to come
+    _body_size = _framing = _chunks = 0
+    _body = None
+
+    def _expect_body(self):
+        expect = self.headers.get('EXPECT', '').lower()
+        self.expect_continue = self.version == '1.1' and expect == '100-continue'
+        self._body = Body(self.expect_continue, self.limits)
+
+    def _count_chunk_framing(self, size):
+        """Bound the chunk extensions and the trailer section: httptools
+        does not pass them on, so the bytes of a chunked body that are not
+        data, beyond CHUNK_LINE per chunk, count against
+        limit_request_header_size."""
+        self._framing += size
+        limit = self.limits.limit_request_header_size
+        if self._framing - self._body_size - CHUNK_LINE * self._chunks > limit:
+            raise RequestRefused(431, f'chunk extensions and trailer fields larger than {limit} bytes')
+
+    def on_chunk_header(self):
+        self._chunks += 1
+
+    def on_body(self, data):
+        self._body_size += len(data)
+        if self._body_size > self.limits.max_request_body_size:
+            raise RequestRefused(413, f'body larger than {self.limits.max_request_body_size} bytes')
+        if self._remaining is not None:
+            self._remaining -= len(data)
+        try:
+            self._body.append(data)
+        except OSError as error:
+            status = 507 if error.errno in NO_SPACE else 500
+            # The one report of it: the client gets no detail of the server's.
+            log.error('cannot store the request body of %s (answered %d): %s', self.first_line, status, error)
+            raise RequestRefused(status, 'the server could not store the request body') from None
+
+    def on_message_complete(self):
+        self.completed = True
+        if self._body is not None:
+            self._body.finish()
+            if self.chunked and not self.expect_continue:
+                self.content_length = self._body_size
+
+    # -- for the task --
+
+    def getBodyStream(self):
+        if self._body is None:
+            return BytesIO(b'')
+        return self._body.stream()
+
+    def body_too_slow(self, now):
+        """Whether the body, begun but not complete, is late at `now`
+        (time.monotonic())."""
+        return self._body is not None and not self.completed and now > self._body.deadline()
+
+    def when_body_read(self, callback):
+        """Call `callback` (once) when the application first reads the body."""
+        if self._body is not None:
+            # Weakly: the callback is the task's, which holds this request
+            # (a cycle, were it strong, for an application that never reads).
+            self._body.on_first_read = weakref.WeakMethod(callback)
+
+    def fail_body(self, error):
+        """The client is gone or too slow: a reader of the body gets OSError."""
+        if self._body is not None:
+            self._body.fail(error)
+
+
+class Request(BodyReading):
+    """One HTTP request read by llhttp, its head parsed and bounded here
+    (the body: BodyReading); zope.server's request-data interface."""
+
+    completed = False
+    empty = False           # zope.server's channel reads it; never true here
+    error = None            # a RequestRefused: answered by the server, not the application
+    keep_alive = False      # the connection may carry another request after this one
+    headers_complete = False
+    dispatched = False      # handed to a task (before completion for 100-continue)
     version = '1.1'
     command = ''
     uri = ''
@@ -157,12 +231,10 @@ class Request:
     first_line = '-'
     request_line = None
     proxy_scheme = proxy_netloc = None
-    _remaining = None       # bytes of a Content-Length body still to come
     _line = b''             # the request line's bytes while they arrive, then None
     _tail = b''             # the last bytes of the previous read
-    _url_size = _head_size = _fields = _body_size = _framing = _chunks = 0
+    _url_size = _head_size = _fields = 0
     _method_refused = False  # by llhttp: the rest of the method decides the answer
-    _body = None
 
     def __init__(self, adj):
         self.limits = adj.http
@@ -211,7 +283,7 @@ class Request:
                 self._parser.feed_data(piece)
             if in_body and self.chunked:
                 self._count_chunk_framing(len(piece))
-        except Refused as refused:
+        except RequestRefused as refused:
             self.refuse(refused)
         except httptools.HttpParserUpgrade:
             pass  # the message is complete; keep_alive is off for upgrades
@@ -224,7 +296,7 @@ class Request:
                 self.keep_alive = False  # where the next one begins is unknown: end here
                 self._parser = None
                 return len(data)
-            self.refuse(cause if isinstance(cause, Refused) else Refused(400, str(error)))
+            self.refuse(cause if isinstance(cause, RequestRefused) else RequestRefused(400, str(error)))
         return end
 
     def _refuse_method(self):
@@ -259,7 +331,7 @@ class Request:
         limits = self.limits
         self._head_size += len(piece)
         if self._head_size > limits.limit_request_header_size:
-            raise Refused(431, f'header section larger than {limits.limit_request_header_size} bytes')
+            raise RequestRefused(431, f'header section larger than {limits.limit_request_header_size} bytes')
         if self._line is None:
             return
         line = self._line + bytes(piece[:limits.limit_request_line + 16])
@@ -268,7 +340,7 @@ class Request:
         # invalid and a proxy may take it, or a bare LF, for part of the line.
         line = line[EMPTY_LINES.match(line).end():]
         if line[:1] == b'\n' or line[:1] == b'\r' and len(line) > 1:
-            raise Refused(400, 'a bare CR or LF before the request line')
+            raise RequestRefused(400, 'a bare CR or LF before the request line')
         self._line = line
         line, crlf, _ = line.partition(b'\r\n')
         if crlf:
@@ -276,17 +348,7 @@ class Request:
             self.request_line = line
         # A CR last may begin the CRLF: the line is that long only if it does not.
         if len(line) - (not crlf and line[-1:] == b'\r') > limits.limit_request_line:
-            raise Refused(414, f'request line longer than {limits.limit_request_line} bytes')
-
-    def _count_chunk_framing(self, size):
-        """Bound the chunk extensions and the trailer section: httptools
-        does not pass them on, so the bytes of a chunked body that are not
-        data, beyond CHUNK_LINE per chunk, count against
-        limit_request_header_size."""
-        self._framing += size
-        limit = self.limits.limit_request_header_size
-        if self._framing - self._body_size - CHUNK_LINE * self._chunks > limit:
-            raise Refused(431, f'chunk extensions and trailer fields larger than {limit} bytes')
+            raise RequestRefused(414, f'request line longer than {limits.limit_request_line} bytes')
 
     def refuse(self, refused):
         """Answer `refused` instead of the application (or stop the body
@@ -315,15 +377,15 @@ class Request:
         self._url.append(piece)
         self._url_size += len(piece)
         if self._url_size > self.limits.limit_request_line:
-            raise Refused(414, f'request target longer than {self.limits.limit_request_line} bytes')
+            raise RequestRefused(414, f'request target longer than {self.limits.limit_request_line} bytes')
 
     def on_header(self, name, value):
         limits = self.limits
         self._fields += 1
         if self._fields > limits.limit_request_fields:
-            raise Refused(431, f'more than {limits.limit_request_fields} header fields')
+            raise RequestRefused(431, f'more than {limits.limit_request_fields} header fields')
         if len(name) + len(value) > limits.limit_request_field_size:
-            raise Refused(431, f'a header field larger than {limits.limit_request_field_size} bytes')
+            raise RequestRefused(431, f'a header field larger than {limits.limit_request_field_size} bytes')
         if b'_' in name or self.headers_complete:
             return  # a trailer field is never merged into the header fields (RFC 9110, 6.5.1)
         key = name.upper().replace(b'-', b'_').decode('ascii')
@@ -332,7 +394,7 @@ class Request:
         if key not in headers:
             headers[key] = value
         elif key == 'HOST':
-            raise Refused(400, 'more than one Host header field')
+            raise RequestRefused(400, 'more than one Host header field')
         else:
             headers[key] += ('; ' if key == 'COOKIE' else ', ') + value
 
@@ -342,12 +404,12 @@ class Request:
         if version != '1.1' and version != '1.0':
             self.version = '1.1'
             if version[:2] != '1.':
-                raise Refused(505, f'HTTP/{version}')
+                raise RequestRefused(505, f'HTTP/{version}')
         method = parser.get_method()
         target = b''.join(self._url)
         line = b'%s %s HTTP/%s' % (method, target, version.encode())
         if line != self.request_line:
-            raise Refused(400, 'the request line is not method SP request-target SP HTTP-version')
+            raise RequestRefused(400, 'the request line is not method SP request-target SP HTTP-version')
         self.first_line = line.decode('latin-1')
         self.command = method.decode('ascii')
         self.uri = target.decode('latin-1')
@@ -370,74 +432,25 @@ class Request:
     def _check_framing(self):
         headers, limits = self.headers, self.limits
         if self.version == '1.1' and 'HOST' not in headers:
-            raise Refused(400, 'no Host header field')
+            raise RequestRefused(400, 'no Host header field')
         if not valid_host(headers.get('HOST', '')):
-            raise Refused(400, 'an invalid Host header field')
+            raise RequestRefused(400, 'an invalid Host header field')
         coding = headers.get('TRANSFER_ENCODING')
         if coding is not None:
             if self.version == '1.0':
-                raise Refused(400, 'Transfer-Encoding in an HTTP/1.0 request')
+                raise RequestRefused(400, 'Transfer-Encoding in an HTTP/1.0 request')
             if coding.lower() != 'chunked':
-                raise Refused(501, 'a transfer coding other than chunked')
+                raise RequestRefused(501, 'a transfer coding other than chunked')
             self.chunked = True
         elif 'CONTENT_LENGTH' in headers:
             self.content_length = int(headers['CONTENT_LENGTH'])  # checked by llhttp
             if self.content_length > limits.max_request_body_size:
-                raise Refused(413, f'body larger than {limits.max_request_body_size} bytes')
+                raise RequestRefused(413, f'body larger than {limits.max_request_body_size} bytes')
             self._remaining = self.content_length
         if self._parser.should_upgrade() and (self.chunked or self.content_length):
-            raise Refused(400, 'a body in a request to upgrade or CONNECT')  # llhttp would not read it
+            raise RequestRefused(400, 'a body in a request to upgrade or CONNECT')  # llhttp would not read it
         if self.chunked or self.content_length:
-            self.expect_continue = self.version == '1.1' and headers.get('EXPECT', '').lower() == '100-continue'
-            self._body = Body(self.expect_continue, limits)
-
-    def on_chunk_header(self):
-        self._chunks += 1
-
-    def on_body(self, data):
-        self._body_size += len(data)
-        if self._body_size > self.limits.max_request_body_size:
-            raise Refused(413, f'body larger than {self.limits.max_request_body_size} bytes')
-        if self._remaining is not None:
-            self._remaining -= len(data)
-        try:
-            self._body.append(data)
-        except OSError as error:
-            status = 507 if error.errno in NO_SPACE else 500
-            # The one report of it: the client gets no detail of the server's.
-            log.error('cannot store the request body of %s (answered %d): %s', self.first_line, status, error)
-            raise Refused(status, 'the server could not store the request body') from None
-
-    def on_message_complete(self):
-        self.completed = True
-        if self._body is not None:
-            self._body.finish()
-            if self.chunked and not self.expect_continue:
-                self.content_length = self._body_size
-
-    # -- for the task --
-
-    def getBodyStream(self):
-        if self._body is None:
-            return BytesIO(b'')
-        return self._body.stream()
-
-    def body_too_slow(self, now):
-        """Whether the body, begun but not complete, is late at `now`
-        (time.monotonic())."""
-        return self._body is not None and not self.completed and now > self._body.deadline()
-
-    def when_body_read(self, callback):
-        """Call `callback` (once) when the application first reads the body."""
-        if self._body is not None:
-            # Weakly: the callback is the task's, which holds this request
-            # (a cycle, were it strong, for an application that never reads).
-            self._body.on_first_read = weakref.WeakMethod(callback)
-
-    def fail_body(self, error):
-        """The client is gone or too slow: a reader of the body gets OSError."""
-        if self._body is not None:
-            self._body.fail(error)
+            self._expect_body()
 
 
 def valid_host(value):

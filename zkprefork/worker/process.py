@@ -13,8 +13,7 @@ import traceback
 
 import psutil
 
-from zkprefork import clock, inifile, logsetup, proctitle, tls
-from zkprefork.errors import ConfigError
+from zkprefork import clock, inifile, logsetup, proctitle
 from zkprefork.worker import balance, scoreboard
 from zkprefork.supervision import MASTER_ONLY_SIGNALS
 from zkprefork.worker.protocol import BootFailed, Heartbeat, Ready, RetireRequest, encode
@@ -45,11 +44,15 @@ def reset_signals(inherited):
 
 class Worker:
 
-    def __init__(self, slot, settings, listener, link, record, app=None):
-        """`record`: this worker's scoreboard.Record."""
+    def __init__(self, slot, settings, listener, link, record, app=None, tls_context=None):
+        """`record`: this worker's scoreboard.Record; `tls_context`: the
+        master's SSLContext (None without TLS), made before the fork so that
+        every worker shares its session ticket keys: a client resumes its
+        TLS session on whichever worker accepts it next."""
         self.slot = slot
         self.settings = settings
         self.listener = listener
+        self.tls_context = tls_context
         self.link = link  # socket to the master: we report on it, EOF = master gone
         self.app = app
         self.stop_reason = None
@@ -79,12 +82,11 @@ class Worker:
 
     def _run(self):
         proctitle.set(f'worker {self.slot} {self.settings.config_file or ""}'.rstrip())
-        self.score.booting(os.getpid(), self.settings.threads)
-        tls_context = self._tls_context()
-        app = None if tls_context is False else self._load_app()
+        self.score.starting(os.getpid(), self.settings.threads)
+        app = self._load_app()
         if app is None:
             return BOOT_FAILED
-        server, dispatcher = self._start_server(app, tls_context)
+        server, dispatcher = self._start_server(app, self.tls_context)
         self.server = server
         self.score.set_state(scoreboard.SERVING)
         self._tell_master(Ready(os.getpid()))
@@ -106,19 +108,6 @@ class Worker:
             summary = traceback.format_exception_only(error)[-1].strip()
             self._tell_master(BootFailed(summary))
             return None
-
-    def _tls_context(self):
-        """This worker's own SSLContext (OpenSSL's objects do not survive a
-        fork), from the files as they are now: None without TLS, False if
-        they no longer load (the master checked them a moment ago)."""
-        if not self.settings.tls:
-            return None
-        try:
-            return tls.server_context(self.settings)
-        except ConfigError as error:
-            log.error('worker %d (pid %d) cannot load its TLS files: %s', self.slot, os.getpid(), error)
-            self._tell_master(BootFailed(str(error)))
-            return False
 
     def _start_server(self, app, tls_context):
         from zkprefork.worker import eventloop, httprequest, wakeup, zopeserver  # zopeserver: imported by the master
@@ -232,7 +221,7 @@ class Worker:
 
     def _drain(self, server):
         """Stop accepting, then let in-flight requests finish (bounded)."""
-        self.score.set_state(scoreboard.DRAINING)
+        self.score.set_state(scoreboard.RETIRING)
         server.stop_accepting()
         if self.quit_now:
             return

@@ -55,7 +55,10 @@ REQUEST_BYTES = 120  # of the request line kept per busy thread
 LIVE_SECONDS = 2.0  # a worker whose loop has not turned for this long may be stuck
 MIN_RECORDS = 64
 
-EMPTY, BOOTING, SERVING, WORN, DRAINING = range(5)
+# A worker's state in its record (Header.state), written by the worker:
+# its record is free, it loads the application, it serves, it has asked to
+# be replaced (it leaves new connections to the others), it drains.
+EMPTY, STARTING, SERVING, WORN, RETIRING = range(5)
 
 
 class ThreadEntry(ctypes.Structure):
@@ -103,10 +106,6 @@ class Record:
     @property
     def state(self):
         return self.head.state
-
-    def live(self, now):
-        """Its loop turned recently (it turns at least once a second)."""
-        return now - self.head.loop_beat < LIVE_SECONDS
 
     def standing(self):
         """What balancing reads, (free threads, connections) as in
@@ -178,10 +177,10 @@ class Scorekeeper:
         """Requests started so far in this worker."""
         return self._started
 
-    def booting(self, pid, threads):
+    def starting(self, pid, threads):
         self.record.head.pid = pid
         self.record.head.threads = min(threads, len(self.record.threads))
-        self.record.head.state = BOOTING
+        self.record.head.state = STARTING
 
     def set_state(self, state):
         self.record.head.state = state
@@ -319,10 +318,6 @@ class Scoreboard:
 
     def in_use(self):
         return len(self._free) < len(self.records)
-
-    def others(self, mine):
-        """The records of the board's other workers."""
-        return [r for r in self.records[:self.header.used] if r is not mine and r.head.state != EMPTY]
 
     def close(self):
         """Unmap the board. Every view into it goes first: mmap refuses to

@@ -16,6 +16,7 @@ import select
 import socket
 import ssl
 import stat
+import struct
 import threading
 import time
 
@@ -102,7 +103,7 @@ class TaskDispatcher(ThreadedTaskDispatcher):
                 task.cancel()
 
 
-class DrainingTask(HTTPTask):
+class WSGITask(HTTPTask):
     """A request to answer: the application's (the environ of PEP 3333,
     100 Continue on the first read of a body the client holds back, the
     body streamed as it is made), or the server's own refusal of a request
@@ -333,7 +334,86 @@ def wait_writable(fd, timeout):
         raise ClientGone(f'the client read nothing for {timeout:g} s')
 
 
-class DrainingChannel(HTTPServerChannel):
+class SendingMixin:
+    """The sending side of an HTTPChannel, run by the thread that owns the
+    channel (the pool thread running its task, else the loop): a response
+    goes out as it is made, and a client that stops reading or goes ends
+    it (ClientGone) instead of filling memory."""
+
+    def send(self, data):
+        """asyncore's send, but a gone client raises ClientGone (asyncore
+        returned 0 and the application went on producing for no one)."""
+        try:
+            return self.socket.send(data)
+        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            return 0  # (OpenSSL's two: a TLS connection's socket)
+        except OSError as error:
+            raise ClientGone(f'the client is gone: {error}') from error
+
+    def close_when_done(self):
+        try:
+            super().close_when_done()
+        except ClientGone:
+            self.will_close = True  # nothing more can be sent: the loop closes it
+            if not self.async_mode:
+                self.async_mode = True
+                self.pull_trigger()
+
+    def write_now(self, data):
+        """Queue `data` and send what the socket takes now; past the output
+        high-water mark, wait for the client to read (ClientGone if it does
+        not within send_timeout). A large piece goes in slices, so that the
+        buffer stays in memory."""
+        mark = self.adj.http.outbuf_high_watermark
+        if len(data) <= mark:
+            pieces = (data,)
+        else:
+            view = memoryview(data)
+            pieces = (view[start:start + mark] for start in range(0, len(data), mark))
+        outbuf = self.outbuf
+        for piece in pieces:
+            outbuf.append(piece)
+            while self._flush_some():
+                pass
+            while len(outbuf) > mark:
+                wait_writable(self._fileno, self.adj.http.send_timeout)
+                while self._flush_some():
+                    pass
+        return len(data)
+
+    def sendfile(self, fd, offset, count):
+        """os.sendfile `count` bytes of `fd` from `offset`, after what is
+        queued; returns the bytes sent."""
+        while self.outbuf:
+            wait_writable(self._fileno, self.adj.http.send_timeout)
+            while self._flush_some():
+                pass
+        sent = 0
+        while sent < count:
+            try:
+                done = os.sendfile(self._fileno, fd, offset + sent, count - sent)
+            except (BlockingIOError, InterruptedError):
+                wait_writable(self._fileno, self.adj.http.send_timeout)
+                continue
+            except OSError as error:
+                raise ClientGone(f'the client is gone: {error}') from error
+            if not done:
+                break  # the file is shorter than it was
+            sent += done
+        return sent
+
+    def send_now(self):
+        try:
+            while self._flush_some():
+                pass
+        except OSError:
+            # The client is gone: the loop closes the channel once handed
+            # back, and nothing it sent runs any more.
+            self.will_close = True
+            self._drop_queued()
+
+
+class HTTPChannel(SendingMixin, HTTPServerChannel):
     """A connection: requests read by llhttp (httprequest.Request), at most
     one ahead of the one running, none after one that ends the connection.
 
@@ -348,7 +428,7 @@ class DrainingChannel(HTTPServerChannel):
     reader, a large response), the channel must close, or reading resumes
     after input waited for a request to finish."""
 
-    task_class = DrainingTask
+    task_class = WSGITask
     parser_class = httprequest.Request
     inbuf = b''     # input not parsed yet: it waits while a request is queued
     abandoned = None  # the request being read when the input ended, until the connection ends
@@ -356,6 +436,7 @@ class DrainingChannel(HTTPServerChannel):
     active_at = 0.0  # clock.now() of the last byte in or out, or of the last task's end
     tls_environ = None  # a TLS connection's SSL_* environ (tlsconnection.TLSChannel)
     zero_copy = True  # a response's file may go by os.sendfile
+    gone = False    # the client went, or read nothing for send_timeout: nothing more is sent
 
     def __init__(self, server, conn, addr, adj=None):
         self.parse_lock = threading.Lock()  # the loop reads; a pool thread resumes parsing
@@ -427,7 +508,11 @@ class DrainingChannel(HTTPServerChannel):
     def expire_stalled(self, now):
         """408 and the end of the connection for a request whose headers took
         longer than request_read_timeout, or whose body stopped arriving; the
-        end of a connection idle for keepalive seconds."""
+        end of a connection idle for keepalive seconds, or whose client has
+        read none of the output waiting for it for send_timeout seconds."""
+        if self.async_mode and (self.gone or self._output_stalled(now)):
+            self._reset()
+            return
         request = self.proto_request
         if request is None:
             self._close_if_idle(now)
@@ -437,7 +522,7 @@ class DrainingChannel(HTTPServerChannel):
                 now - request.started < timeout if not request.headers_complete
                 else self.idle_for(now) < timeout and not request.body_too_slow(now)):
             return
-        refused = httprequest.Refused(408, f'no complete request within {timeout:g} s')
+        refused = httprequest.RequestRefused(408, f'no complete request within {timeout:g} s')
         with self.parse_lock:
             if request is not self.proto_request:
                 return
@@ -447,6 +532,21 @@ class DrainingChannel(HTTPServerChannel):
             request.dispatched = True
         if not dispatched:
             self.handle_request(request)
+
+    def _output_stalled(self, now):
+        return self.outbuf and self.idle_for(now) >= self.adj.http.send_timeout
+
+    def _reset(self):
+        """Close with a reset (SO_LINGER 0), from the loop's thread: a
+        client that reads nothing is gone in all but name, and a plain close
+        would leave its output queued in the kernel for as long as the
+        client keeps its window shut."""
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))
+        except OSError:
+            pass  # already reset by the client
+        self.outbuf.close()
+        self.close()
 
     def _close_if_idle(self, now):
         """Close the connection (from the loop's thread) if it has carried
@@ -525,86 +625,12 @@ class DrainingChannel(HTTPServerChannel):
         with task_lock:
             self.tasks = []
 
-    # -- sending, from the thread that owns the channel --
-
-    def send(self, data):
-        """asyncore's send, but a gone client raises ClientGone (asyncore
-        returned 0 and the application went on producing for no one)."""
-        try:
-            return self.socket.send(data)
-        except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
-            return 0  # (OpenSSL's two: a TLS connection's socket)
-        except OSError as error:
-            raise ClientGone(f'the client is gone: {error}') from error
-
     def handle_comm_error(self):
         # A socket error is the client's doing, not a bug to log.
         if self.async_mode:
             self.close()
         else:
             self.will_close = True
-
-    def close_when_done(self):
-        try:
-            super().close_when_done()
-        except ClientGone:
-            self.will_close = True  # nothing more can be sent: the loop closes it
-            if not self.async_mode:
-                self.async_mode = True
-                self.pull_trigger()
-
-    def write_now(self, data):
-        """Queue `data` and send what the socket takes now; past the output
-        high-water mark, wait for the client to read (ClientGone if it does
-        not within send_timeout). A large piece goes in slices, so that the
-        buffer stays in memory."""
-        mark = self.adj.http.outbuf_high_watermark
-        if len(data) <= mark:
-            pieces = (data,)
-        else:
-            view = memoryview(data)
-            pieces = (view[start:start + mark] for start in range(0, len(data), mark))
-        outbuf = self.outbuf
-        for piece in pieces:
-            outbuf.append(piece)
-            while self._flush_some():
-                pass
-            while len(outbuf) > mark:
-                wait_writable(self._fileno, self.adj.http.send_timeout)
-                while self._flush_some():
-                    pass
-        return len(data)
-
-    def sendfile(self, fd, offset, count):
-        """os.sendfile `count` bytes of `fd` from `offset`, after what is
-        queued; returns the bytes sent."""
-        while self.outbuf:
-            wait_writable(self._fileno, self.adj.http.send_timeout)
-            while self._flush_some():
-                pass
-        sent = 0
-        while sent < count:
-            try:
-                done = os.sendfile(self._fileno, fd, offset + sent, count - sent)
-            except (BlockingIOError, InterruptedError):
-                wait_writable(self._fileno, self.adj.http.send_timeout)
-                continue
-            except OSError as error:
-                raise ClientGone(f'the client is gone: {error}') from error
-            if not done:
-                break  # the file is shorter than it was
-            sent += done
-        return sent
-
-    def send_now(self):
-        try:
-            while self._flush_some():
-                pass
-        except OSError:
-            # The client is gone: the loop closes the channel once handed
-            # back, and nothing it sent runs any more.
-            self.will_close = True
-            self._drop_queued()
 
     def del_channel(self, map=None):
         # zope.server's own del_channel looks the fd up after asyncore has
@@ -665,7 +691,7 @@ class NoObserver:
 class SharedSocketServer(WSGIHTTPServer):
     """A WSGIHTTPServer on an already bound, listening socket."""
 
-    channel_class = DrainingChannel
+    channel_class = HTTPChannel
     draining = False
 
     def __init__(self, sock, application, name, host, task_dispatcher, hit_log, options, observer=None,
@@ -701,6 +727,12 @@ class SharedSocketServer(WSGIHTTPServer):
     def bind(self, address):
         pass
 
+    def accept_connections(self):
+        # Upstream's calls listen(adj.backlog) again: on the shared socket
+        # that would set the master's backlog (listener.BACKLOG) to zope's
+        # for every worker. The master listens already.
+        self.accepting = True
+
     def computeServerName(self, ip=''):
         # The base class does a reverse DNS lookup, which can stall start-up.
         return ip if not addresses.is_wildcard(ip) else socket.gethostname()
@@ -713,6 +745,8 @@ class SharedSocketServer(WSGIHTTPServer):
         except ClientGone:
             task.failed = True
             task.close_on_finish = 1
+            task.channel.outbuf.close()  # for no one: this thread owns the channel still
+            task.channel.gone = True  # the loop resets it: a close would wait to send for ever
         except httprequest.RequestBodyTimeout as error:
             self._answer_failure(task, 408, 'Request Timeout', f'Request Timeout: {error}\n')
         except Exception:
@@ -784,7 +818,7 @@ class SharedSocketServer(WSGIHTTPServer):
         """The connections: channels, and TLS handshakes in progress (which
         are busy, and expire after request_read_timeout)."""
         handshaking = list(self.handshakes.pending) if self.handshakes else []
-        return list(DrainingChannel.active_channels.values()) + handshaking
+        return list(HTTPChannel.active_channels.values()) + handshaking
 
     def expire_stalled_requests(self):
         """Answer 408 to requests whose headers or body stopped arriving
@@ -807,7 +841,7 @@ def server_class(tracelog):
             super().__init__(adj)
             self._Channel__B = datetime.datetime.now()  # zc.zservertracelog's B line reads it
 
-    class TracingChannel(DrainingChannel, zc_tracelog.Channel):
+    class TracingChannel(HTTPChannel, zc_tracelog.Channel):
         parser_class = TracedRequest
 
     class TracingServer(SharedSocketServer, zc_tracelog.Server):

@@ -1,0 +1,192 @@
+"""A registrar replaced, against real processes and a real ZooKeeper: one
+that stopped answering (SIGSTOP) is reported as unknown, killed and
+replaced, one waiting on ZooKeeper is not; a replacement can do what the
+registrar it replaces could (the credentials as last validated, even once
+the file is gone) and gets the settings of the last good reload."""
+import json
+import os
+import re
+import selectors
+import signal
+import time
+
+import psutil
+import pytest
+
+from support import registrar_of, wait_until
+from test_operations import ask, monitor_of
+from test_registrar_faults import gone, lone_registrar  # noqa: F401 (a fixture)
+from test_registration import first_times, port_closed, restart_registrar, start_registered, wait_owned
+from zkprefork.master.heartbeat import START_GRACE, Heartbeat
+from zkprefork.registrar import security as zksecurity
+from zkprefork.registrar.protocol import Ping, Pong, ProtocolError, read_command, read_event
+
+pytestmark = pytest.mark.timeout(120)
+
+PASSWORD = 'pw-liveness-7f3a'
+SESSION = 'session_timeout = 4000\n'  # seconds: pings every 1, unknown after 2, killed after 8
+
+
+def registration(server):
+    return json.loads(ask(monitor_of(server), b'status\n'))['registration']
+
+
+def metric_lines(server, prefix):
+    return [line for line in ask(monitor_of(server), b'metrics\n').splitlines() if line.startswith(prefix)]
+
+
+def next_event(registrar, kind, timeout=10.0):
+    """The next event of `kind` from a LoneRegistrar's stdout (others skipped)."""
+    with selectors.DefaultSelector() as selector:
+        selector.register(registrar.process.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout
+        while selector.select(max(0.0, deadline - time.monotonic())):
+            event = json.loads(registrar.process.stdout.readline())
+            if event['event'] == kind:
+                return event
+    raise AssertionError(f'no {kind} event in {timeout} s:\n{registrar.log()}')
+
+
+def test_ping_and_pong_lines():
+    assert read_command(Ping(3).line()) == Ping(3)
+    assert read_event(Pong(3).line()) == {'event': 'pong', 'seq': 3}
+    for line in ('{"op": "ping"}', '{"op": "ping", "seq": "3"}', '{"op": "ping", "seq": true}'):
+        with pytest.raises(ProtocolError, match='ping: no integer seq'):
+            read_command(line)
+
+
+def test_heartbeat_bounds_follow_the_session_timeout():
+    """Times in seconds from an arbitrary origin; session timeout 4 s."""
+    beat = Heartbeat(4.0)
+    assert (beat.every, beat.stale_after, beat.kill_after) == (1.0, 2.0, 8.0)
+    assert Heartbeat(0.4).kill_after == 5.0  # one request's wait (2 s at least) and the margin
+    beat.started(100.0)
+    assert beat.ping(100.0) == Ping(1) and beat.ping(100.5) is None  # one unanswered at a time
+    assert beat.deadline(100.5) == 100.0 + START_GRACE + 2.0  # a new registrar's grace
+    beat.answered(1, 101.0)
+    assert not beat.stale(101.0) and beat.deadline(101.0) == 102.0
+    assert beat.ping(101.9) is None and beat.ping(102.0) == Ping(2)
+    beat.answered(1, 102.5)  # an old answer proves nothing
+    assert beat.stale(104.0) and not beat.dead(109.9) and beat.dead(110.0)
+    assert beat.deadline(105.0) == 110.0 and beat.deadline(110.0) == float('inf')
+    beat.stopped()
+    assert beat.ping(200.0) is None and not beat.dead(200.0)
+
+
+def test_pings_are_answered_by_the_loop_also_while_zookeeper_is_down(own_zookeeper, zk_path,
+                                                                      lone_registrar):  # noqa: F811
+    zookeeper = own_zookeeper()
+    registrar = lone_registrar(zookeeper, zk_path, 4000)
+    registrar.send({'op': 'ping', 'seq': 1})
+    assert next_event(registrar, 'pong') == {'event': 'pong', 'seq': 1}
+    zookeeper.stop()
+    for seq in (2, 3):
+        time.sleep(1.0)
+        registrar.send({'op': 'ping', 'seq': seq})
+        assert next_event(registrar, 'pong') == {'event': 'pong', 'seq': seq}
+
+
+def test_a_frozen_registrar_is_reported_unknown_then_killed_and_replaced(servers, ini, zookeeper, zk,
+                                                                         zk_path):
+    """SIGSTOP, longer than the session timeout: within the session timeout
+    the status and the metrics stop saying 'connected' with the node (which
+    ZooKeeper drops then); the master kills the registrar and starts
+    another, which registers the node again."""
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path,
+                                    SESSION + 'monitor_server = 127.0.0.1:0\n')
+    first = wait_owned(zk, node)
+    wait_until(lambda: registration(server)['nodes'] == [node], message='the node in the status')
+    frozen = registrar_of(server)
+    frozen.suspend()
+    stopped = time.monotonic()
+    wait_until(lambda: registration(server)['state'] == 'unknown', timeout=6, interval=0.05,
+               message="the registration reported as 'unknown'")
+    noticed = time.monotonic() - stopped
+    said = registration(server)
+    assert noticed < 4.0, f"said 'unknown' {noticed:.1f} s after SIGSTOP (session timeout: 4 s)"
+    assert said['nodes'] == [] and re.fullmatch(rf'the registrar \(pid {frozen.pid}\) has not answered '
+                                                r'for \d+\.\d s', said['error']), said
+    assert metric_lines(server, 'zkprefork_registration_state{state="unknown"}') == [
+        'zkprefork_registration_state{state="unknown"} 1.0']
+    assert metric_lines(server, 'zkprefork_registered_nodes') == ['zkprefork_registered_nodes 0.0']
+
+    wait_until(lambda: gone(frozen), timeout=12, message='the frozen registrar to be killed')
+    killed = time.monotonic() - stopped
+    assert 4.0 < killed < 12.0, killed
+    assert f'the registrar (pid {frozen.pid}) has not answered for' in server.log()
+    successor = registrar_of(server)
+    assert successor.pid != frozen.pid
+    wait_owned(zk, node, other_than=first, timeout=15)  # the frozen session expired with its node
+    wait_until(lambda: registration(server)['nodes'] == [node], timeout=10, message='the node reported again')
+    assert registration(server)['state'] == 'connected'
+    assert server.stop() == 0
+
+
+def test_a_registrar_waiting_on_zookeeper_is_not_killed(servers, ini, own_zookeeper, kazoo_client,
+                                                        zk_path):
+    """ZooKeeper down for longer than the heartbeat's bound (8 s here): the
+    registrar's loop keeps answering; the same registrar registers again."""
+    zookeeper = own_zookeeper()
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, SESSION)
+    wait_owned(kazoo_client(zookeeper.hosts), node)
+    registrar = registrar_of(server)
+    zookeeper.stop()
+    server.wait_for_log('ZooKeeper suspended')
+    time.sleep(10.0)  # the scenario: longer than the bound
+    assert 'has not answered' not in server.log()
+    assert not gone(registrar) and registrar_of(server).pid == registrar.pid
+    zookeeper.start()
+    wait_owned(kazoo_client(zookeeper.hosts, timeout=20), node, timeout=20)
+    assert registrar_of(server).pid == registrar.pid
+    assert server.stop() == 0
+
+
+def credentials_server(servers, ini, zookeeper, zk_path, credentials, options=''):
+    return start_registered(servers, ini, zookeeper.hosts, zk_path,
+                            f'{SESSION}zookeeper_credentials_file = {credentials}\n{options}')
+
+
+def test_a_registrar_restarted_after_the_credentials_file_went_still_deletes_the_node(
+        servers, ini, tmp_path, zookeeper, zk, zk_path):
+    """The file deleted (a secret unmounted), then the registrar killed: its
+    successor resumes the session with the credentials the master validated,
+    and a graceful stop deletes the node before the port closes."""
+    credentials = tmp_path / 'credentials'
+    credentials.write_text(f'app:{PASSWORD}\n')
+    server, node = credentials_server(servers, ini, zookeeper, zk_path, credentials)
+    session = wait_owned(zk, node)
+    credentials.unlink()
+    restart_registrar(server, session, node)
+    server.signal(signal.SIGTERM)
+    seen = first_times({'gone': lambda: not zk.exists(node), 'closed': lambda: port_closed(server.port)},
+                       timeout=10)
+    assert seen['gone'] <= seen['closed'], seen
+    assert server.wait() == 0
+    assert 'cannot read the ZooKeeper credentials' not in server.log()
+    assert PASSWORD not in server.log()
+
+
+def test_a_registrar_restarted_after_a_reload_uses_the_credentials_of_that_reload(
+        servers, ini, tmp_path, zookeeper, kazoo_client, zk_path):
+    """Wrong credentials at start (ZooKeeper refuses them); the file is
+    replaced by one with the right ones, SIGHUP, then the file goes and the
+    registrar is killed: its successor registers with the reload's."""
+    right = zksecurity.Credentials('app', PASSWORD, 'digest')
+    owner = kazoo_client(zookeeper.hosts, auth_data=[('digest', f'app:{PASSWORD}')])
+    owner.create(zk_path, acl=zksecurity.acls(right)[0], makepath=True)
+    credentials = tmp_path / 'credentials'
+    credentials.write_text('app:not-the-password\n')
+    server, node = credentials_server(servers, ini, zookeeper, zk_path, credentials)
+    server.wait_for_log("ZooKeeper refused digest user 'app' to register")
+    rotated = tmp_path / 'credentials.new'
+    rotated.write_text(f'app:{PASSWORD}\n')
+    os.replace(rotated, credentials)  # as a secret is rotated: a new file in its place
+    server.signal(signal.SIGHUP)
+    server.wait_for_log('SIGHUP: reloading')
+    credentials.unlink()
+    registrar = registrar_of(server)
+    registrar.kill()
+    wait_until(lambda: owner.exists(node), timeout=15, message='registration by the successor')
+    assert 'cannot read the ZooKeeper credentials' not in server.log()
+    assert PASSWORD not in server.log()
+    assert server.stop() == 0
