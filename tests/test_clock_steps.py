@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from support import closed_after, wait_until
+from support import closed_after
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -122,8 +122,6 @@ def read_response(sock):
         assert chunk, 'the server closed the connection within a response'
         rest += chunk
     return int(status_line.split()[1]), fields
-
-
 
 
 def served_then_stepped(sock, clock, step):

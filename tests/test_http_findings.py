@@ -305,8 +305,6 @@ def keepalive_server(tmp_path_factory):
     server.stop()
 
 
-
-
 def test_a_connection_that_sends_nothing_is_closed(keepalive_server):
     with socket.create_connection(('127.0.0.1', keepalive_server.port)) as sock:
         assert 0.9 < closed_after(sock) < 3  # keepalive = 1, checked every second

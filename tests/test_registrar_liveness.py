@@ -10,7 +10,6 @@ import selectors
 import signal
 import time
 
-import psutil
 import pytest
 
 from support import registrar_of, wait_until

@@ -358,7 +358,7 @@ def test_status_and_metrics_show_the_certificate_and_handshakes(tls_server, pki)
     assert found['certificate']['issuer'] == 'CN=test CA'
     assert found['handshakes']['completed'] >= 1 and found['cert_reqs'] == 'required'
     metrics = ask(monitor, b'metrics\n')
-    expiry = f'zkprefork_tls_certificate_expiry_timestamp_seconds{{subject="CN=server"}} '
+    expiry = 'zkprefork_tls_certificate_expiry_timestamp_seconds{subject="CN=server"} '
     assert float(metrics.split(expiry)[1].split()[0]) == found['certificate']['not_after']
     assert 'zkprefork_tls_handshake_failures_total{reason="http_request"} 1.0' in metrics
     assert 'zkprefork_tls_handshakes_total ' in metrics

@@ -482,7 +482,6 @@ def test_usr2_without_zookeeper(servers, ini, tmp_path, app_module, new_masters)
     wait_until(lambda: all(gone(pid) for pid in pids), message='the new master and its workers to exit')
 
 
-
 def test_upgrades_in_a_row_keep_the_node(start, zk, zk_path, tmp_path, new_masters):
     server = start(node_format='serverset')
     node = wait_for_node(zk, zk_path)

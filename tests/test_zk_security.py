@@ -348,7 +348,6 @@ def test_a_server_that_refuses_ephemeral_nodes(servers, tmp_path, ensemble):
                                  f'{node_of(server, "/local/providers")} (EphemeralOnLocalSession')
 
 
-
 def test_the_masters_own_identity_is_never_shown(servers, tmp_path, zookeeper, zk, zk_path, kazoo_client):
     """Without credentials the master makes up a digest identity for its
     registrars: it writes the node, and appears in no log, command line,

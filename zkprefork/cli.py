@@ -34,7 +34,6 @@ def _parser():
     return parser
 
 
-
 def settings_from(args):
     config_file = os.path.abspath(args.config)
     options = inifile.read_options(config_file, app_name=args.app_name,

@@ -10,7 +10,6 @@ import ipaddress
 import logging
 import math
 import os
-import re
 import unicodedata
 
 from paste.deploy.converters import asbool

@@ -3,15 +3,14 @@ Settings' certfile, keyfile, keyfile_password_file, ca_certs, cert_reqs,
 ciphers and tls_minimum_version (gunicorn's names; mod_ssl's for what the
 environ says), and what the certificate says of itself.
 
-The master loads it at start and on every reload before a worker is
+The master makes it at start and on every reload before a worker is
 replaced, so that a file that fails to load is one ConfigError naming the
 file and the reason (exit 2 at start; the reload halts, the running
-workers keep serving); each worker then makes its own context from the
-same files (OpenSSL's objects are not shared across fork). OpenSSL does the
+workers keep serving); the workers it forks then serve with that very
+context, and so share its session ticket keys. OpenSSL does the
 protocol (the standard library's ssl): renegotiation is refused, ALPN
 offers http/1.1 only, TLS 1.0 and 1.1 are never accepted.
 """
-import os
 import ssl
 import time
 

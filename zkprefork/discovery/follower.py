@@ -231,4 +231,3 @@ class Follower:
         self._timers.clear()
         self._generation += 1  # nothing more from this client, which stop() closes
         self.fail(message)
-

@@ -6,6 +6,8 @@ from zkprefork.addresses import bindable_host, format_address
 from zkprefork.settings import ConfigError
 
 BACKLOG = 2048
+
+
 def _resolve(host, port):
     if bindable_host(host) == '0.0.0.0':
         return socket.AF_INET, ('0.0.0.0', port)

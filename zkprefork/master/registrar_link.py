@@ -155,7 +155,7 @@ class RegistrarLink(SessionHandOver, Watchdog):
         self.credentials = HeldCredentials(settings)
         self.heartbeat = Heartbeat(settings.session_timeout / 1000.0)
         self.process = None
-        self.registration = {'state': STATES[0], 'nodes': []}  # connecting  # what the registrar last said
+        self.registration = {'state': STATES[0], 'nodes': []}  # what the registrar last said: connecting
         self.backoff = Backoff()
         self._wanted = RUN
         self._selector = None
@@ -309,7 +309,6 @@ class RegistrarLink(SessionHandOver, Watchdog):
             else:
                 self._said.update(event)
                 self._health_up = (event['health'] or {}).get('state') == 'up'
-
 
     def _stop_watching(self):
         if not self.process.stdout.closed:

@@ -77,6 +77,7 @@ class Handshakes:
         log.info('TLS handshake with %s failed (%s): %s%s', addr[0] if addr else '?', reason,
                  error, more)
 
+
 class Handshake(asyncore.dispatcher):
     """One connection's TLS handshake, in the loop's map until it ends."""
 

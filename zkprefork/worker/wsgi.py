@@ -97,6 +97,7 @@ def start_response_for(task):
         task.response_headers = {}
         task.appendResponseHeaders(lines)
         return write
+
     def write(data):
         if not isinstance(data, bytes):
             raise TypeError(f'write() takes bytes, not {type(data).__name__}')
