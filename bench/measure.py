@@ -5,7 +5,8 @@ through a zkprefork.testing.Processes and returns plain data (JSON-able):
                           fairness) against every server, every load
     summarize             the medians of those rounds, per server and load
     memory_preload        zkprefork's memory per worker, with and without preload
-    reload_under_load     zkprefork's rolling reload (SIGHUP) under load
+    reload_under_load     zkprefork's rolling reload (SIGHUP) or live
+                          upgrade (SIGUSR2) under load
     slow_pairs            two concurrent slow requests: on two workers?
     retiring_under_idle_clients
                           HUP, TTOU and max_requests under clients that
@@ -29,7 +30,7 @@ import psutil
 
 from loads import LOADS, loadgen_result, run_fairness, run_wrk, start_loadgen
 from servers import THREADS, TLS_KINDS, WORKERS, Server, make_certificates
-from zkprefork.testing import IdleClients, ZooKeeperServer, free_port, wait_until
+from zkprefork.testing import IdleClients, ZooKeeperServer, free_port, kill_pids, wait_until
 
 IDEAL_SLEEP10 = WORKERS * THREADS / 0.010  # req/s of the 10 ms app, 800 on 2 workers × 4 threads
 
@@ -183,44 +184,116 @@ def _memory(processes, workdir, warm_seconds, extra):
         server.stop()
 
 
-# -- rolling reload under load -------------------------------------------------
+# -- rolling reload and live upgrade under load -------------------------------
 
-def reload_under_load(processes, workdir, duration, hup_at):
+NEW_MASTER = r'zkprefork\.master\[{old}\] SIGUSR2: upgrading: started a new master \(pid (\d+)\)'
+
+
+def reload_under_load(processes, workdir, duration, signal_at, signum=signal.SIGHUP):
     """zkprefork 4 × 4 under bench/loadgen.py (48 connections for duration s),
-    SIGHUP at each of hup_at (s after the load started)."""
+    `signum` to the master at each of signal_at (s after the load started):
+    SIGHUP, a rolling reload; SIGUSR2, a live upgrade. Each USR2 goes to the
+    master serving then (the previous upgrade's new master, once the old one
+    has exited); the last new master is stopped by its pid at the end."""
     server = Server('zkprefork', processes, workdir, workers=4, threads=4).start()
+    masters = [server.proc.pid]  # the old master of each upgrade, then the one serving at the end
     try:
         server.wait_ready()
         load = start_loadgen(processes, workdir, server.port, 48, duration)
         started = time.monotonic()
-        hups = []
-        for at in hup_at:
+        sent = []
+        for at in signal_at:
             time.sleep(max(0.0, started + at - time.monotonic()))  # the scenario's schedule
-            hups.append((time.monotonic(), time.time()))
-            server.proc.signal(signal.SIGHUP)
+            sent.append((time.monotonic(), time.time()))
+            if masters[-1] == server.proc.pid:
+                server.proc.signal(signum)  # the bench's child: never another process's pid
+            else:
+                os.kill(masters[-1], signum)
+            if signum == signal.SIGUSR2:
+                masters.append(_upgraded(server.proc, masters[-1]))
         data = loadgen_result(load, duration + 60)
         text = server.proc.log()
     finally:
+        if masters[-1] != server.proc.pid:
+            _stop_master(masters[-1])
         server.stop()
-    retired = [_log_time(line) for line in text.splitlines()
-               if 'retiring worker' in line and 'reloaded' in line]
-    completions = []
-    for _, wall in hups:
-        after = sorted(t for t in retired if t is not None and t >= wall - 0.01)[:4]
-        completions.append(round(after[-1] - wall, 3) if len(after) == 4 else None)
-    hup_offsets = [round(mono - data['start'], 3) for mono, _ in hups]
+    offsets = [round(mono - data['start'], 3) for mono, _ in sent]
     per_second = [c / data['bucket'] for c in data['per_bucket']]
-    steady = [v for i, v in enumerate(per_second) if 1.0 <= i * data['bucket'] < hup_offsets[0] - 0.1]
-    return {
+    steady = [v for i, v in enumerate(per_second) if 1.0 <= i * data['bucket'] < offsets[0] - 0.1]
+    result = {
+        'signal': signal.Signals(signum).name,
         'ok': data['ok'], 'failed': len(data['failures']), 'failures': data['failures'][:20],
         'failure_offsets_s': [round(t - data['start'], 3) for t, _ in data['failures'][:1000]],
         'bucket': data['bucket'], 'per_bucket': data['per_bucket'],
-        'reconnects': data['reconnects'], 'hups_at_s': hup_offsets,
-        'reload_completed_s': completions, 'duration_s': duration,
+        'reconnects': data['reconnects'], 'signals_at_s': offsets, 'duration_s': duration,
         'steady_rps': statistics.median(steady) if steady else None,
-        'min_bucket_rps_after_hup': min(per_second[int(hup_offsets[0] / data['bucket']):
-                                                   int(duration / data['bucket']) - 1] or [0]),
+        'min_bucket_rps_after_signal': min(per_second[int(offsets[0] / data['bucket']):
+                                                      int(duration / data['bucket']) - 1] or [0]),
     }
+    walls = [wall for _, wall in sent]
+    if signum == signal.SIGUSR2:
+        result.update(_upgrade_times(text, masters, walls))
+    else:
+        result['completed_s'] = _reload_times(text, walls)
+    return result
+
+
+def _upgraded(old, pid, timeout=30):
+    """The pid of the new master that USR2 to master `pid` started, once
+    `pid` has exited (the upgrade is over: the next signal goes to the new one)."""
+    regex = re.compile(NEW_MASTER.format(old=pid))
+    found = wait_until(lambda: regex.search(old.log()), timeout, message=f'master {pid} to start a new master')
+    new = int(found.group(1))
+    try:
+        wait_until(lambda: not _running(pid), timeout, interval=0.01, message=f'the old master {pid} to exit')
+    except AssertionError:
+        raise RuntimeError(f'the live upgrade of master {pid} did not complete:\n{old.log()[-3000:]}') from None
+    old.alive()  # reaps the bench's own child once it has exited
+    return new
+
+
+def _stop_master(pid, timeout=15):
+    """SIGTERM the master `pid` (not the bench's child: an upgrade started
+    it), wait for it and its processes to exit, kill what is left."""
+    try:
+        family = [pid] + [child.pid for child in psutil.Process(pid).children(recursive=True)]
+        os.kill(pid, signal.SIGTERM)
+    except (psutil.NoSuchProcess, ProcessLookupError):
+        return
+    try:
+        wait_until(lambda: not any(_running(p) for p in family), timeout, message=f'master {pid} to stop')
+    except AssertionError:
+        kill_pids(family)
+
+
+def _reload_times(text, walls):
+    """Seconds from each HUP (time.time()) until all 4 old workers retired, replacement ready."""
+    retired = [_log_time(line) for line in text.splitlines()
+               if 'retiring worker' in line and 'reloaded' in line]
+    completions = []
+    for wall in walls:
+        after = sorted(t for t in retired if t is not None and t >= wall - 0.01)[:4]
+        completions.append(round(after[-1] - wall, 3) if len(after) == 4 else None)
+    return completions
+
+
+def _upgrade_times(text, masters, walls):
+    """From each USR2 (time.time()): the old master logged that the new one
+    had taken over (its workers retire then), and it logged its exit
+    (the upgrade complete); its exit status; the masters' pids in turn."""
+    def logged(pattern):
+        for line in text.splitlines():
+            if (match := re.search(pattern, line)) and (stamp := _log_time(line)) is not None:
+                return stamp, match
+        return None, None
+    taken, completed, statuses = [], [], []
+    for old, wall in zip(masters, walls):
+        stamp, _ = logged(rf'zkprefork\.master\[{old}\] upgrade: the new master \(pid \d+\) has taken over')
+        taken.append(None if stamp is None else round(stamp - wall, 3))
+        stamp, match = logged(rf'master \(pid {old}\) exiting with status (\d+)')
+        completed.append(None if stamp is None else round(stamp - wall, 3))
+        statuses.append(None if match is None else int(match.group(1)))
+    return {'taken_over_s': taken, 'completed_s': completed, 'old_exit_status': statuses, 'masters': masters}
 
 
 def _log_time(line):

@@ -3,7 +3,7 @@ the peer table printed at the end of a run, all from the data of one run
 (bench/results/main.json), so that `run.py --render` can write them again.
 
     machine_info   what the run was measured on (CPU, versions, commit)
-    write_results  main.json (and apps.json, tls.json) -> RESULTS.md and the reload plot
+    write_results  main.json (and apps.json, tls.json) -> RESULTS.md, the reload and upgrade plots
     peer_table     the side-by-side table with ratios to each peer (markdown lines)
     targets        the targets of main.json with their measured value and pass/fail
     suite_targets  the same for any run's data: main, apps (issue 22) or tls (issue 19)
@@ -98,10 +98,13 @@ def write_results(out_dir, quick):
     runs.update({name: _load(os.path.join(out_dir, file)) for name, file in SUITE_FILES.items()})
     main_data = runs['main']
     results_md = os.path.join(out_dir if quick else BENCH, 'RESULTS-quick.md' if quick else 'RESULTS.md')
-    png_name = 'reload-quick.png' if quick else 'reload.png'
-    if main_data and main_data.get('reload', {}).get('per_bucket'):
-        plot_reload(main_data['reload'], os.path.join(os.path.dirname(results_md), png_name))
-    render(results_md, runs, png_name)
+    png_names = {}
+    for part, (title, _, _, png) in SIGNALLED.items():  # the reload plot, the live upgrade plot
+        png_names[part] = f'{png}-quick.png' if quick else f'{png}.png'
+        if main_data and main_data.get(part, {}).get('per_bucket'):
+            plot_reload(main_data[part], os.path.join(os.path.dirname(results_md), png_names[part]),
+                        title=f'zkprefork, 4 workers x 4 threads, {title.lower()}')
+    render(results_md, runs, png_names)
     return results_md, runs
 
 
@@ -113,10 +116,11 @@ def _load(path):
         return None
 
 
-def render(path, runs, png_name):
+def render(path, runs, png_names):
+    """png_names: {'reload': file name, 'upgrade': file name} of the plots, beside path."""
     lines = ['# zkprefork benchmark results', '']
     if runs.get('main'):
-        lines += _render_main(runs['main'], png_name)
+        lines += _render_main(runs['main'], png_names)
     for name in SUITE_FILES:
         if runs.get(name):
             lines += _render_suite(runs[name])
@@ -267,11 +271,19 @@ def _run_targets(main):
         _add(rows, '1000 keep-alive connections on 2 workers all served (no errors, no timeouts)',
             f'{cell["errors"]} errors ({cell["socket_errors"]["timeout"]} timeouts) in {cell["rounds"]} round(s)',
             cell['errors'] == 0)
-    reload = main.get('reload')
-    if reload:
-        _add(rows, 'zero failed requests across a HUP under load',
-            f'{reload["failed"]} failed of {reload["ok"] + reload["failed"]}', reload['failed'] == 0)
+    rows += signalled_targets(main)
     return rows + _zookeeper_memory_targets(main)
+
+
+def signalled_targets(main, parts=('reload', 'upgrade')):
+    """The target rows of the rolling reload and the live upgrade (those of `parts` measured)."""
+    rows = []
+    for part in parts:
+        if data := main.get(part):
+            what = 'a HUP' if part == 'reload' else 'a live upgrade (USR2)'
+            _add(rows, f'zero failed requests across {what} under load',
+                f'{data["failed"]} failed of {data["ok"] + data["failed"]}', data['failed'] == 0)
+    return rows
 
 
 def _zookeeper_memory_targets(main):
@@ -323,7 +335,7 @@ def _peer_targets(summary, ours='zkprefork'):
     return rows
 
 
-def _render_main(main, png_name):
+def _render_main(main, png_names):
     lines = ['## Side by side', ''] + _machine_lines(main['machine'], main['settings'], main.get('loadavg_end'))
     lines += ['Servers, 2 workers × 4 threads each: '
               + '; '.join(KINDS[server][0] for server in main['settings']['servers'])
@@ -338,8 +350,9 @@ def _render_main(main, png_name):
     lines += _detail_table(main['summary'], main['settings']['servers'], main['settings']['loads'])
     lines += _other_cpu_note(main['summary'])
     lines += _slow_rounds_note(main.get('cells', {}).get('zkprefork', {}))
-    if main.get('reload'):
-        lines += [''] + _render_reload(main['reload'], png_name)
+    for part in SIGNALLED:  # the rolling reload, the live upgrade
+        if main.get(part):
+            lines += [''] + _render_reload(main[part], png_names[part], part)
     if main.get('slow_pairs'):
         lines += _render_scoreboard(main['slow_pairs'], main['idle_clients'])
     zkl = main.get('zookeeper')
@@ -363,22 +376,65 @@ def _render_main(main, png_name):
     return lines
 
 
-def _render_reload(reload, png_name):
-    lines = ['### Rolling reload under load', '',
-             'zkprefork 4 workers × 4 threads, hello world, bench/loadgen.py with 48 keep-alive connections '
-             f'for {reload["duration_s"]} s, SIGHUP to the master at '
-             f'{", ".join(f"{t:.1f}" for t in reload["hups_at_s"])} s.',
-             '',
-             f'- responses: {reload["ok"]} ok, **{reload["failed"]} failed**; '
-             f'{reload["reconnects"]} reconnects after `Connection: close` from draining workers',
-             f'- steady state before the HUP: {_fmt(reload["steady_rps"], 0)} req/s (median of 100 ms buckets); '
-             f'lowest 100 ms bucket after it: {_fmt(reload["min_bucket_rps_after_hup"], 0)} req/s',
-             '- all 4 old workers retired (replacement ready) within: '
-             + ', '.join(f'{_fmt(c, 2)} s' for c in reload['reload_completed_s']) + ' of the HUP',
-             '', f'![requests per second across the HUP]({png_name})', '']
-    if reload['failures']:
+# The parts of main.json that signal the master under load (measure.reload_under_load):
+# part -> (section title, what the signal does, when it is complete, plot's base name).
+SIGNALLED = {
+    'reload': ('Rolling reload under load', 'a rolling reload',
+               'all 4 old workers retired (replacement ready) within', 'reload'),
+    'upgrade': ('Live upgrade under load', 'a live upgrade: a new master re-execs with the same command line, '
+                'inherits the socket, boots 4 workers; the old master\'s workers retire and it exits',
+                'the old master exited (status {status}) within', 'upgrade'),
+}
+
+
+def _signalled(data):
+    """A reload_under_load result; the names of an older main.json (SIGHUP only) read as today's."""
+    old = {'signals_at_s': 'hups_at_s', 'completed_s': 'reload_completed_s',
+           'min_bucket_rps_after_signal': 'min_bucket_rps_after_hup'}
+    return {'signal': 'SIGHUP', **{new: data[name] for new, name in old.items() if name in data}, **data}
+
+
+def _render_reload(data, png_name, part='reload'):
+    """The section of a rolling reload (SIGHUP) or live upgrade (SIGUSR2) under load."""
+    data = _signalled(data)
+    title, what, completed, _ = SIGNALLED[part]
+    sig = data['signal'][3:]
+    lines = [f'### {title}', '']
+    if data.get('measured'):  # measured alone (run.py --only-upgrade), not with the rest of this section
+        stamp = data['measured']
+        lines += [f'Measured {stamp["date"]} by `{stamp["command"]}` (commit {stamp["commit"]}'
+                  f'{" + uncommitted changes to zkprefork/" if stamp.get("dirty") else ""}), not with the rest '
+                  'of this section: its req/s compare with the others\' only loosely. Load average (1 / 5 / 15 min) '
+                  f'{" / ".join(map(str, stamp["loadavg"]))} when it began'
+                  + (f', {" / ".join(map(str, stamp["loadavg_end"]))} when it ended.' if stamp.get('loadavg_end')
+                     else '.'), '']
+    lines += ['zkprefork 4 workers × 4 threads, hello world, bench/loadgen.py with 48 keep-alive connections '
+              f'for {data["duration_s"]} s, {data["signal"]} to the master ({what}) at '
+              f'{", ".join(f"{t:.1f}" for t in data["signals_at_s"])} s'
+              + (' (each to the master serving then). No `zookeeper` option, as for the reload: the '
+                 'ZooKeeper session hand-over is not part of these times.' if part == 'upgrade' else '.'),
+              '',
+              f'- responses: {data["ok"]} ok, **{data["failed"]} failed**; '
+              f'{data["reconnects"]} reconnects after `Connection: close` from draining workers',
+              f'- steady state before the {sig}: {_fmt(data["steady_rps"], 0)} req/s (median of 100 ms buckets); '
+              f'lowest 100 ms bucket after it: {_fmt(data["min_bucket_rps_after_signal"], 0)} req/s']
+    if part == 'upgrade':
+        statuses = ', '.join('–' if s is None else str(s) for s in data['old_exit_status'])
+        lines += ['- the new master had taken over (the old master\'s log says so; its workers retire then) '
+                  'within: ' + ', '.join(f'{_fmt(t, 2)} s' for t in data['taken_over_s']) + f' of the {sig}',
+                  f'- {completed.format(status=statuses)}: '
+                  + ', '.join(f'{_fmt(c, 2)} s' for c in data['completed_s']) + f' of the {sig} (masters, pid: '
+                  + ' → '.join(map(str, data['masters'])) + ')']
+    else:
+        lines += [f'- {completed}: ' + ', '.join(f'{_fmt(c, 2)} s' for c in data['completed_s'])
+                  + f' of the {sig}']
+    if part == 'upgrade' or data.get('measured'):
+        lines += ['- the machine is shared with other jobs (see the load average): the req/s figures are noisy; '
+                  'the failed responses are what this measures']
+    lines += ['', f'![requests per second across the {sig}]({png_name})', '']
+    if data['failures']:
         lines += ['First failures (monotonic time, error):', '', '```']
-        lines += [f'{t:.3f} {e}' for t, e in reload['failures']]
+        lines += [f'{t:.3f} {e}' for t, e in data['failures']]
         lines += ['```', '']
     return lines
 
@@ -413,27 +469,28 @@ def _render_memory(mem, after_load):
     return lines
 
 
-
-def plot_reload(reload, png_path):
-    """Responses per second (100 ms buckets) across the HUPs, failures as grey lines."""
+def plot_reload(data, png_path, title='zkprefork, 4 workers x 4 threads, rolling reload under load', label=None):
+    """Responses per second (100 ms buckets) across the signals (a HUP, a
+    USR2...: label, default 'SIGHUP to the master'), failures as grey lines."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    bucket = reload['bucket']
-    counts = reload['per_bucket'][:-1]  # the last bucket is cut short by the end of the load
+    data = _signalled(data)
+    label = label or f'{data["signal"]} to the master'
+    bucket = data['bucket']
+    counts = data['per_bucket'][:-1]  # the last bucket is cut short by the end of the load
     xs = [i * bucket for i in range(len(counts))]
     ys = [c / bucket for c in counts]
     fig, ax = plt.subplots(figsize=(9, 4))
     ax.plot(xs, ys, drawstyle='steps-post', linewidth=1.2, label='responses/s (100 ms buckets)')
-    for i, at in enumerate(reload['hups_at_s']):
-        ax.axvline(at, color='red', linestyle='--', label='SIGHUP to the master' if i == 0 else None)
-    for when in reload['failure_offsets_s']:
+    for i, at in enumerate(data['signals_at_s']):
+        ax.axvline(at, color='red', linestyle='--', label=label if i == 0 else None)
+    for when in data['failure_offsets_s']:
         ax.axvline(when, color='black', alpha=0.3, linewidth=0.8)
     ax.set_xlabel('seconds since the load started')
     ax.set_ylabel('requests/s')
     ax.set_ylim(bottom=0)
-    ax.set_title(f'zkprefork, 4 workers x 4 threads, rolling reload under load: '
-                 f'{reload["ok"]} ok, {reload["failed"]} failed')
+    ax.set_title(f'{title}: {data["ok"]} ok, {data["failed"]} failed')
     ax.legend(loc='lower right')
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)

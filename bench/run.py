@@ -7,8 +7,9 @@
     python3 bench/run.py --peers         # the peer tables: hello world (issue 14), real
                                          # applications (issue 22), TLS (issue 19), with ratios
     python3 bench/run.py --peers --only apps   # one of them (hello, apps, tls; comma separated)
+    python3 bench/run.py --only-upgrade  # only the live upgrade under load (into main.json, the rest kept)
 
-See bench/README.md.  Results go to bench/RESULTS.md (and bench/reload.png);
+See bench/README.md.  Results go to bench/RESULTS.md (and bench/reload.png, upgrade.png);
 raw numbers to bench/results/main.json (apps.json, tls.json for those peer
 tables: each is an interleaved run of its own, replaced only by its own).  A --quick run writes to
 bench/results/tmp/ instead, so it never replaces the committed results.
@@ -40,9 +41,9 @@ from loads import LOADS  # noqa: E402
 from servers import KINDS, SCRIPTS, TLS_KINDS  # noqa: E402
 from zkprefork.testing import Processes  # noqa: E402
 
-PARTS = ('throughput', 'reload', 'scoreboard', 'zookeeper', 'memory')
+PARTS = ('throughput', 'reload', 'upgrade', 'scoreboard', 'zookeeper', 'memory')
 PEER_SERVERS = ['zkprefork', 'gunicorn-gthread', 'uwsgi', 'granian', 'waitress']
-NO_PARTS = {'reload', 'scoreboard', 'zookeeper', 'memory'}
+NO_PARTS = {'reload', 'upgrade', 'scoreboard', 'zookeeper', 'memory'}
 # --peers: the side-by-side tables, each an interleaved run of its own (its
 # ratios are what count) written to its own file in bench/results/. wrk -t1:
 # on 2 cores one wrk thread leaves the servers the other core.
@@ -79,7 +80,7 @@ def missing_tools(runs):
     parts = {part for run in runs for part in run.parts}
     loads = [LOADS[load] for run in runs for load in run.loads]
     needed = {NEEDS[server] for server in servers if server in NEEDS}
-    if 'reload' in parts:
+    if parts & {'reload', 'upgrade'}:
         needed.add('matplotlib')
     if any(load.app == 'realapps' for load in loads):
         needed.update({'flask', 'django'})
@@ -119,14 +120,19 @@ def parse_args():
                         help='only write RESULTS.md again from bench/results/*.json (no measurement)')
     parser.add_argument('--keep', action='store_true', help='keep the logs of every process (bench/results/tmp/)')
     parser.add_argument('--skip', default='', help=f'comma separated parts to skip: {",".join(PARTS)}')
+    parser.add_argument('--only-upgrade', action='store_true',
+                        help='only the live upgrade under load (~15 s): replaces the "upgrade" of main.json '
+                             '(bench/results/tmp/ with --quick), keeps the rest of it')
     args = parser.parse_args()
+    if args.only_upgrade and (args.peers or args.skip or args.servers or args.loads or args.render):
+        parser.error('--only-upgrade runs that part alone: no --peers, --skip, --servers, --loads or --render')
     for name, chosen, known in (('server', args.servers, KINDS), ('load', args.loads, LOADS),
                                 ('table', args.only, SUITES)):
         if unknown := [item for item in (chosen or '').split(',') if item and item not in known]:
             parser.error(f'unknown {name}(s) {", ".join(unknown)}: choose from {", ".join(known)}')
     if args.only and not args.peers:
         parser.error('--only chooses among the peer tables: give --peers too')
-    args.runs = [run for run in planned_runs(args) if run.loads and run.servers]
+    args.runs = [run for run in planned_runs(args) if (run.loads or run.merge) and run.servers]
     if not args.runs:
         parser.error('nothing to run: no load of those tables, or no server that serves them')
     return args
@@ -135,6 +141,10 @@ def parse_args():
 def planned_runs(args):
     """The interleaved runs to make, each a namespace of its settings:
     --peers: one per table of SUITES (those of --only); else the full run."""
+    if args.only_upgrade:  # one part, merged into main.json (see merged)
+        return [argparse.Namespace(name='main', file=FULL['file'], loads=[], servers=['zkprefork'], quick=args.quick,
+                                   rounds=0, duration=0, wrk_threads=None, fairness=0, parts=['upgrade'],
+                                   merge=True)]
     chosen = (args.only.split(',') if args.only else list(SUITES)) if args.peers else ['main']
     given = args.loads.split(',') if args.loads else None
     runs = []
@@ -150,7 +160,7 @@ def planned_runs(args):
             duration=args.duration or (2 if args.quick else preset['duration']),
             wrk_threads=args.wrk_threads or preset['wrk_threads'],
             fairness=args.fairness if args.fairness is not None else 2 if args.quick else preset['fairness'],
-            parts=[part for part in PARTS if part not in skipped]))
+            parts=[part for part in PARTS if part not in skipped], merge=False))
     return runs
 
 
@@ -161,11 +171,14 @@ def measure_all(args, processes, workdir):
         cells, memory = measure.throughput(processes, workdir, args.servers, args.loads, args.rounds,
                                            args.duration, args.wrk_threads, args.fairness)
         result.update(cells=cells, summary=measure.summarize(cells), memory_after_load=memory)
-    if 'reload' in args.parts:
-        measure.log('rolling reload under load')
-        result['reload'] = measure.reload_under_load(processes, workdir, 6 if args.quick else 12,
-                                                     [2.5] if args.quick else [3.0, 7.5])
-        measure.log(f'  reload: {result["reload"]["ok"]} ok, {result["reload"]["failed"]} failed')
+    for part, signum, what in (('reload', signal.SIGHUP, 'rolling reload (HUP)'),
+                               ('upgrade', signal.SIGUSR2, 'live upgrade (USR2)')):
+        if part in args.parts:
+            measure.log(f'{what} under load')
+            result[part] = measure.reload_under_load(processes, workdir, 6 if args.quick else 12,
+                                                     [2.5] if args.quick else [3.0, 7.5], signum)
+            measure.log(f'  {part}: {result[part]["ok"]} ok, {result[part]["failed"]} failed, complete '
+                        f'{result[part]["completed_s"]} s after the {signum.name}')
     if 'scoreboard' in args.parts:
         measure.log('two concurrent 1 s requests on 2 workers × 1 thread')
         result['slow_pairs'] = measure.slow_pairs(processes, workdir, 10)
@@ -203,17 +216,37 @@ def main():
     command = 'python3 bench/run.py' + ' '.join([''] + sys.argv[1:])
     measure.log(f'bench: {command}; logs in {workdir}')
     for run in args.runs:  # each written as soon as it is done: an interrupted run keeps the others
+        path = os.path.join(out_dir, run.file)
         result = run_one(run, command, workdir)
-        with open(os.path.join(out_dir, run.file), 'w') as file:
+        measure.log(f'{"+".join(run.parts) if run.merge else run.name} done in {result["elapsed_s"] / 60:.1f} min')
+        if run.merge:
+            result = merged(path, result, run.parts)
+        with open(path, 'w') as file:
             json.dump(result, file, indent=1)
-        measure.log(f'{run.name} done in {result["elapsed_s"] / 60:.1f} min')
     results_md, runs = report.write_results(out_dir, args.quick)
     if not args.keep:
         shutil.rmtree(workdir, ignore_errors=True)
     measure.log(f'written: {results_md}')
     for run in args.runs:
-        print_summary(runs[run.name])
+        print_summary(runs[run.name], run.parts if run.merge else None)
     return 0
+
+
+def merged(path, result, parts):
+    """The run's json file (path) with `parts` replaced by those of `result`,
+    each stamped with when and how it was measured; the rest kept as it was."""
+    try:
+        with open(path) as file:
+            data = json.load(file)
+    except (OSError, ValueError):  # none yet: this run alone
+        data = result
+    machine = result['machine']
+    for part in parts:
+        data[part] = dict(result[part], measured={
+            'date': machine['date'], 'command': result['settings']['command'], 'commit': machine['commit'],
+            'dirty': machine['dirty'], 'loadavg': machine['loadavg'], 'loadavg_end': result['loadavg_end'],
+            'elapsed_s': round(result['elapsed_s'], 1)})
+    return data
 
 
 def run_one(run, command, workdir):
@@ -233,7 +266,15 @@ def run_one(run, command, workdir):
     return result
 
 
-def print_summary(data):
+def print_summary(data, parts=None):
+    """The peer table and the targets of a run's data; with parts (a run of
+    those alone, merged into it), only the targets of those parts."""
+    if parts:
+        for part in parts:
+            print(f'\n== {part}: {data[part]["measured"]["command"]}\n')
+        for name, measured, ok in report.signalled_targets(data, parts):
+            print(f'{"PASS" if ok else "FAIL"}  {name}: {measured}')
+        return
     print(f'\n== {data["name"]}: {data["settings"]["command"]}')
     if data['summary']:
         print('\n' + '\n'.join(report.peer_table(data)))
