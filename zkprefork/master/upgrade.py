@@ -354,7 +354,10 @@ class Attempt:
         self.failure = reason
         self.state = TAKING_BACK
         self.deadline = time.monotonic() + REGISTRAR_EXIT_WAIT
-        log.error('upgrade failed: %s; this master (pid %d) serves on', reason, os.getpid())
+        if self.master.upgrades.held_stop:  # the stop went on to the new master: no failure
+            log.info('upgrade ended by the stop: %s', reason)
+        else:
+            log.error('upgrade failed: %s; this master (pid %d) serves on', reason, os.getpid())
 
     def _take_back(self, now):
         """Once neither registrar may hold the session: ours resumes it."""
