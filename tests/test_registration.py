@@ -440,26 +440,24 @@ def test_nodes_keep_their_identity(servers, ini, zookeeper, zk, kazoo_client, zk
     seen = []
     ChildrenWatch(zk, zk_path, lambda children: seen.append(sorted(children)))
 
-    def becomes(key, value, after):
+    def becomes(signum, key, value, after):
+        logged = server.log().count('updated /')  # before the signal: its update may be quick
+        server.signal(signum)
         if node_format == 'curator':  # no room for workers or generation: nothing to update
             server.wait_for_log(after)
             time.sleep(0.3)
         else:
-            logged = server.log().count('updated /')
             wait_until(lambda: own_data(node_format, zk.get(node)[0])[key] == value,
                        message=f'{key} = {value}')
             # The registrar logs an update just after ZooKeeper confirmed
             # it: killed in between, it would never say so.
             wait_until(lambda: server.log().count('updated /') > logged, message='the update logged')
-    server.signal(signal.SIGHUP)
-    becomes('generation', 1, r'SIGHUP: reloading')
-    server.signal(signal.SIGTTIN)
-    becomes('workers', 2, r'SIGTTIN: now 2')
-    server.signal(signal.SIGTTOU)
-    becomes('workers', 1, r'SIGTTOU: now 1')
+    becomes(signal.SIGHUP, 'generation', 1, r'SIGHUP: reloading')
+    becomes(signal.SIGTTIN, 'workers', 2, r'SIGTTIN: now 2')
+    becomes(signal.SIGTTOU, 'workers', 1, r'SIGTTOU: now 1')
     restart_registrar(server, created.ephemeralOwner, node)
-    server.signal(signal.SIGTTIN)  # the new registrar may write the node: the same identity
-    becomes('workers', 2, r'SIGTTIN: now 2')
+    # The new registrar may write the node: the same identity.
+    becomes(signal.SIGTTIN, 'workers', 2, r'SIGTTIN: now 2')
 
     after = zk.exists(node)
     assert (after.czxid, after.ephemeralOwner) == (created.czxid, created.ephemeralOwner)
