@@ -189,3 +189,72 @@ def test_a_registrar_restarted_after_a_reload_uses_the_credentials_of_that_reloa
     assert 'cannot read the ZooKeeper credentials' not in server.log()
     assert PASSWORD not in server.log()
     assert server.stop() == 0
+
+
+def test_a_stop_replaces_a_frozen_registrar_to_delete_the_node_before_the_port_closes(
+        servers, ini, own_zookeeper, kazoo_client, zk_path):
+    """The default session timeout (10 s, longer than the stop's 5 s wait
+    for the delete): a registrar frozen (SIGSTOP) when SIGTERM comes would
+    leave the node to ZooKeeper's expiry, seconds after the port closed.
+    Silent 1.5 s into the stop, it is killed; its successor resumes the
+    session and deletes the node, before the port closes."""
+    zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
+    zk = kazoo_client(zookeeper.hosts)
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 10000\n')
+    session = wait_owned(zk, node)
+    frozen = registrar_of(server)
+    frozen.suspend()
+    server.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    seen = first_times({'gone': lambda: not zk.exists(node), 'closed': lambda: port_closed(server.port)},
+                       timeout=10)
+    assert seen['gone'] <= seen['closed'] < signalled + 6.0, (seen, signalled, server.log())
+    assert server.wait() == 0
+    assert gone(frozen)
+    log = server.log()
+    assert f'the registrar (pid {frozen.pid}) has not answered for' in log
+    assert f'0x{session:x}' in log.split('has not answered for')[1]
+    assert 'did not confirm the deregistration' not in log
+
+
+def test_credentials_rewritten_in_place_then_a_registrar_restart_closes_the_session(
+        servers, ini, tmp_path, own_zookeeper, kazoo_client, zk_path):
+    """The file the master holds open turned to garbage (rewritten in
+    place), then the registrar killed: the successor cannot authenticate,
+    says so, and closes the session it was to resume, so that ZooKeeper
+    holds no node while the status says none (not for the 10 s until the
+    session would expire); the file mended, a reload registers again."""
+    zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
+    zk = kazoo_client(zookeeper.hosts)
+    credentials = tmp_path / 'credentials'
+    credentials.write_text(f'app:{PASSWORD}\n')
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path,
+                                    f'zookeeper_credentials_file = {credentials}\n'
+                                    'monitor_server = 127.0.0.1:0\nsession_timeout = 10000\n')
+    session = wait_owned(zk, node)
+    with open(credentials, 'r+') as same_inode:
+        same_inode.write('garbage-no-colon\n')
+        same_inode.truncate()
+    registrar_of(server).kill()
+    wait_until(lambda: not zk.exists(node), timeout=6, message="the node gone with the session's close")
+    wait_until(lambda: registration(server)['state'] == 'failed', message="the registration 'failed'")
+    assert registration(server)['nodes'] == []
+    assert f'closed session 0x{session:x}' in server.log()
+    assert 'does not hold credentials of the form user:password' in server.log()
+    credentials.write_text(f'app:{PASSWORD}\n')  # mended; the reload holds it anew
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: zk.exists(node), timeout=15, message='the node back after the reload')
+    wait_until(lambda: registration(server)['nodes'] == [node], message='the node in the status')
+    assert PASSWORD not in server.log()
+    assert server.stop() == 0
+
+
+def test_a_stop_hurries_the_heartbeat():
+    """Times in seconds from an arbitrary origin; session timeout 10 s."""
+    beat = Heartbeat(10.0)
+    beat.started(100.0)
+    beat.ping(100.0)
+    beat.answered(1, 100.1)  # the next ping would go at 102.6
+    beat.hurry(101.0)
+    assert beat.ping(101.0) == Ping(2)
+    assert not beat.dead(102.4) and beat.dead(102.5)

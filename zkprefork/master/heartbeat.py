@@ -14,6 +14,13 @@ timeout T (seconds):
   loop waits for one request, at most session.op_timeout (max(T, 2 s)):
   KILL is twice T, and at least that plus 3 s.
 
+A stop is another matter: the master keeps accepting until the registrar
+confirms the node's deletion, for at most 5 s, and a frozen registrar
+never will. Once a stop waits on it (`hurry`), a ping goes at once and
+KILL shrinks to STOP_KILL: a successor resumes the session and deletes the
+node in the seconds left, instead of the node outliving the port until
+ZooKeeper expires the frozen one's session.
+
 A fresh interpreter importing kazoo on a loaded machine may take seconds
 before its loop runs: the first ping of each registrar gets START_GRACE more.
 """
@@ -23,6 +30,7 @@ from zkprefork.supervision import NEVER
 START_GRACE = 10.0  # seconds
 MIN_STALE = 1.0  # seconds: a loop's ordinary hiccups on a loaded machine
 KILL_MARGIN = 3.0  # seconds beyond the longest wait for one ZooKeeper request
+STOP_KILL = 1.5  # seconds a registrar may be silent while a stop waits on it
 
 
 class Heartbeat:
@@ -41,6 +49,13 @@ class Heartbeat:
     def started(self, now):
         """A new registrar: ping it now, with START_GRACE for its answer."""
         self.sent, self.next_ping, self.grace = None, now, START_GRACE
+
+    def hurry(self, now):
+        """A stop waits on the registrar: ping it now (unless a ping is
+        out already) and kill it after STOP_KILL of silence."""
+        self.kill_after = min(self.kill_after, STOP_KILL)
+        if self.sent is None:
+            self.next_ping = min(self.next_ping, now)
 
     def stopped(self):
         """No registrar to ping (exited, or killed)."""

@@ -250,13 +250,16 @@ class RegistrarLink(SessionHandOver, Watchdog):
     def unregister(self):
         """Ask for the node(s) to be deleted; `unregistered` tells when they
         are. A registrar being restarted is started at once (no back-off): it
-        resumes the session, which may hold the nodes, to delete them."""
+        resumes the session, which may hold the nodes, to delete them; one
+        that does not answer within heartbeat.STOP_KILL is replaced so."""
         self._node_data = None
+        now = time.monotonic()
         if not self.alive and self._wanted == RUN:
-            self._unregister_anew(time.monotonic())
+            self._unregister_anew(now)
         else:
             self._send(Unregister().line())
         self._wanted = UNREGISTER
+        self.heartbeat.hurry(now)
 
     def _unregister_anew(self, now):
         self.backoff.cancel()

@@ -46,6 +46,9 @@ import sys
 import threading
 import time
 
+from kazoo.exceptions import KazooException
+from kazoo.handlers.threading import KazooTimeoutError
+
 from zkprefork import logsetup, proctitle
 from zkprefork.registrar import healthcheck, nodes as zknodes, security as zksecurity, session as zksession
 from zkprefork.registrar.inbox import (
@@ -432,7 +435,7 @@ def main():
     zksession.quiet_kazoo_repeats()
     proctitle.set(f'registrar {config.path}')
     if unreadable:
-        _without_credentials(unreadable)
+        _without_credentials(config, unreadable)
         return
     registrar = Registrar(config, credentials, sys.stdout)
     signal.signal(signal.SIGTERM, lambda signum, frame: registrar.stop())
@@ -440,23 +443,51 @@ def main():
     log.info('ZooKeeper session closed (pid %d)', os.getpid())
 
 
-def _without_credentials(problem):
+def _without_credentials(config, problem):
     """Serve the master without ZooKeeper until it is done: exiting would
-    only have it start another registrar that fails the same way."""
+    only have it start another registrar that fails the same way, until
+    what is registered changes (a reload: the master holds the file anew),
+    which ends this one so that the master starts another. A session the
+    last registrar left (and its node) is closed first: what is reported,
+    no node, is then what ZooKeeper holds."""
     log.error('cannot read the ZooKeeper credentials: %s; not registering', problem)
+    if config.resume:
+        _close_session_left(config)
     _write_event(sys.stdout, State('failed', None, [], round(time.time(), 3), [], problem, None))
+    first = None
     for line in sys.stdin:
         try:
             command = read_command(line)
         except ProtocolError as error:
             log.error('ignoring a line from the master: %s', error)
             continue
-        if isinstance(command, Unregister):
+        if isinstance(command, Register):
+            first = first or command.data
+            if command.data != first:
+                log.info('what is registered changed: exiting, for a registrar that reads the '
+                         'credentials again')
+                return
+        elif isinstance(command, Unregister):
             _write_event(sys.stdout, Unregistered())
         elif isinstance(command, Ping):
             _write_event(sys.stdout, Pong(command.seq))
         elif isinstance(command, HandOver):
             return  # no session to leave
+
+
+def _close_session_left(config):
+    """Resume the last registrar's session only to close it, which needs no
+    credentials (ZooKeeper checks ACLs on nodes, not on a session's close).
+    Bounded by the session timeout, after which ZooKeeper expires it anyway."""
+    session = zksession.Session(config, None, lambda kind, value: None, Timers())
+    timeout = config.session_timeout / 1000.0
+    try:
+        session.client.start(timeout=timeout)
+    except (KazooTimeoutError, KazooException) as error:
+        log.warning('could not reach ZooKeeper to close session 0x%x (%r): it expires within %g s',
+                    config.resume[0], error, timeout)
+    session.close()
+    log.info('closed session 0x%x, and with it the node(s) it held', config.resume[0])
 
 
 def _write_event(out, event):
