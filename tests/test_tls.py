@@ -14,6 +14,7 @@ import time
 import pytest
 
 from support import make_tls_files, node_data, read_curator_instance, wait_until
+from test_operations import ask, monitor_of
 
 TLS_APP = '''\
 import json
@@ -163,19 +164,28 @@ def _read_until_closed(sock):
 
 
 def test_a_stalled_handshake_holds_no_thread_and_is_closed(tls_server, pki):
-    server = tls_server('threads = 1\nrequest_read_timeout = 1\n')
+    """...and counts in the worker's `connections` while it is open (a
+    handshake flood shows where an operator looks)."""
+    server = tls_server('threads = 1\nrequest_read_timeout = 1\nmonitor_server = 127.0.0.1:0\n')
     stalled = [socket.create_connection(('127.0.0.1', server.port), timeout=10) for _ in range(3)]
     half = socket.create_connection(('127.0.0.1', server.port), timeout=10)
     half.sendall(b'\x16\x03\x01\x00\xff')  # a ClientHello's record header, then nothing
     try:
+        wait_until(lambda: worker_connections(server) == 4, timeout=1, interval=0.02,
+                   message='the four handshakes counted as connections')
         still_serving(server, pki)  # one thread, four stalled handshakes
         started = time.monotonic()
         for sock in [*stalled, half]:
             assert _read_until_closed(sock) == b''
         assert time.monotonic() - started < 5
+        wait_until(lambda: worker_connections(server) == 0, timeout=2, message='no connection counted')
     finally:
         for sock in [*stalled, half]:
             sock.close()
+
+
+def worker_connections(server):
+    return json.loads(ask(monitor_of(server), b'status\n'))['workers'][0]['connections']
 
 
 def _resumed_get(server, context, session):
@@ -340,7 +350,6 @@ def test_each_node_format_says_https(tls_server, pki, zookeeper, zk, zk_path, no
 
 
 def test_status_and_metrics_show_the_certificate_and_handshakes(tls_server, pki):
-    from test_operations import ask, monitor_of
     server = tls_server(f'monitor_server = 127.0.0.1:0\nca_certs = {pki["ca"]}\n')
     monitor = monitor_of(server)
     assert get(server, pki, cert='client')[0] == 200

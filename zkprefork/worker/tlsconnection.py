@@ -52,7 +52,10 @@ class Handshakes:
     def __init__(self, context, make_channel, counter):
         self.context = context
         self.make_channel = make_channel  # (server, ssl socket, addr, adj) -> the channel
-        self.counter = counter  # .handshake_completed(), .handshake_failed(reason)
+        # The worker's observer: .handshake_completed(), .handshake_failed(reason),
+        # and .channel_opened/closed(connection), so that a connection counts
+        # (in `connections`, and as waiting for a thread) from its accept on.
+        self.counter = counter
         self.pending = set()
         self._logged_at = None
         self._unlogged = 0
@@ -87,6 +90,7 @@ class Handshake(asyncore.dispatcher):
         self.wants_write = False
         super().__init__(sock, map=server._map)
         handshakes.pending.add(self)
+        handshakes.counter.channel_opened(self)
         self._step()
 
     def readable(self):
@@ -128,7 +132,7 @@ class Handshake(asyncore.dispatcher):
 
     def _done(self):
         sock, addr = self.socket, self.addr
-        self.handshakes.pending.discard(self)
+        self._forget()
         self.del_channel()  # the channel takes the fd over in the same map
         self.socket = None
         self.handshakes.counter.handshake_completed()
@@ -140,8 +144,13 @@ class Handshake(asyncore.dispatcher):
         self.close()
 
     def close(self):
-        self.handshakes.pending.discard(self)
+        self._forget()
         super().close()
+
+    def _forget(self):
+        if self in self.handshakes.pending:
+            self.handshakes.pending.discard(self)
+            self.handshakes.counter.channel_closed(self)
 
 
 def tls_channel_class(base):
