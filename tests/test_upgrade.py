@@ -15,6 +15,7 @@ import pytest
 
 from support import Background, Load, free_port, kill_tree, node_data, wait_until
 from test_reload import app_module  # noqa: F401 (a fixture: the application, rewritten to upgrade it)
+from test_registration import gaps_of
 from zkprefork.testing import IdleClients, NewConnections, four_letter_word, http_get
 
 NEW_MASTER = r'started a new master \(pid (\d+)\)'
@@ -271,6 +272,68 @@ def test_a_new_master_killed_while_its_registrar_holds_the_session(start, zk, zk
     assert_serves_as_before(server, zk, node, before, tmp_path)
     new = upgrade(server, new_masters)
     assert zk.exists(node).czxid == before.czxid
+    stop(new, zk, node)
+
+
+def test_sigterm_to_the_new_master_holding_the_session_hands_it_back(start, zk, zk_path, tmp_path,
+                                                                    new_masters):
+    """SIGTERM to the new master once its registrar resumes the handed-over
+    session: a failed upgrade, which changes nothing. The stop does not
+    delete the node (it is still the old master's): readers see no gap."""
+    server = start()
+    node = wait_for_node(zk, zk_path)
+    before = zk.exists(node)
+    with gaps_of(zk, node) as gaps:
+        server.signal(signal.SIGUSR2)
+        new = new_master_started(server, 0, new_masters)
+        server.wait_for_log(r"the new master's registrar is pid (\d+)")
+        os.kill(new, signal.SIGTERM)
+        server.wait_for_log('upgrade failed.*it was stopped')
+        wait_until(lambda: all(gone(pid) for pid in family(new)), message='the new master and its children')
+        server.wait_for_log('taking the ZooKeeper session back')
+        assert_serves_as_before(server, zk, node, before, tmp_path)
+    assert gaps == []
+    stop(server.pid, zk, node)
+
+
+def test_the_old_master_killed_mid_upgrade_leaves_no_oldbin(start, zk, zk_path, tmp_path, new_masters):
+    """SIGKILL to the old master before it handed its session over: the new
+    master registers with a session of its own, and removes the
+    `.oldbin` that names the dead master."""
+    server = start()
+    node = wait_for_node(zk, zk_path)
+    server.signal(signal.SIGUSR2)
+    new = new_master_started(server, 0, new_masters)
+    server.signal(signal.SIGKILL)
+    server.wait()
+    wait_until(lambda: zk.exists(node) and node_data(zk, node)['pid'] == new, timeout=20,
+               message='the node to name the new master')
+    wait_until(lambda: not (tmp_path / 'zkprefork.pid.oldbin').exists(), message='no .oldbin')
+    assert int((tmp_path / 'zkprefork.pid').read_text()) == new
+    stop(new, zk, node)
+
+
+def test_credentials_the_node_refuses_fail_the_upgrade(start, zk, zk_path, tmp_path, new_masters):
+    """The credentials file replaced by one of another password, then USR2:
+    the new master's registrar resumes the session but the node's ACL
+    refuses it the update. A failed upgrade: one line that says why, the
+    old master serves on with its node; with the file put back, USR2 works."""
+    credentials = tmp_path / 'credentials'
+    credentials.write_text('app:first-secret\n')
+    server = start(f'zookeeper_credentials_file = {credentials}\n')
+    node = wait_for_node(zk, zk_path)
+    before = zk.exists(node)
+    replacement = tmp_path / 'credentials.new'
+    replacement.write_text('app:second-secret\n')
+    os.replace(replacement, credentials)
+    why = failed_upgrade(server, new_masters)
+    assert "could not register: ZooKeeper refused digest user 'app'" in why, why
+    server.wait_for_log('taking the ZooKeeper session back')
+    assert_serves_as_before(server, zk, node, before, tmp_path)
+    credentials.write_text('app:first-secret\n')
+    new = upgrade(server, new_masters)
+    assert zk.exists(node).czxid == before.czxid
+    assert 'second-secret' not in server.log() and 'first-secret' not in server.log()
     stop(new, zk, node)
 
 

@@ -76,6 +76,22 @@ def restore(path):
     _move(path + OLDBIN, path)
 
 
+def drop_stale_oldbin(path):
+    """Remove `path`.oldbin if no master holds it any more: an old master
+    killed (SIGKILL) during an upgrade cannot remove its own."""
+    oldbin = path + OLDBIN
+    try:
+        file = open(oldbin)
+    except OSError:
+        return
+    with file:
+        if not _locked(file):
+            try:
+                os.unlink(oldbin)
+            except OSError:
+                pass
+
+
 def _move(source, target):
     file = _held.pop(source, None)
     if file is None:

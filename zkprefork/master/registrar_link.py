@@ -182,7 +182,10 @@ class RegistrarLink(SessionHandOver, Watchdog):
     def registered(self):
         """A register command went to the running registrar and was not
         undone, or the registrar is being restarted while its session (which
-        may hold the nodes) lives on."""
+        may hold the nodes) lives on. Not while the session is a live
+        upgrade's, not yet owned: its nodes go back to the old master."""
+        if self._handed_over:
+            return False
         if self.alive:
             return self._node_data is not None
         return self._wanted == RUN and self._session is not None

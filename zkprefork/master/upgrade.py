@@ -64,10 +64,11 @@ REGISTRAR_EXIT_WAIT = 5.0  # seconds a failed new master's registrar may take to
 STARTING, HANDING, WAITING, RETIRING, TAKING_BACK = (
     'starting new master', 'handing over', 'new master registering', 'retiring', 'taking back')
 # New master:
-TAKEOVER_BOOTING, TAKEOVER_AWAITING, TAKEOVER_REGISTERING, TAKEOVER_TAKEN = (
-    'taking over: booting', 'taking over: awaiting session', 'taking over: registering', 'taken over')
+TAKEOVER_BOOTING, TAKEOVER_AWAITING, TAKEOVER_REGISTERING, TAKEOVER_FAILED, TAKEOVER_TAKEN = (
+    'taking over: booting', 'taking over: awaiting session', 'taking over: registering',
+    'taking over: failed', 'taken over')
 STATES = ('', STARTING, HANDING, WAITING, RETIRING, TAKING_BACK,
-          TAKEOVER_BOOTING, TAKEOVER_AWAITING, TAKEOVER_REGISTERING, TAKEOVER_TAKEN)
+          TAKEOVER_BOOTING, TAKEOVER_AWAITING, TAKEOVER_REGISTERING, TAKEOVER_FAILED, TAKEOVER_TAKEN)
 
 
 def registration_key(settings, port):
@@ -288,6 +289,9 @@ class Attempt:
         elif op == 'registered':
             if self.failure is None:
                 self._retire()
+        elif op == 'failed':
+            if self.failure is None:
+                self._fail(f'the new master (pid {self.peer}) could not register: {message["reason"]}')
         else:
             log.error('upgrade: unknown message from the new master: %r', message)
 
@@ -421,10 +425,26 @@ class Takeover:
         if self.state == TAKEOVER_BOOTING and master.serving() and master.pool.all_ready():
             self.state = TAKEOVER_AWAITING
             self.channel.send(op='ready', key=registration_key(master.settings, master.port))
-        if self.state == TAKEOVER_REGISTERING and master.link.settled():
+        if self.state != TAKEOVER_REGISTERING:
+            return
+        registration = master.link.registration
+        if registration['state'] == 'failed':
+            self._give_up(registration.get('error'))
+        elif master.link.settled():
             self.state = TAKEOVER_TAKEN
             self.channel.send(op='registered')
             master.link.own()
+
+    def _give_up(self, reason):
+        """The registrar cannot register (the ZooKeeper credentials changed,
+        say, and the node's ACL refuses them): no takeover. The old master is
+        told why, and takes its session back once this one has stopped."""
+        log.error('upgrade: the registration failed (%s): stopping; the old master (pid %d) serves on',
+                  reason, self.peer)
+        self.state = TAKEOVER_FAILED
+        self.channel.send(op='failed', reason=reason)
+        self.master.exit_status = 1
+        self.master.signals.append(signal.SIGTERM)
 
     def _on_channel(self):
         messages = self.channel.messages()
@@ -446,6 +466,8 @@ class Takeover:
     def _old_master_gone(self):
         self.channel.close(self.master.selector)
         self.done = True
+        if self.master.settings.pidfile:
+            pidfile.drop_stale_oldbin(self.master.settings.pidfile)
         if self.state in (TAKEOVER_BOOTING, TAKEOVER_AWAITING) and self.master.serving():
             log.warning('the old master (pid %d) is gone before handing its session over: '
                         'registering with a session of our own', self.peer)
