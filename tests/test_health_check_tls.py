@@ -217,7 +217,7 @@ def test_probe_over_tls_names_a_refused_handshake(tls_files):
     thread = threading.Thread(target=answer_in_plain_text, daemon=True)
     thread.start()
     try:
-        passed, detail = healthcheck.probe('127.0.0.1', port, '/healthz', 5.0, context=tls.client_context())
+        passed, detail, _ = healthcheck.probe('127.0.0.1', port, '/healthz', 5.0, context=tls.client_context())
     finally:
         thread.join(5)
         listener.close()

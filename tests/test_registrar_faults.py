@@ -263,3 +263,26 @@ def test_health_check_log_brackets_an_ipv6_address(servers, ini, zookeeper, zk_p
     server = servers(config).wait_serving()
     server.wait_for_log(r'health check: GET /healthz from \S+ every')
     assert f'health check: GET /healthz from [::1]:{server.port} every' in server.log(), server.log()
+
+
+def test_a_leaving_registrar_closes_the_session_as_soon_as_zookeeper_answers(own_zookeeper, kazoo_client,
+                                                                           zk_path, lone_registrar):
+    """Its master gone while ZooKeeper is down: the registrar waits for
+    ZooKeeper to close the session. kazoo, down that long, reconnects only
+    every 1.2-2.8 s; the registrar probes every 0.25 s and closes the session
+    from a new client: the node goes within 1.2 s of ZooKeeper serving
+    again, not at a reconnection or the session's expiry (8 s)."""
+    zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
+    registrar = lone_registrar(zookeeper, zk_path, 8000)
+    registrar.register(free_port())
+    [node] = registrar.wait_registered(1)
+    zookeeper.stop()
+    time.sleep(3.0)  # the scenario: kazoo's back-off at its longest
+    registrar.process.stdin.close()  # the master is gone
+    zookeeper.start()
+    serving = time.monotonic()
+    zk = kazoo_client(zookeeper.hosts)
+    wait_until(lambda: not zk.exists(node), timeout=8, interval=0.02, message='the node to go')
+    took = time.monotonic() - serving
+    assert took < 1.2, f'the node went {took:.2f} s after ZooKeeper served again:\n{registrar.log()}'
+    registrar.process.wait(10)

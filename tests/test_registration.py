@@ -377,11 +377,15 @@ def test_unregister_while_zookeeper_is_down_waits_for_it(servers, ini, own_zooke
     assert seen['gone'] <= seen['closed'], seen
     assert server.wait() == 0
     assert 'did not confirm the deregistration in time' not in server.log()
-    # Nothing claimed the node gone before ZooKeeper confirmed it.
-    claims = re.findall(r'ZooKeeper \w+, session \S+, registered: .*|unregistered /\S+', server.log())
+    # Nothing claimed the node gone before ZooKeeper confirmed it: its
+    # delete, or the close of its session (from a new client, when a probe
+    # found ZooKeeper answering before the registrar's client reconnected).
+    closed = 'closed the session (and its nodes) from a new client'
+    claims = re.findall(rf'ZooKeeper \w+, session \S+, registered: .*|unregistered /\S+|{re.escape(closed)}',
+                        server.log())
     named = claims.index(state_lines[-1])
     first_nothing = next(i for i, line in enumerate(claims) if i > named and line.endswith('registered: nothing'))
-    assert claims[first_nothing - 1] == f'unregistered {node}', claims
+    assert claims[first_nothing - 1] in (f'unregistered {node}', closed), claims
 
 
 def wipe(zookeeper):
@@ -632,3 +636,28 @@ def test_an_unresolvable_zookeeper_is_named_once_not_ten_times_a_second(servers,
     time.sleep(3.0)
     assert server.request('/')[0] == 200
     assert server.log().count('Cannot resolve') == 1, server.log()
+
+
+def test_sigterm_as_zookeeper_returns_deletes_the_node_at_once(servers, ini, own_zookeeper, kazoo_client,
+                                                               zk_path):
+    """ZooKeeper back, serving, while the registrar's client still sleeps
+    out its reconnection back-off (up to 2.8 s once down for a while):
+    SIGTERM then. The registrar probes at once and, ZooKeeper answering,
+    closes the session from a new client: the node goes within 0.5 s (kazoo
+    reconnects 0-2.8 s later), long before the port closes (which waits up to 5 s for it)."""
+    zookeeper = own_zookeeper(extra='maxSessionTimeout=20000\n')
+    server, node = start_registered(servers, ini, zookeeper.hosts, zk_path, 'session_timeout = 20000\n')
+    zk_before = kazoo_client(zookeeper.hosts)
+    wait_owned(zk_before, node)
+    zookeeper.stop()
+    server.wait_for_log('ZooKeeper suspended')
+    time.sleep(3.0)  # the scenario: the back-off at its longest
+    zookeeper.start()
+    server.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    zk = kazoo_client(zookeeper.hosts)
+    seen = first_times({'gone': lambda: not zk.exists(node), 'closed': lambda: port_closed(server.port)},
+                       timeout=10)
+    assert seen['gone'] - signalled < 0.5 and seen['gone'] <= seen['closed'], (seen, signalled)
+    assert server.wait() == 0
+    assert 'did not confirm the deregistration in time' not in server.log()

@@ -12,6 +12,7 @@ import time
 
 import psutil
 import pytest
+from kazoo.exceptions import NoNodeError
 
 from support import Background, Load, free_port, kill_tree, node_data, wait_until
 from test_reload import app_module  # noqa: F401 (a fixture: the application, rewritten to upgrade it)
@@ -296,6 +297,14 @@ def test_sigterm_to_the_new_master_holding_the_session_hands_it_back(start, zk, 
     stop(server.pid, zk, node)
 
 
+def names(zk, node, pid):
+    """Whether `node` exists and names the master `pid` (it may be replaced meanwhile)."""
+    try:
+        return node_data(zk, node)['pid'] == pid
+    except NoNodeError:
+        return False
+
+
 def test_the_old_master_killed_mid_upgrade_leaves_no_oldbin(start, zk, zk_path, tmp_path, new_masters):
     """SIGKILL to the old master before it handed its session over: the new
     master registers with a session of its own, and removes the
@@ -306,8 +315,7 @@ def test_the_old_master_killed_mid_upgrade_leaves_no_oldbin(start, zk, zk_path, 
     new = new_master_started(server, 0, new_masters)
     server.signal(signal.SIGKILL)
     server.wait()
-    wait_until(lambda: zk.exists(node) and node_data(zk, node)['pid'] == new, timeout=20,
-               message='the node to name the new master')
+    wait_until(lambda: names(zk, node, new), timeout=20, message='the node to name the new master')
     wait_until(lambda: not (tmp_path / 'zkprefork.pid.oldbin').exists(), message='no .oldbin')
     assert int((tmp_path / 'zkprefork.pid').read_text()) == new
     stop(new, zk, node)
@@ -334,6 +342,33 @@ def test_credentials_the_node_refuses_fail_the_upgrade(start, zk, zk_path, tmp_p
     new = upgrade(server, new_masters)
     assert zk.exists(node).czxid == before.czxid
     assert 'second-secret' not in server.log() and 'first-secret' not in server.log()
+    stop(new, zk, node)
+
+
+def test_new_code_that_fails_the_health_check_fails_the_upgrade(start, app_module, zk, zk_path, tmp_path,
+                                                                new_masters):
+    """With a health check: the new master's checks fail (its /health
+    answers 500); it gives up once they say DOWN, without touching the
+    node the session kept for the old master (no gap, same czxid), and the
+    old master serves on. Code that passes its checks then takes over."""
+    server = start('health_check = /health\nhealth_check_interval = 0.2\n')
+    node = wait_for_node(zk, zk_path)
+    before = zk.exists(node)
+    failing = (tmp_path / 'versioned_app.py').read_text().replace(
+        "        body = (", "        if environ['PATH_INFO'] == '/health':\n"
+                           "            start_response('500 Internal Server Error', [('Content-Length', '0')])\n"
+                           "            return [b'']\n        body = (")
+    (tmp_path / 'versioned_app.py').write_text(failing)
+    with gaps_of(zk, node) as gaps:
+        why = failed_upgrade(server, new_masters)
+        server.wait_for_log('taking the ZooKeeper session back')
+        assert_serves_as_before(server, zk, node, before, tmp_path)
+    assert 'could not register: its health check /health says DOWN (last: HTTP 500)' in why, why
+    assert gaps == []
+    app_module('v2')
+    new = upgrade(server, new_masters)
+    assert zk.exists(node).czxid == before.czxid
+    assert http_get(server.port)[1].split()[0] == b'v2'
     stop(new, zk, node)
 
 

@@ -284,14 +284,11 @@ class Master:
         return CLOSING if self.link.alive else DONE
 
     def _enter_closing(self, now):
-        """After a graceful stop, the registrar may wait for an unreachable
+        """After any stop, the registrar may wait for an unreachable
         ZooKeeper up to a session timeout, to close the session (the node
         goes with it) as soon as ZooKeeper answers: ZooKeeper would keep it
         that long. The port is closed already; nothing is served."""
-        wait = REGISTRAR_EXIT_WAIT
-        if self.stop_signal == signal.SIGTERM:
-            wait += self.settings.session_timeout / 1000.0
-        self.deadline = now + wait
+        self.deadline = now + REGISTRAR_EXIT_WAIT + self.settings.session_timeout / 1000.0
         self.link.close()
 
     def _step_closing(self, now):

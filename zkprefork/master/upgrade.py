@@ -428,12 +428,22 @@ class Takeover:
         if self.state != TAKEOVER_REGISTERING:
             return
         registration = master.link.registration
+        health = registration.get('health')
         if registration['state'] == 'failed':
             self._give_up(registration.get('error'))
-        elif master.link.settled():
+        elif health and health['falls']:
+            self._give_up(f'its health check {health["check"]} says DOWN (last: {health["last"]})')
+        elif master.link.settled() and self._healthy(health):
             self.state = TAKEOVER_TAKEN
             self.channel.send(op='registered')
             master.link.own()
+
+    def _healthy(self, health):
+        """With a health check, the node the session kept (said UP by the
+        old master's checks) vouches for the old code: the new one takes
+        over once its own checks have passed `rise` times in a row; code
+        that fails them `fall` times in a row gives up (see step)."""
+        return health is None or health.get('passing', 0) >= self.master.settings.health_check_rise
 
     def _give_up(self, reason):
         """The registrar cannot register (the ZooKeeper credentials changed,

@@ -14,27 +14,36 @@ Over TLS the check is an HTTPS client of its own server (tls.client_context:
 the server's certificate is not verified, a client certificate is presented
 when the server asks for one), and reads its certificate files again on
 every reload, as the workers do.
+
+During a live upgrade the socket is shared by two masters' workers: a
+check answered by the other master's (health.ANSWER_FIELD) is not counted,
+and sent again on a new connection, up to OTHERS_TRIES times.
 """
 import http.client
 import logging
+import os
 import threading
 import time
 
-from zkprefork import tls
+from zkprefork import health, tls
 from zkprefork.addresses import format_address
 from zkprefork.errors import ConfigError
 
 log = logging.getLogger('zkprefork.registrar')
 
 UP, DOWN = 'up', 'down'
+# Checks in a row answered by another master's workers before one is given
+# up as uncounted: with half the workers each, 1 in 2**8 checks.
+OTHERS_TRIES = 8
 
 
 def probe(host, port, path, timeout, answer_timeout=-1, context=None):
-    """GET `path` from host:port: (passed, one-line detail). `timeout`
-    (seconds) bounds the connect (and the TLS handshake), `answer_timeout`
-    the wait for the answer (the same by default; None: as long as the
-    server holds the request). With `context` (an ssl.SSLContext), over
-    TLS; a failed handshake is an ssl.SSLError's detail."""
+    """GET `path` from host:port: (passed, one-line detail, the answering
+    worker's master's pid or None). `timeout` (seconds) bounds the connect
+    (and the TLS handshake), `answer_timeout` the wait for the answer (the
+    same by default; None: as long as the server holds the request). With
+    `context` (an ssl.SSLContext), over TLS; a failed handshake is an
+    ssl.SSLError's detail."""
     if context is None:
         connection = http.client.HTTPConnection(host, port, timeout=timeout)
     else:
@@ -42,13 +51,15 @@ def probe(host, port, path, timeout, answer_timeout=-1, context=None):
     try:
         connection.connect()
         connection.sock.settimeout(timeout if answer_timeout == -1 else answer_timeout)
-        connection.request('GET', path, headers={'Connection': 'close',
+        connection.request('GET', path, headers={'Connection': 'close', health.CHECK_FIELD: '1',
                                                  'User-Agent': 'zkprefork-health-check'})
         response = connection.getresponse()
         response.read()
-        return 200 <= response.status < 300, f'HTTP {response.status}'
+        master = response.getheader(health.ANSWER_FIELD)
+        return (200 <= response.status < 300, f'HTTP {response.status}',
+                int(master) if master and master.isdigit() else None)
     except (OSError, http.client.HTTPException) as error:
-        return False, f'{type(error).__name__}: {error}' if str(error) else type(error).__name__
+        return False, f'{type(error).__name__}: {error}' if str(error) else type(error).__name__, None
     finally:
         connection.close()
 
@@ -63,6 +74,7 @@ class Health:
         self.state = UP if up else DOWN
         self.streak = 0  # results in a row that go against `state`
         self.checks = self.failures = 0
+        self.passing = 0  # checks passed in a row, up to now
         self.rises = self.falls = 0  # transitions so far
         self.last = None  # the last result's detail
 
@@ -71,9 +83,13 @@ class Health:
         return self.state == UP
 
     def record(self, passed, detail):
-        """Count one result. Returns True when it changes the state."""
+        """Count one result (None: answered by another master's workers
+        only, not counted). Returns True when it changes the state."""
+        if passed is None:
+            return False
         self.checks += 1
         self.failures += not passed
+        self.passing = self.passing + 1 if passed else 0
         self.last = detail
         self.streak = self.streak + 1 if passed != self.up else 0
         if self.streak < (self.fall if self.up else self.rise):
@@ -93,8 +109,8 @@ class Health:
     def status(self):
         """A JSON-ready dict for the registration state."""
         return {'check': self.path, 'state': self.state, 'checks': self.checks,
-                'failures': self.failures, 'rises': self.rises, 'falls': self.falls,
-                'last': self.last}
+                'failures': self.failures, 'passing': self.passing, 'rises': self.rises,
+                'falls': self.falls, 'last': self.last}
 
 
 class Checker:
@@ -168,13 +184,21 @@ class Checker:
             self.stopping.wait(due - time.monotonic())
 
     def _check(self):
-        """One check's (passed, detail), within the timeout."""
+        """One check's (passed, detail), within the timeout each try; (None,
+        detail) if only another master's workers answered (not counted)."""
+        for _ in range(OTHERS_TRIES):
+            passed, detail, master = self._check_once()
+            if master in (None, os.getppid()):
+                return passed, detail
+        return None, f'{detail} from the workers of another master (pid {master})'
+
+    def _check_once(self):
         if self.outstanding is not None and self.outstanding.is_alive():
             return False, (f'the previous check is still unanswered after '
-                           f'{time.monotonic() - self.sent:.1f} s: not sending another')
+                           f'{time.monotonic() - self.sent:.1f} s: not sending another'), None
         context = self.context
         if self.options.tls and context is None:
-            return False, self.unloadable
+            return False, self.unloadable, None
         result = []
         self.outstanding = threading.Thread(target=lambda: result.append(probe(
             *self.target, self.options.path, self.options.timeout, answer_timeout=None,
@@ -184,4 +208,4 @@ class Checker:
         self.outstanding.join(self.options.timeout)
         if result:
             return result[0]
-        return False, f'no answer within {self.options.timeout:g} s'
+        return False, f'no answer within {self.options.timeout:g} s', None

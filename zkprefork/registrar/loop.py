@@ -227,15 +227,15 @@ class Registrar:
 
     def _on_probed(self, generation, zxid):
         """However long ZooKeeper has been unreachable, the session is given
-        up only when ZooKeeper refuses it (or says it expired: kazoo starts
-        a new one itself): a restarted ZooKeeper restores its sessions."""
-        if self.session.failure or not self.session.on_probed(generation, zxid):
+        up only when ZooKeeper refuses it (or says it expired), or closed
+        (while unregistering) as soon as ZooKeeper answers a probe."""
+        if self.session.failure:
             return
-        log.warning('ZooKeeper refuses our session: it is at zxid 0x%x, behind the 0x%x our '
-                    'session saw (it lost its data): starting a new session',
-                    zxid, self.session.client.last_zxid)
-        self.session.renew()
-        self.nodes.new_session()
+        if self.session.on_probed(generation, zxid):
+            self.session.renew()
+            self.nodes.new_session()
+        elif self.unregistering and closed_on_answer(self.session, zxid):
+            self.nodes.session_lost()
 
     def _problem(self, problem):
         if problem:
@@ -260,9 +260,10 @@ class Registrar:
 
     def _want(self):
         """The desired state: the command's nodes, while the health check
-        (if any) says UP; none otherwise."""
+        (if any) says UP (or the session is a live upgrade's, not yet ours:
+        its nodes are the old master's); none otherwise."""
         command = self.command
-        healthy = self.health is None or self.health.up
+        healthy = self.health is None or self.health.up or self.keep_session
         self.nodes.register(command.endpoints if healthy else (), command.data)
         if self.session.failure:
             self._retry_failed(command.data)
@@ -285,7 +286,8 @@ class Registrar:
         if self.health.up:
             log.info('%s: registering', self.health.describe())
         else:
-            log.warning('%s: unregistering', self.health.describe())
+            log.warning('%s: %s', self.health.describe(), "the live upgrade's node stays (the old master's)"
+                        if self.keep_session else 'unregistering')
         if self.command:
             self._want()
 
@@ -312,6 +314,7 @@ class Registrar:
         self.unregistering = True
         self.command = None
         self.nodes.unregister()
+        self.session.hurry_probes()
         self._ensure()
 
     def _confirm_unregistered(self):
@@ -382,8 +385,11 @@ def must_wait(session, nodes):
 def wait_for_zookeeper(registrar, deadline):
     """While leaving, only the session's news count: connected (closing
     deletes the nodes), lost or refused (the nodes are gone with it), a
-    signal (give up waiting) or the `deadline` (monotonic)."""
+    probe that ZooKeeper answered (the session is closed from a new client:
+    ours may be sleeping out its back-off), a signal (give up waiting) or
+    the `deadline` (monotonic)."""
     session = registrar.session
+    session.hurry_probes()
     while must_wait(session, registrar.nodes) and time.monotonic() < deadline:
         kind, value = registrar.next_message(deadline)
         if kind == STOP:
@@ -391,9 +397,20 @@ def wait_for_zookeeper(registrar, deadline):
         if kind == STATE:
             session.on_state(*value)
         elif kind == ZXID:
-            session.on_probed(*value)
+            if not session.on_probed(*value) and closed_on_answer(session, value[1]):
+                return
         elif kind == TICK:
             registrar.timers.run_due()
+
+
+def closed_on_answer(session, zxid):
+    """After a probe that found ZooKeeper answering (`zxid` not None) while
+    our client is not connected (it may be sleeping out its reconnection
+    back-off), end the session from a new client. True once ended."""
+    if zxid is None or session.connected or not session.close_from_new_client():
+        return False
+    log.info('ZooKeeper answers again: closed the session (and its nodes) from a new client')
+    return True
 
 
 def read_commands(post):

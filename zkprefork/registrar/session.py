@@ -12,6 +12,7 @@ import time
 
 from kazoo.client import KazooClient, KazooState, KeeperState
 from kazoo.exceptions import KazooException, NoNodeError, RolledBackError
+from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
 from zkprefork.registrar import security as zksecurity
@@ -41,6 +42,7 @@ TLS_CHECK_EVERY = 5.0
 # seconds disconnected and then every PROBE_EVERY, asks its zxid to find out.
 PROBE_AFTER = 1.0
 PROBE_EVERY = 1.0
+LEAVING_PROBE_EVERY = 0.25  # while leaving, each second counts: the node points at a closed port
 # kazoo warns of a host it cannot resolve on every attempt (~10 a second
 # for one unresolvable host): the first is logged, then one per this many seconds.
 REPEAT_EVERY = 30.0
@@ -75,6 +77,7 @@ class Session:
         self.had_session = False  # this client had a session: it remembers a zxid
         self.refused_at = None  # ZooKeeper's zxid when it refuses the session, or None
         self.password = None  # of the session, while there is one
+        self.probe_every = PROBE_EVERY  # seconds between probes
         resume = config.resume and (config.resume[0], bytes.fromhex(config.resume[1]))
         self._new_client(resume)
 
@@ -125,12 +128,34 @@ class Session:
         """End the session: ZooKeeper deletes its ephemeral nodes at once."""
         close_quietly(self.client)
 
+    def close_from_new_client(self):
+        """End the session through a new client, now: ZooKeeper answers one
+        (the probe said so) while ours may wait out its reconnection back-off
+        (up to 1.4 x RECONNECT_MAX_DELAY), longer than a leaving registrar
+        has left. True once closed (its nodes are gone)."""
+        client = KazooClient(hosts=kazoo_hosts(self.config), timeout=self.config.session_timeout / 1000.0,
+                             client_id=(self.id, self.password), logger=PROBE_LOG,
+                             **zksecurity.client_options(self.config.tls, self.identity))
+        try:
+            client.start(CONNECT_TIMEOUT)
+        except (KazooTimeoutError, KazooException):
+            close_quietly(client)
+            return False
+        close_quietly(client)
+        self.id = self.password = None
+        self.state = 'lost'
+        return True
+
     def renew(self):
         """Give up the session for a new one, with a new client: kazoo keeps
         offering the old session, and the last zxid it saw, for ever, and a
         ZooKeeper that lost its data refuses both ("client has seen zxid
         ..."). A node the old session may still hold is found as stale and
         taken over."""
+        if self.refused_at is not None:
+            log.warning('ZooKeeper refuses our session: it is at zxid 0x%x, behind the 0x%x our '
+                        'session saw (it lost its data): starting a new session',
+                        self.refused_at, self.client.last_zxid)
         old = self.client
         self._new_client()
         self.id = self.password = None
@@ -180,6 +205,13 @@ class Session:
         threading.Thread(target=lambda: self.post(
             ZXID, (generation, server_zxid(self.config.hosts, options))), daemon=True).start()
 
+    def hurry_probes(self):
+        """Leaving or unregistering: each second the node outlives the port
+        counts. Probe at once (if disconnected), then every LEAVING_PROBE_EVERY."""
+        self.probe_every = LEAVING_PROBE_EVERY
+        if not self.connected:
+            self.probe()
+
     def on_probed(self, generation, zxid):
         """The probe's answer, in the loop: True if ZooKeeper refuses our
         session (its zxid is behind the last one our client saw, the very
@@ -189,7 +221,7 @@ class Session:
         if zxid is not None and zxid < self.client.last_zxid:
             self.refused_at = zxid
             return True
-        self.timers.at(PROBE_EVERY, self.probe)
+        self.timers.at(self.probe_every, self.probe)
         return False
 
     def check_tls(self):

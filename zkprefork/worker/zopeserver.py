@@ -30,7 +30,7 @@ from zope.server.serverchannelbase import task_lock
 from zope.server.taskthreads import ThreadedTaskDispatcher
 
 from zkprefork.worker import httprequest, outbuffer, tlsconnection, wsgi
-from zkprefork import addresses, clock
+from zkprefork import addresses, clock, health
 
 
 log = logging.getLogger('zkprefork.worker')
@@ -215,6 +215,8 @@ class WSGITask(HTTPTask):
             headers['Server'] = server
         if 'date' not in names:
             headers['Date'] = wsgi.http_date(self.start_time)
+        if health.CHECK_KEY in request.headers:
+            headers[health.ANSWER_FIELD] = str(os.getppid())  # see health.py
 
     def buildResponseHeader(self):
         self.prepareResponseHeaders()
