@@ -372,6 +372,24 @@ def test_new_code_that_fails_the_health_check_fails_the_upgrade(start, app_modul
     stop(new, zk, node)
 
 
+def test_signals_to_a_new_master_from_its_first_instruction_are_not_fatal(start, zk, zk_path, new_masters):
+    """HUP and USR1 sent to the new master the moment it is started (while
+    Python starts and imports): they wait, blocked from its exec on, for
+    its signal queue; the default action would kill it (a failed upgrade)."""
+    server = start()
+    node = wait_for_node(zk, zk_path)
+    before = zk.exists(node)
+    server.signal(signal.SIGUSR2)
+    new = new_master_started(server, 0, new_masters)
+    os.kill(new, signal.SIGHUP)
+    os.kill(new, signal.SIGUSR1)
+    assert server.wait(30) == 0
+    assert 'upgrade failed' not in server.log()
+    answered_by(server.port, new)
+    assert zk.exists(node).czxid == before.czxid
+    stop(new, zk, node)
+
+
 def test_a_second_usr2_during_an_upgrade_is_ignored(start, zk, zk_path, new_masters):
     server = start()
     node = wait_for_node(zk, zk_path)

@@ -1,11 +1,15 @@
 """The `zkprefork` command."""
-import argparse
-import os
-import sys
+from zkprefork.master import signalqueue
 
-import zkprefork
-from zkprefork import inifile, settings
-from zkprefork.master import launch
+signalqueue.hold()  # first: a signal before the master's queue takes it would kill it
+
+import argparse  # noqa: E402 (after hold: importing takes a tenth of a second or more)
+import os  # noqa: E402
+import sys  # noqa: E402
+
+import zkprefork  # noqa: E402
+from zkprefork import inifile, settings  # noqa: E402
+from zkprefork.master import launch  # noqa: E402
 
 
 class _OneLineParser(argparse.ArgumentParser):

@@ -10,9 +10,9 @@ import sys
 
 from zkprefork import addresses, inifile, logsetup
 from zkprefork.master import listener, monitor, pidfile, systemd, upgrade
-from zkprefork.master.loop import HANDLED_SIGNALS, STOP_SIGNALS, Master
+from zkprefork.master.loop import Master
 from zkprefork.master.registrar_link import NoRegistrar, RegistrarLink
-from zkprefork.master.signalqueue import SignalQueue, StopBeforeServing
+from zkprefork.master.signalqueue import HANDLED_SIGNALS, STOP_SIGNALS, SignalQueue, StopBeforeServing
 from zkprefork.settings import ConfigError
 
 log = logging.getLogger('zkprefork.master')

@@ -29,6 +29,7 @@ from zkprefork.master.hands import Hands
 from zkprefork.master.monitor import NoMonitor
 from zkprefork.master.pool import Pool
 from zkprefork.master.registrar_link import NoRegistrar
+from zkprefork.master.signalqueue import HANDLED_SIGNALS, STOP_SIGNALS
 from zkprefork.worker.scoreboard import Scoreboards
 from zkprefork.settings import RESTART_ONLY, ConfigError
 from zkprefork.master.status import BOOTING, CLOSING, DONE, DRAINING, RUNNING, UNREGISTERING
@@ -36,9 +37,6 @@ from zkprefork.supervision import NEVER, send_signal
 
 log = logging.getLogger('zkprefork.master')
 
-HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
-                   signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
 UNREGISTER_WAIT = 5.0  # seconds the node deletion may take before workers stop anyway
 REGISTRAR_EXIT_WAIT = 5.0
 

@@ -4,17 +4,44 @@ A handler that only sets a flag would not wake select() (PEP 475 retries
 it); signal.set_wakeup_fd writes to a pipe in the selector instead, so the
 loop wakes at once and handles the queue in order, in its own code.
 
-The queue is installed at the master's first instruction (launch.start),
-before the settings are read or a preloaded application loads, so that no
-signal meets the default action (HUP and USR1 would kill the master). Until
+The signals are blocked at the command's first line (hold) and the queue
+installed first thing in launch.start, before the settings are read or a
+preloaded application loads, so that no signal meets the default action
+(HUP and USR1 would kill the master). Until
 the loop watches the queue, a stop signal cannot wait for it (a load may
 take minutes): it raises StopBeforeServing where the master is, and launch
 returns 0. Other signals wait in the queue for the loop, which handles them
 as it would later."""
 import collections
+import contextlib
 import os
 import selectors
 import signal
+
+HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD,
+                   signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+
+
+def hold(signums=HANDLED_SIGNALS):
+    """Block `signums` (pthread_sigmask) until SignalQueue.install: one that
+    arrives meanwhile waits, pending, for the handler instead of meeting its
+    default action (HUP, USR1, USR2 and TERM would kill the master). The
+    zkprefork command calls it at its first line; the mask is inherited
+    through fork and exec (see held)."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+
+
+@contextlib.contextmanager
+def held(signums=HANDLED_SIGNALS):
+    """`signums` blocked in the block, for a child started in it (a live
+    upgrade's new master) to begin with them blocked: from its first
+    instruction, not only from its own call of hold()."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 class StopBeforeServing(BaseException):
@@ -48,6 +75,7 @@ class SignalQueue:
         signal.set_wakeup_fd(write_end, warn_on_full_buffer=False)
         for signum in self.signums:
             signal.signal(signum, self._on_signal)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signums)  # those held (hold) arrive now
 
     def watch(self, selector):
         """The loop runs from now on: every signal waits in the queue, and

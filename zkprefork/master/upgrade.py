@@ -47,7 +47,7 @@ import sys
 import time
 
 from zkprefork.lines import LineReader
-from zkprefork.master import pidfile, systemd
+from zkprefork.master import pidfile, signalqueue, systemd
 from zkprefork.supervision import NEVER, describe_exit, send_signal
 
 log = logging.getLogger('zkprefork.master')
@@ -266,7 +266,8 @@ class Attempt:
         env = dict(os.environ, **{name: str(fd) for name, fd in fds.items()})
         # The interpreter and its options, then what it ran (the console
         # script, -m zkprefork.cli, pserve...) with its arguments.
-        return subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env, pass_fds=list(fds.values()))
+        with signalqueue.held():  # the new master's signals wait for its queue from its first instruction
+            return subprocess.Popen([sys.executable, *sys.orig_argv[1:]], env=env, pass_fds=list(fds.values()))
 
     def fds(self):
         return [self.channel.sock.fileno()] + ([self.new_registrar] if self.new_registrar else [])
