@@ -258,3 +258,30 @@ def test_a_stop_hurries_the_heartbeat():
     beat.hurry(101.0)
     assert beat.ping(101.0) == Ping(2)
     assert not beat.dead(102.4) and beat.dead(102.5)
+
+
+def test_a_stop_whose_delete_zookeeper_refuses_closes_the_session_first(
+        servers, ini, tmp_path, zookeeper, zk, zk_path):
+    """A wrong password rotated in (a new file renamed over the old one),
+    SIGHUP, then the registrar dies: its successor resumes the session, but
+    the path's ACL refuses it the delete at SIGTERM. It closes the session
+    instead (ZooKeeper deletes a closed session's nodes whatever their ACL):
+    the node goes before the port closes, without the stop's 5 s wait."""
+    credentials = tmp_path / 'credentials'
+    credentials.write_text(f'app:{PASSWORD}\n')
+    server, node = credentials_server(servers, ini, zookeeper, zk_path, credentials)
+    session = wait_owned(zk, node)
+    rotated = tmp_path / 'credentials.new'
+    rotated.write_text('app:not-the-password\n')
+    os.replace(rotated, credentials)
+    server.signal(signal.SIGHUP)
+    server.wait_for_log('SIGHUP: reloading')
+    restart_registrar(server, session, node)
+    server.signal(signal.SIGTERM)
+    signalled = time.monotonic()
+    seen = first_times({'gone': lambda: not zk.exists(node), 'closed': lambda: port_closed(server.port)},
+                       timeout=10)
+    assert seen['gone'] <= seen['closed'] < signalled + 3.0, (seen, signalled)
+    assert server.wait() == 0
+    assert 'closing the session, which deletes its nodes' in server.log()
+    assert 'did not confirm the deregistration' not in server.log()

@@ -100,7 +100,7 @@ class Registrar:
         self.config = config
         self.inbox = Inbox()
         self.timers = Timers()
-        self.session = zksession.Session(config, credentials, self._post, self.timers)
+        self.session = zksession.Session(config, credentials, self.inbox.post, self.timers)
         self.nodes = zknodes.Nodes(config, self.session, self._watch)
         self.failed_with = None  # the data registered when it failed
         self.unregistering = False  # an unregister command awaits ZooKeeper's confirmation
@@ -177,9 +177,6 @@ class Registrar:
     def stop(self):
         self.inbox.post(STOP, None)
 
-    def _post(self, kind, value):
-        self.inbox.post(kind, value)
-
     def _handle(self, kind, value):
         handlers = {
             STATE: lambda: self._on_state(*value), COMMAND: lambda: self._on_command(value),
@@ -204,7 +201,7 @@ class Registrar:
     def _watch(self, event):
         # Called on kazoo's event thread; one bound method, so that kazoo
         # keeps a single watcher per node however often it is set.
-        self._post(WATCH, event)
+        self.inbox.post(WATCH, event)
 
     # -- the session ----------------------------------------------------
 
@@ -277,7 +274,7 @@ class Registrar:
         if self.health and not self.checker and endpoints:
             host, port = endpoints[0]
             self.checker = healthcheck.Checker(self.config.health, self.config.health.host or host,
-                                               port, self._post)
+                                               port, self.inbox.post)
             self.checker.start()
 
     def _on_health(self, passed, detail):
@@ -329,7 +326,10 @@ class Registrar:
         try:
             delay = self.nodes.ensure(deletes_only=bool(self.session.failure))
         except zknodes.Refused as refused:
-            self._fail(str(refused))
+            if self.unregistering and zksession.end(self.session, refused):
+                self.nodes.session_lost()
+            else:
+                self._fail(str(refused))
             return
         if delay is not None:
             self.timers.at(delay, self._ensure)
@@ -407,7 +407,7 @@ def closed_on_answer(session, zxid):
     """After a probe that found ZooKeeper answering (`zxid` not None) while
     our client is not connected (it may be sleeping out its reconnection
     back-off), end the session from a new client. True once ended."""
-    if zxid is None or session.connected or not session.close_from_new_client():
+    if zxid is None or session.connected or not zksession.close_from_new_client(session):
         return False
     log.info('ZooKeeper answers again: closed the session (and its nodes) from a new client')
     return True

@@ -128,24 +128,6 @@ class Session:
         """End the session: ZooKeeper deletes its ephemeral nodes at once."""
         close_quietly(self.client)
 
-    def close_from_new_client(self):
-        """End the session through a new client, now: ZooKeeper answers one
-        (the probe said so) while ours may wait out its reconnection back-off
-        (up to 1.4 x RECONNECT_MAX_DELAY), longer than a leaving registrar
-        has left. True once closed (its nodes are gone)."""
-        client = KazooClient(hosts=kazoo_hosts(self.config), timeout=self.config.session_timeout / 1000.0,
-                             client_id=(self.id, self.password), logger=PROBE_LOG,
-                             **zksecurity.client_options(self.config.tls, self.identity))
-        try:
-            client.start(CONNECT_TIMEOUT)
-        except (KazooTimeoutError, KazooException):
-            close_quietly(client)
-            return False
-        close_quietly(client)
-        self.id = self.password = None
-        self.state = 'lost'
-        return True
-
     def renew(self):
         """Give up the session for a new one, with a new client: kazoo keeps
         offering the old session, and the last zxid it saw, for ever, and a
@@ -323,12 +305,51 @@ def quiet_kazoo_repeats():
 
 
 def close_quietly(client):
-    """Stop and close a kazoo client; a failure is logged, never raised."""
+    """Stop and close a kazoo client; a failure is logged, never raised.
+    True if closed without one."""
     try:
         client.stop()
         client.close()
     except KazooException as error:
         log.warning('closing the ZooKeeper session: %r', error)
+        return False
+    return True
+
+
+def end(session, refused):
+    """End the session now: unregistering, when ZooKeeper `refused` a delete
+    (ZooKeeper deletes a closed session's ephemeral nodes whatever their
+    ACL). True once ended."""
+    log.warning('%s: closing the session, which deletes its nodes', refused)
+    if not close_quietly(session.client):
+        return False
+    session.running = False
+    _ended(session)
+    return True
+
+
+def _ended(session):
+    """No session any more: it was closed."""
+    session.id = session.password = None
+    session.state = 'lost'
+
+
+def close_from_new_client(session):
+    """End the session through a new client, now: ZooKeeper answers one
+    (the probe said so) while ours may wait out its reconnection back-off
+    (up to 1.4 x RECONNECT_MAX_DELAY), longer than a leaving registrar
+    has left. True once closed (its nodes are gone)."""
+    client = KazooClient(hosts=kazoo_hosts(session.config), timeout=session.config.session_timeout / 1000.0,
+                         client_id=(session.id, session.password), logger=PROBE_LOG,
+                         **zksecurity.client_options(session.config.tls, session.identity))
+    try:
+        client.start(CONNECT_TIMEOUT)
+    except (KazooTimeoutError, KazooException):
+        close_quietly(client)
+        return False
+    close_quietly(client)
+    _ended(session)  # ours, still reconnecting, is stopped on the way out
+    return True
 
 
 def kazoo_hosts(config):
