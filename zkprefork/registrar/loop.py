@@ -430,8 +430,11 @@ def read_commands(post):
 def _exit_keeping_session(session):
     """Exit now, the session left open: the process's end drops the TCP
     connection without the close request that kazoo's stop() would send."""
-    log.info('leaving session 0x%x open for the next registrar (live upgrade); exiting (pid %d)',
-             session.id or 0, os.getpid())
+    if session.id:
+        log.info('leaving session 0x%x open for the next registrar (live upgrade); exiting (pid %d)',
+                 session.id, os.getpid())
+    else:
+        log.info('no session to leave to the next registrar (live upgrade); exiting (pid %d)', os.getpid())
     logging.shutdown()
     os._exit(0)
 
