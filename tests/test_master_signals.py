@@ -3,6 +3,9 @@ application loads (3 s), before any worker or registrar exists."""
 import json
 import os
 import signal
+import subprocess
+import sys
+import time
 
 import psutil
 import pytest
@@ -72,3 +75,34 @@ def test_a_reload_or_reopen_while_preloading_is_handled_once_serving(loading, si
     wait_until(lambda: node_data(zk, node)['generation'] == generation,
                message=f'generation {generation} in {json.dumps(node_data(zk, node))}')
     assert loading.stop() == 0, loading.log()
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_held_from_the_first_instruction_meets_the_queue(ini, tmp_path, signum):
+    """The signal sent at once to a master that starts with it blocked (as
+    a live upgrade starts one, and as the command blocks it at its first
+    line): pending until the queue is installed, then handled there. A stop
+    exits 0 (not a traceback out of the install); a HUP waits for the loop."""
+    config = ini('host = 127.0.0.1\nworkers = 1\n')
+
+    def blocked():
+        signal.pthread_sigmask(signal.SIG_BLOCK, [signum])
+    process = subprocess.Popen([sys.executable, '-m', 'zkprefork.cli', config], stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, preexec_fn=blocked, start_new_session=True)
+    try:
+        process.send_signal(signum)
+        if signum == signal.SIGTERM:
+            output = process.communicate(timeout=30)[0].decode()
+            assert process.returncode == 0 and 'Traceback' not in output, output
+        else:
+            wait_until(lambda: group_members(process.pid) and psutil.Process(process.pid).status() != 'zombie'
+                       and process.poll() is None and len(psutil.Process(process.pid).children()) >= 1,
+                       timeout=15, message='the master serving')
+            time.sleep(0.5)
+            assert process.poll() is None
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)

@@ -276,20 +276,28 @@ def test_a_new_master_killed_while_its_registrar_holds_the_session(start, zk, zk
     stop(new, zk, node)
 
 
+@pytest.mark.parametrize('frozen', [False, True], ids=['at-once', 'registrar-frozen'])
 def test_sigterm_to_the_new_master_holding_the_session_hands_it_back(start, zk, zk_path, tmp_path,
-                                                                    new_masters):
+                                                                    new_masters, frozen):
     """SIGTERM to the new master once its registrar resumes the handed-over
-    session: a failed upgrade, which changes nothing. The stop does not
-    delete the node (it is still the old master's): readers see no gap."""
+    session (at once, or with that registrar frozen until after the signal,
+    so that it registers while its master stops): a failed upgrade, which
+    changes nothing. The stop does not delete the node (it is still the old
+    master's), nor does it let the old master retire: readers see no gap."""
     server = start()
     node = wait_for_node(zk, zk_path)
     before = zk.exists(node)
     with gaps_of(zk, node) as gaps:
         server.signal(signal.SIGUSR2)
         new = new_master_started(server, 0, new_masters)
-        server.wait_for_log(r"the new master's registrar is pid (\d+)")
+        registrar = int(server.wait_for_log(r"the new master's registrar is pid (\d+)").group(1))
+        if frozen:
+            os.kill(registrar, signal.SIGSTOP)
         os.kill(new, signal.SIGTERM)
-        server.wait_for_log('upgrade failed.*it was stopped')
+        if frozen:
+            time.sleep(0.3)
+            os.kill(registrar, signal.SIGCONT)
+        server.wait_for_log('upgrade failed.*(it was stopped|was stopped while taking over)')
         wait_until(lambda: all(gone(pid) for pid in family(new)), message='the new master and its children')
         server.wait_for_log('taking the ZooKeeper session back')
         assert_serves_as_before(server, zk, node, before, tmp_path)

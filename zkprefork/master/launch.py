@@ -24,8 +24,11 @@ def start(make_settings, app=None):
     with nothing bound, registered or forked. A stop signal before the loop
     runs (while a preloaded application loads) is status 0, nothing left."""
     signals = SignalQueue(HANDLED_SIGNALS, stops=STOP_SIGNALS)
-    signals.install()  # first: HUP or USR1 would otherwise kill the master while it loads
     try:
+        # First: HUP or USR1 would otherwise kill the master while it loads.
+        # In the try: a stop held since the command's first line (signalqueue.hold)
+        # arrives as install() unblocks it.
+        signals.install()
         settings = make_settings()
         return serve(settings, signals, app, reload_settings=make_settings)
     except ConfigError as error:

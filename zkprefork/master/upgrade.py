@@ -292,7 +292,7 @@ class Attempt:
                 self._retire()
         elif op == 'failed':
             if self.failure is None:
-                self._fail(f'the new master (pid {self.peer}) could not register: {message["reason"]}')
+                self._fail(f'the new master (pid {self.peer}) {message["reason"]}')
         else:
             log.error('upgrade: unknown message from the new master: %r', message)
 
@@ -428,6 +428,10 @@ class Takeover:
             self.channel.send(op='ready', key=registration_key(master.settings, master.port))
         if self.state != TAKEOVER_REGISTERING:
             return
+        if not master.serving():  # stopped while its registrar resumes the session: no takeover
+            self.state = TAKEOVER_FAILED
+            self.channel.send(op='failed', reason='was stopped while taking over')
+            return
         registration = master.link.registration
         health = registration.get('health')
         if registration['state'] == 'failed':
@@ -453,7 +457,7 @@ class Takeover:
         log.error('upgrade: the registration failed (%s): stopping; the old master (pid %d) serves on',
                   reason, self.peer)
         self.state = TAKEOVER_FAILED
-        self.channel.send(op='failed', reason=reason)
+        self.channel.send(op='failed', reason=f'could not register: {reason}')
         self.master.exit_status = 1
         self.master.signals.append(signal.SIGTERM)
 
