@@ -9,5 +9,5 @@ the node's data. A request from anyone else with CHECK_FIELD only learns it.
 """
 
 CHECK_FIELD = 'Zkprefork-Check'  # the request's field (any value)
-CHECK_KEY = 'ZKPREFORK_CHECK'  # the same, as the parsed request's header key
+CHECK_KEY = CHECK_FIELD.upper().replace('-', '_')  # the same, as the parsed request's header key
 ANSWER_FIELD = 'Zkprefork-Master'  # the response's field: the answering worker's master's pid

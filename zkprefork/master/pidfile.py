@@ -23,13 +23,18 @@ OLDBIN = '.oldbin'
 def check(path):
     """Refuse to start if a running zkprefork master holds the pidfile."""
     try:
-        file = open(path)
+        pid = _holder(path)
     except OSError:
         return  # missing, or not a file: write() says what is wrong with it
-    with file:
-        if _locked(file):
-            raise ConfigError(f'pidfile: {path!r} names a running zkprefork master '
-                              f'(pid {file.read().strip()})')
+    if pid is not None:
+        raise ConfigError(f'pidfile: {path!r} names a running zkprefork master (pid {pid})')
+
+
+def _holder(path):
+    """The pid in `path` if a running master holds it (its lock), else None.
+    Raises OSError if it cannot be opened."""
+    with open(path) as file:
+        return file.read().strip() if _locked(file) else None
 
 
 def _locked(file):
@@ -81,15 +86,10 @@ def drop_stale_oldbin(path):
     killed (SIGKILL) during an upgrade cannot remove its own."""
     oldbin = path + OLDBIN
     try:
-        file = open(oldbin)
+        if _holder(oldbin) is None:
+            os.unlink(oldbin)
     except OSError:
-        return
-    with file:
-        if not _locked(file):
-            try:
-                os.unlink(oldbin)
-            except OSError:
-                pass
+        pass  # none there, or gone meanwhile
 
 
 def _move(source, target):

@@ -46,9 +46,6 @@ import sys
 import threading
 import time
 
-from kazoo.exceptions import KazooException
-from kazoo.handlers.threading import KazooTimeoutError
-
 from zkprefork import logsetup, proctitle
 from zkprefork.registrar import healthcheck, nodes as zknodes, security as zksecurity, session as zksession
 from zkprefork.registrar.inbox import (
@@ -499,15 +496,14 @@ def _close_session_left(config):
     """Resume the last registrar's session only to close it, which needs no
     credentials (ZooKeeper checks ACLs on nodes, not on a session's close).
     Bounded by the session timeout, after which ZooKeeper expires it anyway."""
-    session = zksession.Session(config, None, lambda kind, value: None, Timers())
+    session_id, password = config.resume
     timeout = config.session_timeout / 1000.0
-    try:
-        session.client.start(timeout=timeout)
-    except (KazooTimeoutError, KazooException) as error:
-        log.warning('could not reach ZooKeeper to close session 0x%x (%r): it expires within %g s',
-                    config.resume[0], error, timeout)
-    session.close()
-    log.info('closed session 0x%x, and with it the node(s) it held', config.resume[0])
+    if zksession.close_session(config, zksecurity.own_credentials(config.identity),
+                               (session_id, bytes.fromhex(password)), timeout):
+        log.info('closed session 0x%x, and with it the node(s) it held', session_id)
+    else:
+        log.warning('could not reach ZooKeeper to close session 0x%x: it expires within %g s',
+                    session_id, timeout)
 
 
 def _write_event(out, event):

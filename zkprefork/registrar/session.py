@@ -339,17 +339,26 @@ def close_from_new_client(session):
     (the probe said so) while ours may wait out its reconnection back-off
     (up to 1.4 x RECONNECT_MAX_DELAY), longer than a leaving registrar
     has left. True once closed (its nodes are gone)."""
-    client = KazooClient(hosts=kazoo_hosts(session.config), timeout=session.config.session_timeout / 1000.0,
-                         client_id=(session.id, session.password), logger=PROBE_LOG,
-                         **zksecurity.client_options(session.config.tls, session.identity))
+    if not close_session(session.config, session.identity, (session.id, session.password), CONNECT_TIMEOUT):
+        return False
+    _ended(session)  # ours, still reconnecting, is stopped on the way out
+    return True
+
+
+def close_session(config, identity, client_id, timeout):
+    """Resume the session `client_id` ((id, password bytes)) on a new client
+    of `config` authenticated as `identity`, only to close it, which deletes
+    its ephemeral nodes; `timeout` (seconds) bounds the connection. True
+    once closed."""
+    client = KazooClient(hosts=kazoo_hosts(config), timeout=config.session_timeout / 1000.0,
+                         client_id=client_id, logger=PROBE_LOG,
+                         **zksecurity.client_options(config.tls, identity))
     try:
-        client.start(CONNECT_TIMEOUT)
+        client.start(timeout)
     except (KazooTimeoutError, KazooException):
         close_quietly(client)
         return False
-    close_quietly(client)
-    _ended(session)  # ours, still reconnecting, is stopped on the way out
-    return True
+    return close_quietly(client)
 
 
 def kazoo_hosts(config):
