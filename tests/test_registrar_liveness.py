@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from support import registrar_of, wait_until
+from support import node_data, registrar_of, wait_until
 from test_operations import ask, monitor_of
 from test_registrar_faults import gone, lone_registrar  # noqa: F401 (a fixture)
 from test_registration import first_times, port_closed, restart_registrar, start_registered, wait_owned
@@ -276,6 +276,9 @@ def test_a_stop_whose_delete_zookeeper_refuses_closes_the_session_first(
     os.replace(rotated, credentials)
     server.signal(signal.SIGHUP)
     server.wait_for_log('SIGHUP: reloading')
+    # The reload's data written by the registrar that may (else the next
+    # one, refused the update, never says it holds the node).
+    wait_until(lambda: node_data(zk, node)['generation'] == 1, message="the reload's data in the node")
     restart_registrar(server, session, node)
     server.signal(signal.SIGTERM)
     signalled = time.monotonic()
