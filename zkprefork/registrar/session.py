@@ -78,6 +78,7 @@ class Session:
         self.refused_at = None  # ZooKeeper's zxid when it refuses the session, or None
         self.password = None  # of the session, while there is one
         self.probe_every = PROBE_EVERY  # seconds between probes
+        self.closed = False  # the session was ended (end, close_from_new_client)
         resume = config.resume and (config.resume[0], bytes.fromhex(config.resume[1]))
         self._new_client(resume)
 
@@ -126,7 +127,8 @@ class Session:
 
     def close(self):
         """End the session: ZooKeeper deletes its ephemeral nodes at once."""
-        close_quietly(self.client)
+        if not self.closed:
+            close_quietly(self.client)
 
     def renew(self):
         """Give up the session for a new one, with a new client: kazoo keeps
@@ -323,7 +325,6 @@ def end(session, refused):
     log.warning('%s: closing the session, which deletes its nodes', refused)
     if not close_quietly(session.client):
         return False
-    session.running = False
     _ended(session)
     return True
 
@@ -332,6 +333,8 @@ def _ended(session):
     """No session any more: it was closed."""
     session.id = session.password = None
     session.state = 'lost'
+    session.running = False
+    session.closed = True
 
 
 def close_from_new_client(session):
@@ -341,7 +344,11 @@ def close_from_new_client(session):
     has left. True once closed (its nodes are gone)."""
     if not close_session(session.config, session.identity, (session.id, session.password), CONNECT_TIMEOUT):
         return False
-    _ended(session)  # ours, still reconnecting, is stopped on the way out
+    _ended(session)
+    # Ours, still reconnecting, may take seconds to stop (a connect attempt
+    # under way): neither the loop nor the way out waits for it (its threads
+    # are daemons, as this one).
+    threading.Thread(target=close_quietly, args=(session.client,), daemon=True).start()
     return True
 
 
