@@ -12,6 +12,14 @@ _paths = itertools.count(1)
 @pytest.fixture(scope='session')
 def zookeeper():
     server = ZooKeeperServer().start()
+    # /tests made open first: a test that creates its path with makepath
+    # and an ACL of its own would otherwise give /tests, if it came first,
+    # an ACL every later test's path is refused under.
+    client = KazooClient(hosts=server.hosts)
+    client.start(15)
+    client.ensure_path('/tests')
+    client.stop()
+    client.close()
     yield server
     server.stop()
 
