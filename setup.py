@@ -34,7 +34,7 @@ setup(
         'prometheus_client',
     ],
     extras_require={
-        'test': ['pytest', 'pytest-timeout', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography',
+        'test': ['pytest', 'pytest-timeout', 'pytest-xdist', 'pyramid', 'zc.zservertracelog', 'pure-sasl', 'cryptography',
                  'docutils'],
         # bench/: the peer servers, the reload plot and the profiler; the real
         # applications (bench/realapps.py) and the TLS table's test certificates
